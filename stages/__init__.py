@@ -1,0 +1,1 @@
+"""Build side: one module per DVC stage (`python -m stages.<step> <id>`)."""

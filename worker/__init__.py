@@ -1,0 +1,1 @@
+"""Serving side: the RunPod worker. Never imports DVC or anything under stages/."""
