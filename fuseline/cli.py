@@ -1,0 +1,85 @@
+"""The `fuseline` command line: one typer app, one subcommand per task (validate, schema, ...)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fuseline.catalog import Catalog, CatalogError, Problem, catalog_json_schema, load_catalog
+
+app = typer.Typer(
+    name="fuseline",
+    help="Bake LoRAs into SDXL templates with DVC and serve them on RunPod serverless.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def main() -> None:
+    """fuseline: build and serve SDXL templates described by templates.json."""
+    # A callback keeps typer in "group" mode, so `fuseline validate` stays a subcommand even while it is
+    # the only one, and other commands can be added next to it.
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def _print_problems(problems: list[Problem]) -> None:
+    # rich only on a terminal: piped output stays plain, unwrapped and free of escape codes, one problem
+    # per line, so it can be grepped and read in CI logs.
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.markup import escape
+
+        console = Console(highlight=False)
+        for problem in problems:
+            style = "red" if problem.severity == "error" else "yellow"
+            where = f"{problem.file}: {problem.path}: " if problem.path else f"{problem.file}: "
+            fix = f" [dim](fix: {escape(problem.hint)})[/dim]" if problem.hint else ""
+            console.print(
+                f"[{style}]{problem.severity}[/{style}] {escape(where)}{escape(problem.message)}{fix}"
+            )
+    else:
+        for problem in problems:
+            typer.echo(str(problem))
+
+
+def _summary(catalog: Catalog) -> str:
+    return f"{_plural(len(catalog.checkpoints), 'checkpoint')}, {_plural(len(catalog.templates), 'template')}"
+
+
+@app.command()
+def validate(
+    path: Annotated[Path, typer.Argument(help="The catalog to check.", show_default=True)] = Path(
+        "templates.json"
+    ),
+) -> None:
+    """Check a templates.json and report every problem at once (exit 1 when it has errors)."""
+    try:
+        catalog = load_catalog(path)
+    except CatalogError as exc:
+        _print_problems(exc.problems)
+        errors, warnings = len(exc.errors), len(exc.warnings)
+        tail = f", {_plural(warnings, 'warning')}" if warnings else ""
+        typer.echo(f"{path}: invalid: {_plural(errors, 'error')}{tail}")
+        raise typer.Exit(1) from None
+    _print_problems(catalog.warnings)
+    tail = f", {_plural(len(catalog.warnings), 'warning')}" if catalog.warnings else ""
+    typer.echo(f"{path}: valid ({_summary(catalog)}{tail})")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of templates.json (committed as fuseline/schema/templates.schema.json)."""
+    typer.echo(json.dumps(catalog_json_schema(), indent=2))
+
+
+if __name__ == "__main__":
+    app()
