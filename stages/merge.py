@@ -1,0 +1,253 @@
+"""MERGE stage: fuse a template's LoRAs into its converted checkpoint and export the fp16 model folder.
+
+`python -m stages.merge <template-id>` reads `artifacts/base/<checkpoint>/` (convert stage), the VAE
+(`artifacts/vae/` from the vae stage, or the checkpoint's own when the catalog names none) and the template's
+LoRA files, and writes `artifacts/models/<template-id>/`: a diffusers SDXL folder in fp16 (variant "fp16")
+plus `fuseline.json`. It streams tensor by tensor: memory holds one output shard and the LoRA factors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from fuseline import __version__
+from fuseline.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
+from stages.lora import COMPONENTS, LoadedLora, LoraInput, read_lora
+from stages.runtime import StageError, atomic_output_dir, load_params, load_project_catalog, peak_rss_mb
+
+log = logging.getLogger("fuseline.stages.merge")
+
+BASE_ROOT = Path("artifacts/base")
+VAE_DIR = Path("artifacts/vae")
+MODELS_ROOT = Path("artifacts/models")
+
+# Components whose weights are exported (LoRAs may target the first three); everything else in the base
+# folder (tokenizers, scheduler, model_index.json) is copied, the scheduler with the catalog's prediction.
+VAE = "vae"
+SCHEDULER = "scheduler"
+SCHEDULER_CONFIG = "scheduler_config.json"
+
+PredictionType = Literal["epsilon", "v_prediction"]
+
+
+@dataclass(frozen=True)
+class TemplateIdentity:
+    """What the manifest says the folder is, apart from what the merge itself measures."""
+
+    template: str
+    checkpoint: CheckpointRef
+    vae: VaeRef
+    spec_hash: str
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    manifest: ModelManifest
+    fused_tensors: dict[str, int]
+    files: int
+
+
+def read_base_layout(base_dir: Path) -> tuple[dict[str, dict[str, tuple[int, ...]]], Any]:
+    """(tensor shapes per LoRA-targetable component, UNet config) of a base folder, read from headers."""
+    from stages.export import tensor_shapes
+
+    shapes = {component: tensor_shapes(Path(base_dir) / component) for component in COMPONENTS}
+    return shapes, _unet_config(Path(base_dir))
+
+
+def _unet_config(base_dir: Path) -> Any:
+    from diffusers import UNet2DConditionModel
+    from diffusers.configuration_utils import FrozenDict
+
+    config_dir = base_dir / "unet"
+    if not (config_dir / "config.json").is_file():
+        raise StageError("BASE_INVALID", f"{config_dir}/config.json missing; re-run the convert stage")
+    # diffusers reads `layers_per_block` as an attribute, as on a model's `.config`.
+    return FrozenDict(UNet2DConditionModel.load_config(config_dir))
+
+
+def _check_base(base_dir: Path, vae_dir: Path) -> None:
+    if not (base_dir / "model_index.json").is_file():
+        raise StageError(
+            "BASE_MISSING",
+            f"{base_dir} is not a converted checkpoint (no model_index.json); run the convert stage",
+        )
+    for component in COMPONENTS:
+        if not (base_dir / component).is_dir():
+            raise StageError(
+                "BASE_INVALID", f"{base_dir} has no {component}/ folder; re-run the convert stage"
+            )
+    if not (vae_dir / "config.json").is_file():
+        raise StageError("VAE_MISSING", f"{vae_dir} has no config.json; run the vae stage")
+
+
+def _write_scheduler(source: Path, target: Path, prediction_type: PredictionType) -> None:
+    from stages.export import copy_plain_files, write_json
+
+    copy_plain_files(source, target)
+    config_path = target / SCHEDULER_CONFIG
+    if not config_path.is_file():
+        raise StageError("BASE_INVALID", f"{source} has no {SCHEDULER_CONFIG}; re-run the convert stage")
+    config = json.loads(config_path.read_text())
+    # diffusers cannot detect v-prediction from an SDXL single file: the catalog says it.
+    config["prediction_type"] = prediction_type
+    write_json(config_path, config)
+
+
+def merge_template(
+    base_dir: Path,
+    vae_dir: Path,
+    loras: Sequence[LoraInput],
+    out_dir: Path,
+    *,
+    identity: TemplateIdentity,
+    prediction_type: PredictionType,
+    shard_size_mb: float,
+) -> MergeResult:
+    """Fuse `loras` (in order) into the base folder and write the fp16 export to `out_dir`, atomically:
+    on any error `out_dir` is absent afterwards."""
+    import torch
+
+    from stages.export import copy_plain_files, export_component
+    from stages.fuse import WeightUpdate, fuse_weight
+
+    base_dir, vae_dir, out_dir = Path(base_dir), Path(vae_dir), Path(out_dir)
+    _check_base(base_dir, vae_dir)
+    shapes, unet_config = read_base_layout(base_dir)
+
+    # Every LoRA is read and placed before anything is written: a bad LoRA fails in seconds.
+    loaded: list[LoadedLora] = [read_lora(lora, shapes, unet_config) for lora in loras]
+    updates: dict[tuple[str, str], list[WeightUpdate]] = {}
+    for lora, spec in zip(loaded, loras, strict=True):
+        for target, factors in lora.factors.items():
+            updates.setdefault(target, []).append(WeightUpdate(factors=factors, scale=float(spec.scale)))
+
+    fused: dict[str, int] = dict.fromkeys(COMPONENTS, 0)
+    with atomic_output_dir(out_dir) as tmp:
+        for component in COMPONENTS:
+
+            def transform(name: str, tensor: torch.Tensor, component: str = component) -> torch.Tensor:
+                pending = updates.get((component, name))
+                return tensor if not pending else fuse_weight(tensor, pending)
+
+            result = export_component(base_dir / component, tmp / component, shard_size_mb, transform)
+            fused[component] = result.transformed
+            log.info(
+                "%s: %d tensors (%d fused) -> %s", component, result.tensors, result.transformed, result.files
+            )
+        export_component(vae_dir, tmp / VAE, shard_size_mb)
+
+        for entry in sorted(base_dir.iterdir()):
+            if entry.name in (*COMPONENTS, VAE) or entry.name.startswith("."):
+                continue
+            if entry.name == SCHEDULER:
+                _write_scheduler(entry, tmp / SCHEDULER, prediction_type)
+            elif entry.is_dir():
+                copy_plain_files(entry, tmp / entry.name)
+            else:
+                shutil.copyfile(entry, tmp / entry.name)
+        if not (tmp / SCHEDULER / SCHEDULER_CONFIG).is_file():
+            raise StageError(
+                "BASE_INVALID", f"{base_dir} has no {SCHEDULER}/{SCHEDULER_CONFIG}; re-run convert"
+            )
+
+        manifest = ModelManifest(
+            template=identity.template,
+            checkpoint=identity.checkpoint,
+            loras=[
+                LoraRef(
+                    source=spec.name,
+                    sha256=lora.sha256,
+                    scale=float(spec.scale),
+                    placed_keys=lora.placed_keys,
+                )
+                for lora, spec in zip(loaded, loras, strict=True)
+            ],
+            vae=identity.vae,
+            prediction_type=prediction_type,
+            spec_hash=identity.spec_hash,
+            fuseline_version=__version__,
+        )
+        manifest.write(tmp)
+        files = sum(1 for p in tmp.rglob("*") if p.is_file())
+    # Every placed update names a base tensor, so each must have been fused exactly once.
+    if sum(fused.values()) != len(updates):
+        raise StageError("MERGE_INCOMPLETE", f"fused {fused} tensors, expected {len(updates)}")
+    return MergeResult(manifest=manifest, fused_tensors=fused, files=files)
+
+
+def _lora_inputs(catalog: Any, template_id: str) -> list[LoraInput]:
+    inputs = []
+    for lora in catalog.templates[template_id].loras:
+        parsed = lora.parsed
+        if parsed.scheme != "file":
+            raise StageError(
+                "SOURCE_NOT_LOCAL",
+                f"template {template_id}: LoRA {lora.source} is a remote ({parsed.scheme}:) source; "
+                "remote sources need the download stage, which is not available yet: "
+                "download the file yourself and use a file: source",
+            )
+        inputs.append(
+            LoraInput(
+                path=catalog.resolve_file(parsed), scale=lora.scale, name=lora.source, sha256=lora.sha256
+            )
+        )
+    return inputs
+
+
+def main(template_id: str) -> None:
+    catalog = load_project_catalog()
+    if template_id not in catalog.templates:
+        raise StageError(
+            "TEMPLATE_UNKNOWN",
+            f"no template {template_id!r} in the catalog; templates: {', '.join(sorted(catalog.templates))}",
+        )
+    params = load_params("merge")
+    try:
+        shard_size_mb = float(params["shard_size_mb"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StageError(
+            "PARAMS_INVALID", f"params.yaml merge.shard_size_mb must be a number ({exc})"
+        ) from exc
+    template = catalog.templates[template_id]
+    checkpoint = catalog.checkpoints[template.checkpoint]
+    base_dir = BASE_ROOT / template.checkpoint
+    if catalog.vae is not None:
+        vae_dir, vae_ref = VAE_DIR, VaeRef(source=catalog.vae.source, sha256=catalog.vae.sha256)
+    else:
+        vae_dir, vae_ref = base_dir / VAE, VaeRef(source="checkpoint")
+    identity = TemplateIdentity(
+        template=template_id,
+        checkpoint=CheckpointRef(id=template.checkpoint, source=checkpoint.source, sha256=checkpoint.sha256),
+        vae=vae_ref,
+        spec_hash=catalog.spec_hash(template_id),
+    )
+    result = merge_template(
+        base_dir,
+        vae_dir,
+        _lora_inputs(catalog, template_id),
+        MODELS_ROOT / template_id,
+        identity=identity,
+        prediction_type=checkpoint.prediction,
+        shard_size_mb=shard_size_mb,
+    )
+    log.info(
+        "merge %s: %d LoRAs, fused tensors %s, %d files, peak RSS %.0f MiB",
+        template_id,
+        len(result.manifest.loras),
+        result.fused_tensors,
+        result.files,
+        peak_rss_mb(),
+    )
+
+
+if __name__ == "__main__":
+    from stages.runtime import run_stage
+
+    run_stage("merge", main)

@@ -1,0 +1,204 @@
+"""The streaming fp16 writer: diffusers' variant file names, shard boundaries, byte determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from stages.export import (
+    ShardWriter,
+    export_component,
+    find_weight_files,
+    index_file_name,
+    shard_file_name,
+    tensor_shapes,
+)
+from stages.runtime import StageError
+
+
+def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {f"block.{i}.weight": torch.randn(16, 16, generator=g) for i in range(6)}
+    tensors["ids"] = torch.arange(7, dtype=torch.int64)
+    return tensors
+
+
+def _component(folder: Path, tensors: dict[str, torch.Tensor], stem: str = "diffusion_pytorch_model") -> Path:
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / f"{stem}.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text('{"b": 1, "a": 2}')
+    return folder
+
+
+def _read_export(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(path)))
+    return out
+
+
+def _bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_names_follow_diffusers_variant_convention():
+    assert shard_file_name("diffusion_pytorch_model", 1, 1) == "diffusion_pytorch_model.fp16.safetensors"
+    assert shard_file_name("model", 2, 3) == "model.fp16-00002-of-00003.safetensors"
+    assert index_file_name("diffusion_pytorch_model") == "diffusion_pytorch_model.safetensors.index.fp16.json"
+
+
+def test_names_match_what_save_pretrained_writes(tmp_path):
+    """Our names are the ones diffusers itself writes for variant="fp16" (sharded and not)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, layers_per_block=1).half()
+    vae.save_pretrained(tmp_path / "one", variant="fp16")
+    vae.save_pretrained(tmp_path / "many", variant="fp16", max_shard_size="20KB")
+    assert (tmp_path / "one" / shard_file_name("diffusion_pytorch_model", 1, 1)).is_file()
+    index = json.loads((tmp_path / "many" / index_file_name("diffusion_pytorch_model")).read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert files == [
+        shard_file_name("diffusion_pytorch_model", i, len(files)) for i in range(1, len(files) + 1)
+    ]
+
+
+def test_export_shards_casts_and_keeps_everything(tmp_path):
+    tensors = _tensors()
+    source = _component(tmp_path / "src", tensors)
+    result = export_component(source, tmp_path / "out", shard_size_mb=0.0012)  # 1200 bytes: 2 fp16 blocks
+    out = tmp_path / "out"
+    index = json.loads((out / index_file_name("diffusion_pytorch_model")).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) == len(result.files) - 1 > 1
+    assert set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * (2 if t.is_floating_point() else 8) for t in tensors.values()
+    )
+    exported = _read_export(out)
+    for name, tensor in tensors.items():
+        expected = tensor.half() if tensor.is_floating_point() else tensor
+        assert torch.equal(exported[name], expected), name
+    # Each shard within the limit unless it holds a single larger tensor.
+    for shard in shards:
+        loaded = load_file(str(out / shard))
+        size = sum(t.numel() * t.element_size() for t in loaded.values())
+        assert size <= 1200 or len(loaded) == 1
+        with safe_open(str(out / shard), framework="pt") as handle:
+            assert handle.metadata() == {"format": "pt"}
+    assert (out / "config.json").read_text() == '{"b": 1, "a": 2}'
+
+
+def test_unsharded_export_has_no_index(tmp_path):
+    source = _component(tmp_path / "src", _tensors(), stem="model")
+    result = export_component(source, tmp_path / "out", shard_size_mb=100)
+    assert result.files == ["model.fp16.safetensors"]
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert not list((tmp_path / "out").glob("*index*"))
+
+
+def test_export_is_byte_deterministic(tmp_path):
+    source = _component(tmp_path / "src", _tensors())
+    export_component(source, tmp_path / "a", shard_size_mb=0.002)
+    export_component(source, tmp_path / "b", shard_size_mb=0.002)
+    assert _bytes(tmp_path / "a") == _bytes(tmp_path / "b")
+
+
+def test_sharded_source_is_read_through_its_index(tmp_path):
+    tensors = _tensors(1)
+    sharded = _component(tmp_path / "sharded", {}, stem="unused")
+    (sharded / "unused.safetensors").unlink()
+    names = sorted(tensors)
+    save_file({n: tensors[n] for n in names[:3]}, str(sharded / "model-00001-of-00002.safetensors"))
+    save_file({n: tensors[n] for n in names[3:]}, str(sharded / "model-00002-of-00002.safetensors"))
+    weight_map = {n: f"model-0000{1 if i < 3 else 2}-of-00002.safetensors" for i, n in enumerate(names)}
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    assert find_weight_files(sharded).stem == "model"
+    assert tensor_shapes(sharded)["block.0.weight"] == (16, 16)
+    export_component(sharded, tmp_path / "out", shard_size_mb=100)
+    exported = _read_export(tmp_path / "out")
+    assert set(exported) == set(tensors)
+    assert torch.equal(exported["block.5.weight"], tensors["block.5.weight"].half())
+
+
+def test_transform_is_applied_before_the_cast(tmp_path):
+    source = _component(tmp_path / "src", _tensors())
+    result = export_component(
+        source,
+        tmp_path / "out",
+        shard_size_mb=100,
+        transform=lambda name, t: t * 2 if name == "block.1.weight" else t,
+    )
+    assert result.transformed == 1
+    exported = _read_export(tmp_path / "out")
+    assert torch.equal(exported["block.1.weight"], (_tensors()["block.1.weight"] * 2).half())
+
+
+def test_values_beyond_fp16_fail_loudly(tmp_path):
+    source = _component(tmp_path / "src", {"w": torch.full((2, 2), 1e6)})
+    with pytest.raises(StageError, match="fp16 range") as err:
+        export_component(source, tmp_path / "out", shard_size_mb=1)
+    assert "w" in str(err.value)
+
+
+def test_source_without_weights_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StageError, match="expected one"):
+        find_weight_files(tmp_path / "empty")
+
+
+def test_shard_writer_rejects_a_zero_limit(tmp_path):
+    with pytest.raises(StageError, match="positive"):
+        ShardWriter(tmp_path, "model", 0)
+
+
+# Peak RSS of the export alone: ru_maxrss is inherited across fork/exec (it would report pytest's peak), so
+# the probe resets the kernel's high-water mark (VmHWM) after its imports and reads it after the export.
+MEMORY_PROBE = """
+import sys
+from pathlib import Path
+from stages.export import export_component
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmHWM")
+export_component(Path(sys.argv[1]), Path(sys.argv[2]), shard_size_mb=float(sys.argv[3]))
+print(status("VmHWM") - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_export_memory_stays_near_one_shard(tmp_path):
+    """Peak memory grows by about one shard and one tensor, not by the component's size (a memory-mapped
+    reader keeps every page it touched resident: here all 192 MB)."""
+    import subprocess
+    import sys
+
+    tensor_mb, count, shard_mb = 8, 24, 8
+    g = torch.Generator().manual_seed(0)
+    source = tmp_path / "src"
+    source.mkdir()
+    save_file(
+        {f"t{i:02d}": torch.randn(tensor_mb * 262_144, generator=g) for i in range(count)},
+        str(source / "model.safetensors"),
+    )
+    repo = Path(__file__).resolve().parents[2]
+    probe = [sys.executable, "-c", MEMORY_PROBE, str(source), str(tmp_path / "out"), str(shard_mb)]
+    result = subprocess.run(probe, cwd=repo, capture_output=True, text=True, check=True)
+    growth_mb = int(result.stdout.strip().splitlines()[-1]) / 2**20
+    component_mb = tensor_mb * count
+    assert growth_mb < component_mb / 2, (
+        f"peak RSS grew {growth_mb:.0f} MiB for a {component_mb} MiB component"
+    )

@@ -1,0 +1,204 @@
+"""Reading LoRA files and placing every key on a base tensor: the kit's formats, and the refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fuseline.testing.loras import SPECS, kit_lora_factors, read_metadata
+from stages.lora import COMPONENTS, LoraInput, read_lora, refused_format
+from stages.merge import read_base_layout
+from stages.runtime import StageError
+
+SUPPORTED = ["kohya_sgm", "kohya_diffusers", "kohya_te", "locon", "peft", "dora"]
+# Keys per adapted module in the file: kohya down/up/alpha; PEFT lora_A/lora_B (+ DoRA magnitude).
+KEYS_PER_MODULE = {"kohya_sgm": 3, "kohya_diffusers": 3, "kohya_te": 3, "locon": 3, "peft": 2, "dora": 3}
+
+
+@pytest.fixture(scope="module")
+def layout(kit):
+    return read_base_layout(kit.diffusers_dir)
+
+
+def _read(path: Path, layout, name: str | None = None, sha256: str | None = None):
+    shapes, unet_config = layout
+    return read_lora(
+        LoraInput(path=path, scale=1.0, name=name or f"file:{path.name}", sha256=sha256), shapes, unet_config
+    )
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_kit_lora_is_placed_completely_with_its_own_factors(name, kit, kit_pipeline, layout):
+    loaded = _read(kit.loras[name], layout)
+    expected = {
+        (f.target.component, f"{f.target.module}.weight"): f for f in kit_lora_factors(kit_pipeline, name)
+    }
+    assert set(loaded.factors) == set(expected)
+    for target, factors in loaded.factors.items():
+        truth = expected[target]
+        assert torch.equal(factors.down, truth.down), target
+        assert torch.equal(factors.up, truth.up), target
+        assert factors.alpha == SPECS[name].alpha  # from kohya's .alpha keys or PEFT's adapter metadata
+        if name == "dora":
+            assert torch.equal(factors.magnitude, truth.magnitude)
+        else:
+            assert factors.magnitude is None
+    file_keys = len(load_file(str(kit.loras[name])))
+    assert loaded.file_keys == sum(loaded.placed_keys.values()) == file_keys
+    per_component = {c: 0 for c in COMPONENTS}
+    for component, _ in expected:
+        per_component[component] += KEYS_PER_MODULE[name]
+    assert loaded.placed_keys == per_component
+    assert loaded.sha256 == hashlib.sha256(kit.loras[name].read_bytes()).hexdigest()
+
+
+def test_text_encoder_keys_are_placed_on_both_encoders(kit, layout):
+    placed = _read(kit.loras["kohya_te"], layout).placed_keys
+    assert placed["text_encoder"] > 0 and placed["text_encoder_2"] > 0 and placed["unet"] > 0
+
+
+def test_peft_file_without_adapter_metadata_reads_alpha_as_rank(kit, layout, tmp_path):
+    path = tmp_path / "bare.safetensors"
+    save_file(load_file(str(kit.loras["peft"])), str(path), metadata={"format": "pt"})
+    assert "lora_adapter_metadata" in read_metadata(kit.loras["peft"])
+    loaded = _read(path, layout)
+    assert {f.alpha for f in loaded.factors.values()} == {float(SPECS["peft"].rank)}
+
+
+def test_sd15_lora_is_refused_naming_it_and_its_keys(kit, layout):
+    with pytest.raises(StageError) as err:
+        _read(kit.loras["sd15"], layout, name="file:loras/sd15.safetensors")
+    message = str(err.value)
+    assert err.value.code == "LORA_PLACEMENT"
+    assert "file:loras/sd15.safetensors" in message
+    # an unknown module and a shape mismatch, each with what was found and what the base has
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1" in message
+    assert "up factor [640, 4]" in message and "[64, 96]" in message
+    assert "text_encoder" in message
+
+
+def test_truncated_file_is_refused_naming_it(kit, layout, tmp_path):
+    data = kit.loras["peft"].read_bytes()
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(StageError, match="truncated") as err:
+        _read(path, layout)
+    assert str(path) in str(err.value) and err.value.code == "LORA_TRUNCATED"
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [(b"<html>not found</html>", "LORA_INVALID"), (b"abc", "LORA_INVALID"), (b"", "LORA_INVALID")],
+)
+def test_non_safetensors_file_is_refused_naming_it(layout, tmp_path, payload, code):
+    path = tmp_path / "page.safetensors"
+    path.write_bytes(payload)
+    with pytest.raises(StageError) as err:
+        _read(path, layout)
+    assert err.value.code == code and str(path) in str(err.value)
+
+
+def test_broken_header_json_is_refused(layout, tmp_path):
+    path = tmp_path / "bad.safetensors"
+    header = b"{not json"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(StageError, match="no valid safetensors header"):
+        _read(path, layout)
+
+
+def test_pickle_is_refused(layout, tmp_path):
+    path = tmp_path / "lora.safetensors"  # the name does not matter, the bytes do
+    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(1)}, path)
+    with pytest.raises(StageError, match="pickle") as err:
+        _read(path, layout)
+    assert err.value.code == "LORA_PICKLE"
+
+
+@pytest.mark.parametrize(
+    ("key", "fmt"),
+    [
+        ("lora_unet_down_blocks_1_attentions_0_proj_in.hada_w1_a", "LoHa"),
+        ("lora_unet_down_blocks_1_attentions_0_proj_in.lokr_w1", "LoKr"),
+        ("lora_unet_down_blocks_1_resnets_0_conv1.lora_mid.weight", "Tucker"),
+        ("lora_unet_down_blocks_1_attentions_0_proj_in.dora_scale", "kohya-format DoRA"),
+    ],
+)
+def test_lycoris_formats_are_refused_naming_the_format(layout, tmp_path, key, fmt):
+    path = tmp_path / "lycoris.safetensors"
+    save_file({key: torch.zeros(2, 2), "lora_unet_x.alpha": torch.tensor(1.0)}, str(path))
+    with pytest.raises(StageError, match=fmt) as err:
+        _read(path, layout)
+    assert err.value.code == "LORA_FORMAT_UNSUPPORTED" and key in str(err.value)
+
+
+def test_refused_format_ignores_plain_lora_keys():
+    assert refused_format(["lora_unet_a.lora_down.weight", "lora_unet_a.alpha", "x.lora_A.weight"]) is None
+
+
+def test_sha256_mismatch_is_refused(kit, layout):
+    with pytest.raises(StageError, match="sha256") as err:
+        _read(kit.loras["peft"], layout, sha256="0" * 64)
+    assert err.value.code == "LORA_SHA256_MISMATCH"
+
+
+def test_missing_file_is_refused(layout, tmp_path):
+    with pytest.raises(StageError, match="does not exist"):
+        _read(tmp_path / "absent.safetensors", layout)
+
+
+def test_factor_without_its_partner_is_refused(kit, layout, tmp_path):
+    state = load_file(str(kit.loras["peft"]))
+    dropped = next(k for k in sorted(state) if k.endswith("lora_B.weight"))
+    del state[dropped]
+    path = tmp_path / "half.safetensors"
+    save_file(state, str(path), metadata=read_metadata(kit.loras["peft"]))
+    with pytest.raises(StageError, match="no matching up factor") as err:
+        _read(path, layout)
+    assert dropped.removesuffix(".lora_B.weight") in str(err.value)
+
+
+def test_stray_kohya_key_fails_the_whole_lora(kit, layout, tmp_path):
+    state = load_file(str(kit.loras["kohya_diffusers"]))
+    state["lora_unet_made_up_module.alpha"] = torch.tensor(1.0)
+    path = tmp_path / "stray.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(StageError) as err:
+        _read(path, layout, name="file:stray")
+    assert "file:stray" in str(err.value) and "made" in str(err.value)
+
+
+def test_unprefixed_peft_keys_are_not_silently_dropped(kit, layout, tmp_path):
+    """A PEFT state dict saved without `unet.` prefixes: diffusers would ignore it; we refuse it."""
+    state = {k.removeprefix("unet."): v for k, v in load_file(str(kit.loras["peft"])).items()}
+    path = tmp_path / "raw.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(StageError, match="belongs to no SDXL component"):
+        _read(path, layout)
+
+
+def test_metadata_rank_must_match_the_factors(kit, layout, tmp_path):
+    metadata = read_metadata(kit.loras["peft"])
+    config = json.loads(metadata["lora_adapter_metadata"])
+    config["unet.r"] = 8
+    path = tmp_path / "lying.safetensors"
+    save_file(
+        load_file(str(kit.loras["peft"])), str(path), metadata={"lora_adapter_metadata": json.dumps(config)}
+    )
+    with pytest.raises(StageError, match="rank 8"):
+        _read(path, layout)
+
+
+def test_keys_dropped_by_the_conversion_are_caught(kit, layout, tmp_path):
+    """diffusers silently drops the original-layout keys of a file that mixes both kohya naming styles;
+    counting every key of the file catches it."""
+    state = load_file(str(kit.loras["kohya_sgm"])) | load_file(str(kit.loras["kohya_diffusers"]))
+    path = tmp_path / "mixed.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(StageError, match=f"{len(state)} keys in the file") as err:
+        _read(path, layout)
+    assert err.value.code == "LORA_UNACCOUNTED"
