@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fuseline.catalog import Defaults
+
 MANIFEST_NAME = "fuseline.json"
 MANIFEST_FORMAT = 1
 
@@ -60,6 +62,11 @@ class ModelManifest(_Frozen):
         description="Catalog.spec_hash(template): the resolved spec this folder was built from."
     )
     fuseline_version: str
+    defaults: Defaults | None = Field(
+        default=None,
+        description="The template's generation defaults from the catalog; the worker serves them when a "
+        "request leaves a setting out (absent: the worker's global defaults).",
+    )
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fuseline import __version__
+from fuseline.catalog import Defaults
 from fuseline.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
 from stages.lora import COMPONENTS, LoadedLora, LoraInput, read_lora
 from stages.runtime import StageError, atomic_output_dir, load_params, load_project_catalog, peak_rss_mb
@@ -44,6 +45,7 @@ class TemplateIdentity:
     checkpoint: CheckpointRef
     vae: VaeRef
     spec_hash: str
+    defaults: Defaults | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,7 @@ def merge_template(
             vae=identity.vae,
             prediction_type=prediction_type,
             spec_hash=identity.spec_hash,
+            defaults=identity.defaults,
             fuseline_version=__version__,
         )
         manifest.write(tmp)
@@ -227,6 +230,7 @@ def main(template_id: str) -> None:
         checkpoint=CheckpointRef(id=template.checkpoint, source=checkpoint.source, sha256=checkpoint.sha256),
         vae=vae_ref,
         spec_hash=catalog.spec_hash(template_id),
+        defaults=template.defaults,
     )
     result = merge_template(
         base_dir,

@@ -1,0 +1,186 @@
+"""The job input: one strict pydantic model, and the resolution of absent fields from template defaults.
+
+runpod's own `rp_validator` skips range checks on fields that have a default, so every check lives here.
+Validation reports every problem at once, as one `[INVALID_INPUT]` message naming each field.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from fuseline.catalog import ID_PATTERN, Defaults
+from worker.errors import InvalidInput, ModelInvalid, NotImplementedFeature
+from worker.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
+from worker.settings import MAX_SIZE, WorkerSettings
+
+MAX_PROMPT_CHARS = 4000
+MAX_NUM_IMAGES = 4
+MAX_SEED = 2**64 - 1
+DEFAULT_QUALITY = 90
+# SDXL's trained resolutions (1024x1024, 1152x896, 1344x768, ...) are all multiples of 64, and 64 keeps the
+# latent grid divisible through every UNet downsampling level.
+SIZE_MULTIPLE = 64
+
+_STRICT = ConfigDict(strict=True, extra="forbid")
+
+
+class OutputOptions(BaseModel):
+    """How images come back: encoding, quality, and where to (only inline base64 for now)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=False)
+
+    format: Literal["png", "jpeg", "webp"] = "png"
+    # JPEG/WebP quality; PNG is lossless and ignores it.
+    quality: int = Field(default=DEFAULT_QUALITY, ge=1, le=100)
+    return_: Literal["base64", "s3"] = Field(default="base64", alias="return")
+
+
+class GenerationInput(BaseModel):
+    """What a job may ask for; None means "not given": resolved later from the template's defaults."""
+
+    model_config = _STRICT
+
+    template: str | None = Field(default=None, pattern=ID_PATTERN, max_length=64)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = Field(default=None, ge=1, le=150)
+    guidance_scale: float | None = Field(default=None, ge=0, le=30, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    num_images: int | None = Field(default=None, ge=1, le=MAX_NUM_IMAGES)
+    scheduler: str | None = None
+    output: OutputOptions | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must contain text, not only whitespace")
+        return value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _size(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is None:
+            return None
+        min_size = _settings(info).min_size
+        if value % SIZE_MULTIPLE:
+            lower = value // SIZE_MULTIPLE * SIZE_MULTIPLE
+            raise ValueError(
+                f"must be a multiple of {SIZE_MULTIPLE} "
+                f"(got {value}; nearest: {lower} or {lower + SIZE_MULTIPLE})"
+            )
+        if not min_size <= value <= MAX_SIZE:
+            raise ValueError(f"must be between {min_size} and {MAX_SIZE} (got {value})")
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, value: str | None) -> str | None:
+        if value is not None and value not in SCHEDULER_NAMES:
+            raise ValueError(f"unknown scheduler {value!r}; valid: {', '.join(SCHEDULER_NAMES)}")
+        return value
+
+
+class GenerationParameters(BaseModel):
+    """Every parameter resolved to a concrete value; returned to the caller as `parameters`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    template: str
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    num_images: int
+    scheduler: str
+    output: OutputOptions
+
+    def public(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True)
+
+
+def _settings(info: ValidationInfo) -> WorkerSettings:
+    context = info.context or {}
+    return context.get("settings") or WorkerSettings()
+
+
+def _format_errors(error: ValidationError) -> list[str]:
+    problems = []
+    for item in error.errors():
+        loc = ".".join(str(part) for part in item["loc"]) or "input"
+        if item["type"] == "extra_forbidden":
+            model = OutputOptions if len(item["loc"]) > 1 and item["loc"][0] == "output" else GenerationInput
+            valid = [f.alias or name for name, f in model.model_fields.items()]
+            problems.append(f"{loc}: unknown field; valid fields: {', '.join(valid)}")
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "missing":
+            message = "required"
+        got = item.get("input")
+        shown = repr(got) if not isinstance(got, str) or len(got) <= 40 else f"a {len(got)}-character string"
+        if item["type"] not in ("missing",) and not isinstance(got, dict):
+            message = f"{message} (got {shown})" if "(got" not in message else message
+        problems.append(f"{loc}: {message}")
+    return problems
+
+
+def parse_input(raw: Any, settings: WorkerSettings) -> GenerationInput:
+    """Validate a job's `input`; raises InvalidInput listing every problem, or NotImplementedFeature."""
+    if not isinstance(raw, dict):
+        kind = "nothing" if raw is None else type(raw).__name__
+        raise InvalidInput(f"job input must be a JSON object like {{'prompt': '...'}}; got {kind}")
+    try:
+        parsed = GenerationInput.model_validate(raw, context={"settings": settings})
+    except ValidationError as exc:
+        problems = _format_errors(exc)
+        raise InvalidInput(f"{len(problems)} problem(s): " + "; ".join(problems)) from None
+    if parsed.template is None and settings.default_template is None:
+        raise InvalidInput("1 problem(s): template: required (this worker has no FUSELINE_DEFAULT_TEMPLATE)")
+    if parsed.output is not None and parsed.output.return_ == "s3":
+        raise NotImplementedFeature("output.return 's3' is not available yet; use 'base64' (the default)")
+    return parsed
+
+
+def resolve_parameters(
+    request: GenerationInput, template_id: str, defaults: Defaults, settings: WorkerSettings
+) -> GenerationParameters:
+    """Request values first, then the template's defaults (which carry the global ones), then a seed."""
+    width = request.width if request.width is not None else defaults.width
+    height = request.height if request.height is not None else defaults.height
+    if width * height > settings.max_pixels:
+        raise InvalidInput(
+            f"1 problem(s): width x height: {width}x{height} = {width * height} pixels exceeds the budget of "
+            f"{settings.max_pixels} (FUSELINE_MAX_PIXELS); ask for a smaller image"
+        )
+    scheduler = request.scheduler or defaults.scheduler or DEFAULT_SCHEDULER
+    if scheduler not in SCHEDULER_NAMES:
+        raise ModelInvalid(
+            f"template {template_id!r}: fuseline.json defaults.scheduler {scheduler!r} is not a scheduler "
+            f"this worker knows ({', '.join(SCHEDULER_NAMES)}); fix the template's defaults in templates.json"
+        )
+    return GenerationParameters(
+        template=template_id,
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt
+        if request.negative_prompt is not None
+        else defaults.negative_prompt,
+        width=width,
+        height=height,
+        steps=request.steps if request.steps is not None else defaults.steps,
+        guidance_scale=request.guidance_scale
+        if request.guidance_scale is not None
+        else defaults.guidance_scale,
+        # Full 64-bit range; drawn here so that it is always returned and the image can be reproduced.
+        seed=request.seed if request.seed is not None else secrets.randbits(64),
+        num_images=request.num_images or 1,
+        scheduler=scheduler,
+        output=request.output or OutputOptions(),
+    )

@@ -1,0 +1,236 @@
+"""Model folders on the volume: manifest checks, pipeline loading, and an LRU cache of loaded pipelines.
+
+A folder `<volume>/models/<template>/` is served only if its `fuseline.json` names that template (and the
+expected spec hash, when one is configured): a folder built for something else is a wrong model, not a
+fallback. Pipelines load with local_files_only, fp16 on CUDA and fp32 on CPU (several fp16 ops are slow
+or missing on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from fuseline.catalog import Defaults
+from fuseline.manifest import MANIFEST_NAME, ManifestError, ModelManifest
+from worker.errors import ModelInvalid, UnknownTemplate
+from worker.settings import WorkerSettings
+
+# Pipeline components whose weights count toward the cache budget.
+_WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+@dataclass(frozen=True)
+class TemplateFolder:
+    """A checked model folder: its manifest and the generation defaults it carries."""
+
+    template_id: str
+    path: Path
+    manifest: ModelManifest
+    defaults: Defaults
+
+
+@dataclass
+class LoadedTemplate:
+    folder: TemplateFolder
+    pipe: Any  # StableDiffusionXLPipeline
+    scheduler_config: dict[str, Any]
+    nbytes: int
+    load_ms: float
+
+    @property
+    def template_id(self) -> str:
+        return self.folder.template_id
+
+
+def available_templates(settings: WorkerSettings) -> list[str]:
+    """Template ids with a folder holding a fuseline.json under the volume's models/ directory."""
+    if not settings.models_dir.is_dir():
+        return []
+    # Names starting with "." are sync's version folders (`.<id>.<hash>`) behind the `<id>` links.
+    return sorted(
+        p.name
+        for p in settings.models_dir.iterdir()
+        if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()
+    )
+
+
+def read_manifest(path: Path) -> tuple[ModelManifest, Defaults]:
+    """The folder's manifest and the template's defaults it carries (absent: the global defaults)."""
+    manifest_path = path / MANIFEST_NAME
+    try:
+        data = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"{manifest_path}: no manifest; the folder is not a fuseline export") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{manifest_path}: unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{manifest_path}: expected a JSON object")
+    try:
+        manifest = ModelManifest.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'manifest'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise ManifestError(f"{manifest_path}: invalid ({exc.error_count()} problems): {problems}") from None
+    return manifest, manifest.defaults or Defaults()
+
+
+def check_template_folder(settings: WorkerSettings, template_id: str) -> TemplateFolder:
+    """The folder for `template_id`, refused unless its manifest names that template (and spec hash)."""
+    path = settings.models_dir / template_id
+    if not path.is_dir():
+        available = available_templates(settings)
+        raise UnknownTemplate(
+            f"no template {template_id!r} in {settings.models_dir}; available: "
+            + (", ".join(available) if available else "none (the volume holds no model folders)")
+        )
+    try:
+        manifest, defaults = read_manifest(path)
+    except ManifestError as exc:
+        raise ModelInvalid(f"template {template_id!r}: {exc}; rebuild and re-sync this template") from None
+    if manifest.template != template_id:
+        raise ModelInvalid(
+            f"{path / MANIFEST_NAME}: names template {manifest.template!r}, not {template_id!r}; the folder "
+            f"holds another template's model: re-sync {template_id!r}"
+        )
+    expected = settings.expected_spec_hashes.get(template_id)
+    if expected is not None and manifest.spec_hash != expected:
+        raise ModelInvalid(
+            f"{path / MANIFEST_NAME}: spec_hash {manifest.spec_hash!r} differs from the expected "
+            f"{expected!r} (FUSELINE_SPEC_HASHES); the folder is stale: re-sync {template_id!r}"
+        )
+    return TemplateFolder(template_id, path, manifest, defaults)
+
+
+def default_device(settings: WorkerSettings) -> str:
+    import torch
+
+    if settings.device:
+        return settings.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def folder_weight_bytes(path: Path, bytes_per_value: int = 2) -> int:
+    """Bytes the folder's fp16 weights take once loaded with `bytes_per_value` bytes per value."""
+    return sum(f.stat().st_size for f in path.rglob("*.fp16.safetensors")) * bytes_per_value // 2
+
+
+def load_template(settings: WorkerSettings, template_id: str, device: str | None = None) -> LoadedTemplate:
+    """Check the folder and load its pipeline on `device` (fp16 on CUDA, fp32 elsewhere)."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = check_template_folder(settings, template_id)
+    device = device or default_device(settings)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    started = time.perf_counter()
+    try:
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            folder.path, variant="fp16", dtype=dtype, local_files_only=True
+        )
+    except torch.OutOfMemoryError:
+        raise  # not the folder's fault: the caller frees memory and retries
+    except Exception as exc:  # any failure to load (missing, truncated, mismatched files) is the folder's
+        raise ModelInvalid(
+            f"template {template_id!r}: diffusers could not load {folder.path} as an fp16 SDXL folder: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    scheduler_prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if scheduler_prediction != folder.manifest.prediction_type:
+        raise ModelInvalid(
+            f"{folder.path}: scheduler/scheduler_config.json has prediction_type {scheduler_prediction!r} "
+            f"but fuseline.json says {folder.manifest.prediction_type!r}; rebuild the export"
+        )
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    nbytes = sum(
+        p.numel() * p.element_size()
+        for name in _WEIGHTED_COMPONENTS
+        if getattr(pipe, name, None) is not None
+        for p in getattr(pipe, name).parameters()
+    )
+    return LoadedTemplate(
+        folder=folder,
+        pipe=pipe,
+        scheduler_config=dict(pipe.scheduler.config),
+        nbytes=nbytes,
+        load_ms=(time.perf_counter() - started) * 1000,
+    )
+
+
+class PipelineCache:
+    """Loaded templates, least recently used evicted first, within a count and (optionally) a byte budget.
+
+    `estimate` gives a template's size before loading, so room is made before the new weights arrive
+    (on a GPU, loading first and evicting after would run out of memory).
+    """
+
+    def __init__(
+        self,
+        loader: Callable[[str], LoadedTemplate],
+        max_count: int,
+        max_bytes: int | None = None,
+        estimate: Callable[[str], int] | None = None,
+        on_evict: Callable[[LoadedTemplate], None] | None = None,
+    ):
+        self._loader = loader
+        self._entries: OrderedDict[str, LoadedTemplate] = OrderedDict()
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self._estimate = estimate or (lambda _id: 0)
+        self._on_evict = on_evict
+
+    def __contains__(self, template_id: str) -> bool:
+        return template_id in self._entries
+
+    def loaded(self) -> list[str]:
+        """Template ids in the cache, least recently used first."""
+        return list(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values())
+
+    def get(self, template_id: str) -> tuple[LoadedTemplate, bool]:
+        """(the loaded template, whether this call loaded it)."""
+        entry = self._entries.get(template_id)
+        if entry is not None:
+            self._entries.move_to_end(template_id)
+            return entry, False
+        self._make_room(self._estimate(template_id))
+        entry = self._loader(template_id)
+        self._entries[template_id] = entry
+        return entry, True
+
+    def _make_room(self, incoming: int) -> None:
+        while self._entries and (
+            len(self._entries) >= self.max_count
+            or (self.max_bytes is not None and self.nbytes + incoming > self.max_bytes)
+        ):
+            self.evict_oldest()
+
+    def evict_oldest(self) -> str | None:
+        if not self._entries:
+            return None
+        template_id, entry = self._entries.popitem(last=False)
+        if self._on_evict:
+            self._on_evict(entry)
+        return template_id
+
+    def evict_all_except(self, keep: str | None = None) -> list[str]:
+        """Drop every entry but `keep` (used to free memory before an out-of-memory retry)."""
+        dropped = [t for t in self._entries if t != keep]
+        for template_id in dropped:
+            entry = self._entries.pop(template_id)
+            if self._on_evict:
+                self._on_evict(entry)
+        return dropped
