@@ -11,4 +11,5 @@ os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 pytest_plugins = [
     "tests.fixtures.kit",
     "tests.fixtures.servers",
+    "tests.fixtures.project",
 ]

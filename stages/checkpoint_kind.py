@@ -1,0 +1,261 @@
+"""Say what a weights file is (SDXL, SD 1.5, Flux, a LoRA, ...) from its tensor names, before converting.
+
+A safetensors file starts with an 8-byte little-endian header length and a JSON header naming every tensor
+with its dtype, shape and byte range, so the kind of model is known without reading a single weight. The
+signatures below are data: the first one whose patterns all match names the file. Only `sdxl` converts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# A header above this is not a real safetensors file (the format itself caps it at 100 MB).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+DTYPE_BYTES |= {"F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+class CheckpointFormatError(ValueError):
+    """The file is not a readable safetensors file (truncated, corrupt, or something else entirely)."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A kind of weights file, recognised when every `all_of` pattern and at least one `any_of` pattern match
+    some tensor name and no `none_of` pattern does."""
+
+    kind: str
+    name: str
+    advice: str
+    all_of: tuple[str, ...] = ()
+    any_of: tuple[str, ...] = ()
+    none_of: tuple[str, ...] = ()
+    _compiled: tuple[tuple[re.Pattern[str], ...], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        compiled = tuple(
+            tuple(re.compile(p) for p in group) for group in (self.all_of, self.any_of, self.none_of)
+        )
+        object.__setattr__(self, "_compiled", compiled)
+
+    def matches(self, keys: list[str]) -> bool:
+        all_of, any_of, none_of = self._compiled
+
+        def hit(pattern: re.Pattern[str]) -> bool:
+            return any(pattern.search(k) for k in keys)
+
+        return (
+            all(hit(p) for p in all_of)
+            and (not any_of or any(hit(p) for p in any_of))
+            and not any(hit(p) for p in none_of)
+        )
+
+
+_UNET = r"^model\.diffusion_model\."
+_NOT_SDXL = (
+    "fuseline builds SDXL templates only; use an SDXL base-architecture checkpoint (e.g. Pony, Illustrious)"
+)
+
+# Most specific first: a LoRA can carry SDXL-looking names, a refiner shares SDXL's UNet prefix.
+SIGNATURES: tuple[Signature, ...] = (
+    Signature(
+        kind="lora",
+        name="a LoRA (or LyCORIS/DoRA adapter), not a checkpoint",
+        advice="list it under a template's `loras` instead of under `checkpoints`",
+        any_of=(
+            r"^lora_(unet|te\d?)_",
+            r"\.(lora_down|lora_up|lora_A|lora_B|lora_mid)\.",
+            r"\.(hada_w[12]_[ab]|lokr_w[12](_[ab])?|dora_scale)$",
+            r"\.lora\.(up|down)\.weight$",
+        ),
+    ),
+    Signature(
+        kind="flux",
+        name="a Flux model",
+        advice=_NOT_SDXL,
+        all_of=(
+            r"^(model\.diffusion_model\.)?double_blocks\.\d+\.",
+            r"^(model\.diffusion_model\.)?single_blocks\.\d+\.",
+        ),
+    ),
+    Signature(
+        kind="sd3",
+        name="a Stable Diffusion 3 model",
+        advice=_NOT_SDXL,
+        any_of=(r"^(model\.diffusion_model\.)?joint_blocks\.\d+\.",),
+    ),
+    Signature(
+        kind="sdxl-refiner",
+        name="an SDXL refiner (only the OpenCLIP bigG text encoder)",
+        advice="the refiner is not a text-to-image base model; use an SDXL base-architecture checkpoint",
+        all_of=(_UNET, r"^conditioner\.embedders\.0\.model\.transformer\."),
+    ),
+    Signature(
+        kind="sdxl",
+        name="an SDXL checkpoint",
+        advice="",
+        # diffusers' own SDXL test is embedders.1's resblock 9; any resblock proves encoder 2 is OpenCLIP.
+        all_of=(_UNET, r"^conditioner\.embedders\.1\.model\.transformer\.resblocks\.\d+\."),
+    ),
+    Signature(
+        kind="sd2",
+        name="a Stable Diffusion 2.x checkpoint (OpenCLIP ViT-H text encoder)",
+        advice=_NOT_SDXL,
+        all_of=(_UNET, r"^cond_stage_model\.model\."),
+    ),
+    Signature(
+        kind="sd15",
+        name="a Stable Diffusion 1.x checkpoint (one CLIP ViT-L text encoder)",
+        advice=_NOT_SDXL,
+        all_of=(_UNET, r"^cond_stage_model\.transformer\."),
+    ),
+    Signature(
+        kind="unet-only",
+        name="a UNet without text encoders or VAE",
+        advice="use the full single-file checkpoint (with conditioner.* and first_stage_model.* tensors)",
+        all_of=(_UNET,),
+    ),
+    Signature(
+        kind="diffusers-component",
+        name="one component of a diffusers folder (e.g. unet/diffusion_pytorch_model.safetensors)",
+        advice="point `source` at the whole diffusers folder (the one holding model_index.json)",
+        any_of=(
+            r"^down_blocks\.\d+\.",
+            r"^encoder\.down_blocks\.\d+\.",
+            r"^text_model\.encoder\.layers\.\d+\.",
+        ),
+    ),
+    Signature(
+        kind="vae",
+        name="a VAE, not a checkpoint",
+        advice="put it under the catalog's `vae` entry",
+        any_of=(r"^(first_stage_model\.)?encoder\.down\.\d+\.", r"^(first_stage_model\.)?decoder\.up\.\d+\."),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class CheckpointKind:
+    kind: str
+    name: str
+    advice: str
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.kind == "sdxl"
+
+
+UNKNOWN = CheckpointKind("unknown", "not a model fuseline recognises", "use an SDXL single-file checkpoint")
+
+
+def classify_keys(keys: list[str] | Mapping[str, object]) -> CheckpointKind:
+    """The first signature that matches these tensor names."""
+    names = list(keys)
+    for sig in SIGNATURES:
+        if sig.matches(names):
+            return CheckpointKind(sig.kind, sig.name, sig.advice)
+    return UNKNOWN
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """(tensors, metadata) from a safetensors header, checking that every byte range lies inside the file.
+
+    Raises CheckpointFormatError naming the file for a truncated or corrupt file, so a half-finished
+    download is reported as such and not as "unknown model".
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointFormatError(
+                f"{path}: {size} bytes, too short to be a safetensors file (truncated?)"
+            )
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise CheckpointFormatError(
+                f"{path}: header claims {header_len} bytes but the file has {size}:"
+                " truncated, or not safetensors (fetch it again)"
+            )
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointFormatError(f"{path}: header is not valid JSON ({exc}): corrupt file") from None
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(f"{path}: header is not a JSON object: corrupt file")
+    metadata = header.pop("__metadata__", None) or {}
+    data_len = size - 8 - header_len
+    tensors: dict[str, TensorInfo] = {}
+    end_max = 0
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointFormatError(f"{path}: header entry {name!r} is malformed: corrupt file") from None
+        expected = DTYPE_BYTES.get(dtype)
+        count = 1
+        for dim in shape:
+            count *= dim
+        if expected is not None and end - begin != count * expected:
+            raise CheckpointFormatError(
+                f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape}: corrupt"
+            )
+        end_max = max(end_max, end)
+        tensors[name] = TensorInfo(dtype, shape)
+    if end_max > data_len:
+        raise CheckpointFormatError(
+            f"{path}: tensors need {end_max} data bytes but only {data_len} are there: the file is truncated "
+            "(an interrupted download?); fetch it again"
+        )
+    return tensors, metadata
+
+
+def classify_file(path: str | Path) -> CheckpointKind:
+    """The kind of a safetensors file, from its header only."""
+    tensors, _ = read_safetensors_header(path)
+    return classify_keys(tensors)
+
+
+def dominant_dtype(tensors: Mapping[str, TensorInfo]) -> str:
+    """The floating dtype holding most of the bytes ("F16", "BF16", "F32"): the file's working precision."""
+    weight: Counter[str] = Counter()
+    for info in tensors.values():
+        if info.dtype in ("F16", "BF16", "F32", "F64"):
+            count = 1
+            for dim in info.shape:
+                count *= dim
+            weight[info.dtype] += count
+    if not weight:
+        raise CheckpointFormatError("no floating-point tensors")
+    return weight.most_common(1)[0][0]
+
+
+def declares_v_prediction(tensors: Mapping[str, object]) -> bool:
+    """NoobAI-style v-prediction checkpoints carry an empty `v_pred` marker tensor (ComfyUI reads it)."""
+    return "v_pred" in tensors
