@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from fuseline.catalog import Catalog, CatalogError, Problem, catalog_json_schema, load_catalog
+from fuseline.cli_publish import register as register_publish_commands
 
 app = typer.Typer(
     name="fuseline",
@@ -80,6 +81,9 @@ def schema() -> None:
     """Print the JSON Schema of templates.json (committed as fuseline/schema/templates.schema.json)."""
     typer.echo(json.dumps(catalog_json_schema(), indent=2))
 
+
+# Publishing commands (publish, release list|rollback, gc) live in their own module.
+register_publish_commands(app)
 
 if __name__ == "__main__":
     app()
