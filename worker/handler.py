@@ -109,8 +109,9 @@ class Worker:
         )
 
     def startup(self) -> list[str]:
-        """Check the templates to preload and warm the default one; returns the problems found."""
-        problems = []
+        """Sync the volume from the release (when configured), check the templates to preload and warm
+        the default one; returns the problems found."""
+        problems = self.sync_volume()
         templates = (
             self.settings.preload if self.settings.preload is not None else available_templates(self.settings)
         )
@@ -128,6 +129,22 @@ class Worker:
             except WorkerError as exc:
                 problems.append(str(exc))
                 log.error("default template %s not loaded: %s", self.settings.default_template, exc)
+        return problems
+
+    def sync_volume(self) -> list[str]:
+        """Bring the preload templates (default: all of the release) to the release's version.
+
+        A failure is a problem, not a crash: with the remote down, the templates already on the volume
+        stay served (the sync reports them "kept")."""
+        if not self.settings.release:
+            return []
+        from worker.sync import sync_templates
+
+        report = sync_templates(self.settings.release, self.settings.volume, self.settings.preload)
+        for line in report.lines():
+            log.info("sync: %s", line)
+        problems = [report.error] if report.error else []
+        problems += [f"template {t.template}: {t.error}" for t in report.templates if t.error]
         return problems
 
     def template_id(self, request: GenerationInput) -> str:

@@ -34,6 +34,9 @@ class WorkerSettings:
     # template id -> spec hash its fuseline.json must carry; a template absent here is not checked.
     expected_spec_hashes: Mapping[str, str] = field(default_factory=dict)
     device: str | None = None
+    # Release manifest to sync the volume from at start (`s3://…/releases/<channel>.json` or a path);
+    # None: serve what the volume already holds.
+    release: str | None = None
 
     @property
     def models_dir(self) -> Path:
@@ -93,4 +96,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> WorkerSettings:
         max_pixels=_int(env, "FUSELINE_MAX_PIXELS", DEFAULT_MAX_PIXELS, min_size * min_size),
         expected_spec_hashes=hashes,
         device=env.get("FUSELINE_DEVICE", "").strip() or None,
+        release=env.get("FUSELINE_RELEASE", "").strip() or None,
     )

@@ -358,12 +358,14 @@ def test_object_missing_on_remote_names_it_and_fetches_nothing_into_models(
 
 @pytest.mark.slow
 def test_synced_folder_loads_in_the_worker(kit, tmp_path: Path) -> None:
-    """The contract end to end: a real fp16 export, `dvc add` + `dvc push`ed, synced, loaded by the worker."""
+    """The contract end to end: a real fp16 export, `dvc add` + `dvc push`ed, synced by the worker at start,
+    loaded and served."""
     import torch
     from diffusers import StableDiffusionXLPipeline
 
     from fuseline.manifest import CheckpointRef, ModelManifest, VaeRef
     from tests.worker.sync_fixtures import DVC, released_entry
+    from worker.handler import Worker
     from worker.pipelines import load_template
     from worker.settings import load_settings
 
@@ -388,10 +390,23 @@ def test_synced_folder_loads_in_the_worker(kit, tmp_path: Path) -> None:
         subprocess.run([DVC, *args], cwd=project, env=env, check=True, capture_output=True)
     release = write_release(remote, "main", {"tiny": released_entry(project, "tiny")})
     volume = tmp_path / "volume"
-    assert sync_templates(release, volume).ok
-    settings = load_settings({"FUSELINE_VOLUME": str(volume), "FUSELINE_DEVICE": "cpu"})
+    # The worker's own start: an empty volume is synced from the release, then the default is loaded.
+    settings = load_settings(
+        {
+            "FUSELINE_VOLUME": str(volume),
+            "FUSELINE_DEVICE": "cpu",
+            "FUSELINE_RELEASE": release,
+            "FUSELINE_DEFAULT_TEMPLATE": "tiny",
+            "FUSELINE_MIN_SIZE": "64",
+        }
+    )
+    worker = Worker(settings)
+    assert worker.startup() == []
+    assert (volume / "models" / "tiny" / "fuseline.json").is_file()
+    out = worker.run({"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 1})
+    assert "error" not in out, out
+    assert out["images"][0]["seed"] == 1 and out["template"]["id"] == "tiny"
     loaded = load_template(settings, "tiny", device="cpu")
-    assert loaded.folder.manifest.template == "tiny"
     image = loaded.pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
     assert image.shape == (64, 64, 3)
 
