@@ -77,6 +77,42 @@ def validate(
 
 
 @app.command()
+def lock(
+    path: Annotated[Path, typer.Argument(help="The catalog to pin.", show_default=True)] = Path(
+        "templates.json"
+    ),
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Also check existing pins against the metadata.")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report only; write nothing.")] = False,
+) -> None:
+    """Fill missing sha256 pins of civitai: and hf: sources from their metadata, editing the catalog in
+    place (formatting kept); exit 1 on an error or a pin that disagrees with the metadata."""
+    # Imported here: the sources library (requests, huggingface_hub) is build-side; `validate` and
+    # `schema` stay light.
+    from fuseline.redact import install_redaction, redact
+    from stages.runtime import StageError
+    from stages.sources import lock_catalog
+
+    install_redaction()
+    if not path.is_file():
+        typer.echo(f"{path}: no such file; give the catalog's path (default templates.json)")
+        raise typer.Exit(1)
+    try:
+        report = lock_catalog(path, verify=verify, dry_run=dry_run)
+    except StageError as exc:
+        typer.echo(f"{path}: lock failed: {redact(exc)}")
+        raise typer.Exit(1) from None
+    typer.echo(redact(report.format()))
+    if report.mismatches:
+        typer.echo(
+            f"{path}: {_plural(len(report.mismatches), 'pin')} disagree with the metadata; "
+            "check those sources and fix the pins by hand (lock never overwrites a pin)"
+        )
+        raise typer.Exit(1)
+
+
+@app.command()
 def schema() -> None:
     """Print the JSON Schema of templates.json (committed as fuseline/schema/templates.schema.json)."""
     typer.echo(json.dumps(catalog_json_schema(), indent=2))

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fuseline.catalog import Catalog, Checkpoint, parse_source
+from fuseline.catalog import Catalog, Checkpoint, Source, parse_source
 from stages.checkpoint_kind import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
@@ -27,7 +27,8 @@ from stages.checkpoint_kind import (
     dominant_dtype,
     read_safetensors_header,
 )
-from stages.local_files import check_pickle_allowed, check_sha256, resolve_local_source
+from stages.fetch import read_receipt
+from stages.local_files import check_pickle_allowed, check_sha256, materialize
 from stages.runtime import StageError, atomic_output_dir, load_project_catalog, run_stage
 
 log = logging.getLogger("fuseline.stages.convert")
@@ -47,11 +48,15 @@ PIPELINE_NAMES = {
 DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float32"}
 
 
-def config_dir_for(catalog: Catalog, checkpoint: Checkpoint, where: str) -> Path:
+def config_dir_for(
+    catalog: Catalog, checkpoint: Checkpoint, where: str, receipt: dict[str, Any] | None = None
+) -> Path:
     """The local diffusers config folder used to convert this checkpoint (its `config`, else SDXL base's)."""
     if checkpoint.config is None:
         return DEFAULT_CONFIG_DIR
-    path = resolve_local_source(catalog, checkpoint.config, f"{where}.config")
+    path = materialize(
+        catalog, Source(source=checkpoint.config), f"{where}.config", receipt=receipt, is_config=True
+    )
     if not (path / "model_index.json").is_file():
         raise StageError(
             "CONFIG_INVALID",
@@ -267,8 +272,11 @@ def main(checkpoint_id: str) -> None:
         )
     checkpoint = catalog.checkpoints[checkpoint_id]
     where = f"checkpoints.{checkpoint_id}"
-    source = resolve_local_source(catalog, checkpoint.source, where)
-    config_dir = config_dir_for(catalog, checkpoint, where)
+    # The fetch-checkpoint stage's receipt gives the sha256 of unpinned remote sources; the bytes come
+    # from the download cache (or are fetched again on a machine that lacks them).
+    receipt = read_receipt(where)
+    source = materialize(catalog, checkpoint, where, receipt=receipt)
+    config_dir = config_dir_for(catalog, checkpoint, where, receipt)
     if parse_source(checkpoint.source).scheme == "file" and source.is_dir() and checkpoint.config is not None:
         log.info("%s: a diffusers folder carries its own configs; %s.config is not used", source, where)
     with atomic_output_dir(BASE_DIR / checkpoint_id) as out:

@@ -1,27 +1,38 @@
-"""Stage: fetch one catalog source into the shared download cache and print its local path.
+"""Stage: fetch catalog sources into the shared download cache; write the pipeline's source receipts.
 
     python -m stages.fetch <catalog path or source> [--catalog templates.json] [--cache DIR] [--out PATH]
+    python -m stages.fetch --receipt <vae | checkpoints.<id> | templates.<id>> [--cache DIR]
 
 The first argument is a catalog path as `Catalog.iter_sources()` names them (`vae`,
 `checkpoints.<id>`, `checkpoints.<id>.config`, `templates.<id>.loras[<n>]`) or a source string that
 appears in the catalog (its pin and allow_pickle come from there). `--out` places the fetched file
 (hard link when possible, else a copy) or folder (symlink) at a path a DVC stage can declare as output.
+
+`--receipt` is what dvc.yaml's fetch-* stages run: it fetches every source of one group (the VAE, one
+checkpoint with its config folder, or all LoRAs of one template) and writes a small JSON receipt under
+artifacts/sources/ naming each source with its sha256, size and kind. The receipt is the DVC output; the
+bytes stay in the download cache, so multi-GB files are never copied into the DVC cache or pushed twice.
+A receipt holds no local path, no time and no secret, so it is byte-identical on every machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from fuseline.catalog import Catalog, Source
-from fuseline.redact import install_redaction
+from fuseline.redact import install_redaction, redact
 from stages.runtime import CATALOG_FILE, StageError, load_project_catalog, setup_logging
 from stages.sources import DownloadCache, fetch
 from stages.sources.hf import CONFIG_FOLDER_PATTERNS
+from stages.sources.local import sha256_file
 
 log = logging.getLogger("fuseline.stages.fetch")
 
@@ -73,12 +84,125 @@ def place(path: Path, out: Path) -> None:
         shutil.copyfile(path, out)
 
 
+RECEIPTS_DIR = Path("artifacts/sources")
+RECEIPT_VERSION = 1
+
+
+def receipt_path(group: str, root: str | os.PathLike[str] = ".") -> Path:
+    """Where the receipt of `group` (vae, checkpoints.<id>, templates.<id>) lives, relative to `root`."""
+    kind, _, key = group.partition(".")
+    if group == "vae":
+        return Path(root) / RECEIPTS_DIR / "vae.json"
+    if kind in ("checkpoints", "templates") and key:
+        return Path(root) / RECEIPTS_DIR / kind / f"{key}.json"
+    raise StageError(
+        "RECEIPT_GROUP", f"{group!r} is not a receipt group; use vae, checkpoints.<id> or templates.<id>"
+    )
+
+
+def group_sources(catalog: Catalog, group: str) -> list[tuple[str, Source, bool]]:
+    """(catalog path, source, is a config folder) for every source a receipt group covers, in catalog
+    order. A group that names nothing in the catalog is an error (a typo in dvc.yaml or on the CLI)."""
+    receipt_path(group)  # validates the shape
+    kind, _, key = group.partition(".")
+    if group == "vae":
+        return [("vae", catalog.vae, False)] if catalog.vae is not None else []
+    if kind == "checkpoints":
+        if key not in catalog.checkpoints:
+            known = ", ".join(sorted(catalog.checkpoints)) or "(none)"
+            raise StageError("CHECKPOINT_UNKNOWN", f"no checkpoint {key!r} in the catalog; known: {known}")
+        checkpoint = catalog.checkpoints[key]
+        found = [(group, checkpoint, False)]
+        if checkpoint.config is not None:
+            found.append((f"{group}.config", Source(source=checkpoint.config), True))
+        return found
+    if key not in catalog.templates:
+        known = ", ".join(sorted(catalog.templates)) or "(none)"
+        raise StageError("TEMPLATE_UNKNOWN", f"no template {key!r} in the catalog; templates: {known}")
+    return [(f"{group}.loras[{i}]", lora, False) for i, lora in enumerate(catalog.templates[key].loras)]
+
+
+def tree_sha256(folder: Path) -> tuple[str, int]:
+    """(sha256 over the sorted `<file sha256>  <relative path>` lines, total bytes) of a folder: a
+    content identity for folder sources (diffusers layouts, config folders) that ignores where it lives."""
+    lines, total = [], 0
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        lines.append(f"{sha256_file(path)}  {path.relative_to(folder).as_posix()}\n")
+        total += path.stat().st_size
+    return hashlib.sha256("".join(lines).encode()).hexdigest(), total
+
+
+def describe(where: str, source: Source, path: Path, cache: DownloadCache) -> dict[str, Any]:
+    """One receipt entry. A file's sha256 is the catalog pin (fetch verified it), its name in the
+    download cache (content-addressed), or computed (unpinned file: and hf: files)."""
+    if path.is_dir():
+        sha, size = tree_sha256(path)
+        kind = "folder"
+    elif source.sha256:
+        sha, size, kind = source.sha256.lower(), path.stat().st_size, "file"
+    elif path.parent.parent == cache.root / "sha256":
+        sha, size, kind = path.name, path.stat().st_size, "file"
+    else:
+        sha, size, kind = sha256_file(path), path.stat().st_size, "file"
+    return {"where": where, "source": redact(source.source), "kind": kind, "sha256": sha, "size": size}
+
+
+def write_receipt(
+    catalog: Catalog,
+    group: str,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    root: str | os.PathLike[str] = ".",
+) -> Path:
+    """Fetch every source of `group` into the download cache and write its receipt; return its path."""
+    cache = DownloadCache(cache_dir)
+    entries = []
+    for where, source, is_config in group_sources(catalog, group):
+        path = fetch(
+            source,
+            cache=cache,
+            catalog=catalog,
+            allow_patterns=CONFIG_FOLDER_PATTERNS if is_config else None,
+        )
+        entries.append(describe(where, source, path, cache))
+        log.info("%s: %s (%s, %d bytes) sha256 %s", where, entries[-1]["source"],
+                 entries[-1]["kind"], entries[-1]["size"], entries[-1]["sha256"])  # fmt: skip
+    out = receipt_path(group, root)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    record = {"receipt": RECEIPT_VERSION, "group": group, "sources": entries}
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+def read_receipt(group: str, root: str | os.PathLike[str] = ".") -> dict[str, dict[str, Any]]:
+    """{catalog path: entry} from `group`'s receipt; {} when there is none (a stage run by hand
+    outside DVC: then only the catalog's own pins are known)."""
+    path = receipt_path(group, root)
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+        return {entry["where"]: entry for entry in record["sources"]}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StageError(
+            "RECEIPT_INVALID",
+            f"{path} is not a fetch receipt ({exc}); delete it and run `dvc repro` to fetch again",
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     install_redaction()
     parser = argparse.ArgumentParser(prog="python -m stages.fetch", description=__doc__.split("\n")[0])
     parser.add_argument(
-        "source", help="catalog path (checkpoints.<id>, templates.<id>.loras[0], vae) or source"
+        "source", nargs="?", help="catalog path (checkpoints.<id>, templates.<id>.loras[0], vae) or source"
+    )
+    parser.add_argument(
+        "--receipt",
+        metavar="GROUP",
+        help="fetch a whole group (vae, checkpoints.<id>, templates.<id>) and write its receipt",
     )
     parser.add_argument("--catalog", default=CATALOG_FILE)
     parser.add_argument(
@@ -86,6 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=None, help="also place the result here (hard link / symlink)")
     args = parser.parse_args(argv)
+    if (args.source is None) == (args.receipt is None):
+        parser.error("give either a source or --receipt GROUP")
+    if args.receipt is not None:
+        try:
+            path = write_receipt(load_project_catalog(args.catalog), args.receipt, args.cache)
+        except StageError as exc:
+            print(f"error: fetch --receipt {args.receipt}: {exc}", file=sys.stderr)
+            return 1
+        print(path)
+        return 0
     try:
         catalog = load_project_catalog(args.catalog)
         path = fetch_source(catalog, args.source, args.cache)

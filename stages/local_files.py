@@ -1,12 +1,14 @@
-"""Turn a catalog source into a local path a stage may read: `file:` only (for now), sha256-checked, no
-pickle without consent. Shared by the convert and vae stages."""
+"""Turn a catalog source into a local path a stage may read (`materialize`), sha256-checked, no pickle
+without consent. Shared by the convert, vae and merge stages."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
+from typing import Any
 
-from fuseline.catalog import Catalog, parse_source
+from fuseline.catalog import Catalog, Source, parse_source
 from stages.checkpoint_kind import PICKLE_SUFFIXES
 from stages.runtime import StageError
 
@@ -27,13 +29,86 @@ def resolve_local_source(catalog: Catalog, source: str, where: str) -> Path:
     if parsed.scheme != "file":
         raise StageError(
             "DOWNLOAD_NEEDED",
-            f"{where}: source {source!r} is a {parsed.scheme}: source, which needs the download stage "
-            "(not available yet); download the file yourself and use a file:<path> source meanwhile",
+            f"{where}: source {source!r} is a {parsed.scheme}: source, not a local file; "
+            "use materialize() (download cache) for it",
         )
     path = catalog.resolve_file(parsed)
     if not path.exists():
         raise StageError("SOURCE_MISSING", f"{where}: {source!r} resolves to {path}, which does not exist")
     return path
+
+
+def materialize(
+    catalog: Catalog,
+    source: Source,
+    where: str,
+    *,
+    receipt: dict[str, dict[str, Any]] | None = None,
+    is_config: bool = False,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """The local path of one catalog source, for a stage that reads it. `where` is its catalog path
+    (`checkpoints.<id>`, `checkpoints.<id>.config`, `templates.<id>.loras[<n>]`, `vae`).
+
+    `file:` sources are used in place. Every other source comes from the shared download cache, looked
+    up by sha256 (the catalog's pin, else the one its fetch stage recorded in `receipt`): a hit costs no
+    network; a miss (another machine, a cleaned cache) downloads it again, verified against that sha256.
+    The receipt only supplies hashes; its paths are never used, so it means the same on every machine.
+    """
+    # Imported here: the sources library pulls in requests and friends, which file:-only runs never need.
+    from fuseline.redact import install_redaction, redact
+    from stages.sources import DownloadCache, fetch
+    from stages.sources.hf import CONFIG_FOLDER_PATTERNS
+
+    parsed = source.parsed
+    if parsed.scheme == "file":
+        return resolve_local_source(catalog, source.source, where)
+    pin = source.sha256
+    recorded = (receipt or {}).get(where)
+    if recorded is not None:
+        if recorded.get("source") != redact(source.source):
+            raise StageError(
+                "RECEIPT_STALE",
+                f"{where}: the fetch receipt names {recorded.get('source')!r}, the catalog "
+                f"{redact(source.source)!r}; run `dvc repro` (it re-runs the fetch stage first), "
+                "not this stage alone",
+            )
+        if pin is None and recorded.get("kind") == "file":
+            pin = recorded.get("sha256")
+    install_redaction()
+    pinned = source.model_copy(update={"sha256": pin}) if pin != source.sha256 else source
+    cache = DownloadCache(cache_dir)
+    path = fetch(
+        pinned, cache=cache, catalog=catalog, allow_patterns=CONFIG_FOLDER_PATTERNS if is_config else None
+    )
+    if path.is_file() and path.parent.parent == cache.root / "sha256":
+        return named_view(path, cache.root)
+    return path
+
+
+# Extension a loader needs for each sniffed format: the cache names files by hash alone, but diffusers'
+# single-file loader picks safetensors-vs-torch.load from the extension, and so do the stages' checks.
+_EXTENSIONS = {"safetensors": ".safetensors", "pickle": ".ckpt", "torch-zip": ".ckpt"}
+
+
+def named_view(cached: Path, cache_root: Path) -> Path:
+    """`<cache>/named/<2 hex>/<sha256><ext>`: a hard link (same bytes, no copy; a symlink across
+    filesystems) to a content-addressed cache file, with the extension its sniffed format calls for."""
+    from stages.sources.safety import sniff_format
+
+    ext = _EXTENSIONS.get(sniff_format(cached), "")
+    view = cache_root / "named" / cached.name[:2] / f"{cached.name}{ext}"
+    if view.is_file() and view.stat().st_size == cached.stat().st_size:
+        return view
+    view.parent.mkdir(parents=True, exist_ok=True)
+    tmp = view.with_name(f".{view.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(cached, tmp)
+    except OSError:
+        tmp.symlink_to(cached.resolve())
+    os.replace(tmp, view)
+    return view
 
 
 def check_sha256(path: Path, expected: str | None, where: str) -> None:

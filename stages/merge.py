@@ -19,6 +19,8 @@ from typing import Any, Literal
 from fuseline import __version__
 from fuseline.catalog import Defaults
 from fuseline.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
+from stages.fetch import read_receipt
+from stages.local_files import materialize
 from stages.lora import COMPONENTS, LoadedLora, LoraInput, read_lora
 from stages.runtime import StageError, atomic_output_dir, load_params, load_project_catalog, peak_rss_mb
 
@@ -186,21 +188,15 @@ def merge_template(
 
 
 def _lora_inputs(catalog: Any, template_id: str) -> list[LoraInput]:
+    """The template's LoRAs as local files: `file:` in place, others from the download cache by the
+    sha256 of the catalog pin or of the fetch-loras receipt (fetched again on a cache miss)."""
+    group = f"templates.{template_id}"
+    receipt = read_receipt(group)
     inputs = []
-    for lora in catalog.templates[template_id].loras:
-        parsed = lora.parsed
-        if parsed.scheme != "file":
-            raise StageError(
-                "SOURCE_NOT_LOCAL",
-                f"template {template_id}: LoRA {lora.source} is a remote ({parsed.scheme}:) source; "
-                "remote sources need the download stage, which is not available yet: "
-                "download the file yourself and use a file: source",
-            )
-        inputs.append(
-            LoraInput(
-                path=catalog.resolve_file(parsed), scale=lora.scale, name=lora.source, sha256=lora.sha256
-            )
-        )
+    for index, lora in enumerate(catalog.templates[template_id].loras):
+        where = f"{group}.loras[{index}]"
+        path = materialize(catalog, lora, where, receipt=receipt)
+        inputs.append(LoraInput(path=path, scale=lora.scale, name=lora.source, sha256=lora.sha256))
     return inputs
 
 

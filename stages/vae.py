@@ -19,7 +19,8 @@ from stages.checkpoint_kind import (
     read_safetensors_header,
 )
 from stages.convert import DEFAULT_CONFIG_DIR, DTYPES, strip_local_paths, torch_dtype_for
-from stages.local_files import check_pickle_allowed, check_sha256, resolve_local_source
+from stages.fetch import read_receipt
+from stages.local_files import check_pickle_allowed, check_sha256, materialize
 from stages.runtime import StageError, atomic_output_dir, load_project_catalog, run_stage
 
 log = logging.getLogger("fuseline.stages.vae")
@@ -129,7 +130,7 @@ def main(_stage_id: str = STAGE_ID) -> None:
             'templates.json has no "vae" entry; the pipeline exports every template with one shared VAE: add '
             '"vae": {"source": ...} (the SDXL fp16-fix VAE keeps fp16 decoding free of NaNs)',
         )
-    source = resolve_local_source(catalog, catalog.vae.source, "vae")
+    source = materialize(catalog, catalog.vae, "vae", receipt=read_receipt("vae"))
     with atomic_output_dir(VAE_DIR) as out:
         convert_vae(source, out, sha256=catalog.vae.sha256, allow_pickle=catalog.vae.allow_pickle)
 

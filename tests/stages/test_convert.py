@@ -320,15 +320,22 @@ def test_stage_main_writes_artifacts(kit, tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "artifacts").iterdir() if p.name.startswith(".")] == []
 
 
-def test_stage_main_refuses_download_sources(kit, tmp_path, monkeypatch):
+def test_stage_main_fetches_download_sources(kit, tmp_path, monkeypatch):
+    # A civitai: checkpoint goes through the download cache; here the local look-alike has no such
+    # version, so the stage fails naming the source (and never reaches the real site).
+    from fuseline.testing.civitai import CivitaiServer
     from stages import convert
 
     monkeypatch.chdir(tmp_path)
     catalog = _catalog(kit, source="civitai:12345", sha256="a" * 64)
     (tmp_path / "templates.json").write_text(json.dumps(catalog))
-    with pytest.raises(StageError, match="download stage") as info:
-        convert.main("tiny")
-    assert info.value.code == "DOWNLOAD_NEEDED"
+    with CivitaiServer(tmp_path / "civitai") as civ:
+        for key, value in {**civ.env(), "FUSELINE_CACHE_DIR": str(tmp_path / "cache")}.items():
+            monkeypatch.setenv(key, value)
+        with pytest.raises(StageError, match="civitai:12345") as info:
+            convert.main("tiny")
+        assert info.value.code == "NOT_FOUND"
+        assert [r.path for r in civ.api.requests] == ["/api/v1/model-versions/12345"]
     with pytest.raises(StageError, match="no checkpoint 'other'"):
         convert.main("other")
 

@@ -305,12 +305,22 @@ def test_main_builds_the_template_from_the_catalog(kit, tmp_path, monkeypatch):
     assert all(torch.equal(ours[k], ref[k]) for k in ref)
 
 
-def test_main_refuses_remote_lora_sources(kit, tmp_path, monkeypatch):
-    loras = [{"source": "civitai:12345", "sha256": "a" * 64, "scale": 1.0}]
-    monkeypatch.chdir(_project(tmp_path, kit, loras))
-    with pytest.raises(StageError, match="download stage") as err:
+def test_main_fetches_remote_lora_sources(kit, tmp_path, monkeypatch):
+    # A civitai: LoRA comes from the download cache (here: the local Civitai look-alike, on a miss).
+    from fuseline.testing.civitai import CivitaiServer
+
+    with CivitaiServer(tmp_path / "civitai") as civ:
+        version = civ.add_version(12345, kit.loras["locon"], name="locon.safetensors")
+        for key, value in {**civ.env(), "FUSELINE_CACHE_DIR": str(tmp_path / "cache")}.items():
+            monkeypatch.setenv(key, value)
+        loras = [{"source": "civitai:12345", "sha256": version.sha256, "scale": 1.0}]
+        monkeypatch.chdir(_project(tmp_path, kit, loras))
         main("demo")
-    assert err.value.code == "SOURCE_NOT_LOCAL"
+        assert [r.path for r in civ.api.requests if r.path.startswith("/api/download/")] == [
+            "/api/download/models/12345"
+        ]
+    manifest = ModelManifest.read(tmp_path / "project/artifacts/models/demo")
+    assert [lora.sha256 for lora in manifest.loras] == [version.sha256]
 
 
 def test_main_refuses_an_unknown_template(kit, tmp_path, monkeypatch):

@@ -19,6 +19,11 @@ pytestmark = pytest.mark.slow
 
 TEMPLATES = ("alpha", "beta", "gamma")
 ALL_FIRST_RUN = {
+    # Fetch stages write receipts (sha256, size, kind); the bytes stay in the download cache.
+    "fetch-checkpoint@tiny",
+    "fetch-checkpoint@tiny-diffusers",
+    "fetch-vae",
+    *(f"fetch-loras@{t}" for t in TEMPLATES),
     "convert@tiny",
     "convert@tiny-diffusers",
     "vae",
@@ -118,13 +123,19 @@ def test_metrics_show_lists_each_template(project):
 
 def test_editing_one_lora_scale_reruns_only_that_template(project):
     project.edit_catalog(lambda c: c["templates"]["beta"]["loras"][0].update(scale=0.25))
-    assert sorted(project.repro()) == ["merge@beta", "verify@beta"]
+    # fetch-loras@beta tracks the whole template, so it re-runs too (a cache hit, an identical receipt).
+    assert sorted(project.repro()) == ["fetch-loras@beta", "merge@beta", "verify@beta"]
     assert project.status() == {}
 
 
 def test_editing_a_checkpoint_reruns_it_and_only_its_templates(project):
     project.edit_catalog(lambda c: c["checkpoints"]["tiny-diffusers"].update(prediction="v_prediction"))
-    assert sorted(project.repro()) == ["convert@tiny-diffusers", "merge@gamma", "verify@gamma"]
+    assert sorted(project.repro()) == [
+        "convert@tiny-diffusers",
+        "fetch-checkpoint@tiny-diffusers",
+        "merge@gamma",
+        "verify@gamma",
+    ]
     # The catalog's prediction type reaches the converted base, the export's scheduler and its manifest;
     # verify@gamma passed, and it checks that the scheduler it sampled with matches the manifest.
     for folder in ("artifacts/base/tiny-diffusers", "artifacts/models/gamma"):
@@ -140,7 +151,7 @@ def test_adding_a_template_runs_only_the_new_one(project, kit):
             delta={"checkpoint": "tiny", "loras": [{"source": f"file:{kit.loras['peft']}", "scale": 1.0}]}
         )
     )
-    assert sorted(project.repro()) == ["merge@delta", "verify@delta"]
+    assert sorted(project.repro()) == ["fetch-loras@delta", "merge@delta", "verify@delta"]
 
 
 def test_reformatting_the_catalog_runs_nothing(project):
