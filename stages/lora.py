@@ -151,7 +151,14 @@ def read_safetensors_header(path: Path, lora: str) -> tuple[dict[str, Any], dict
         raise _fail("LORA_INVALID", lora, f"{path} has no valid safetensors header ({exc})") from exc
     metadata = header.pop("__metadata__", None) or {}
     data_size = size - 8 - header_len
-    end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+    try:
+        end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+    except (KeyError, TypeError, IndexError, ValueError) as exc:
+        raise _fail(
+            "LORA_INVALID",
+            lora,
+            f"{path} has a malformed safetensors header entry ({exc!r}); download it again",
+        ) from exc
     if end > data_size:
         raise _fail(
             "LORA_TRUNCATED",
@@ -312,6 +319,7 @@ def read_lora(
     `unet_config` is the base UNet's config as an object with attributes (diffusers needs
     `layers_per_block` to renumber original-layout kohya blocks).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path, name = Path(lora.path), lora.name
@@ -333,7 +341,12 @@ def read_lora(
             name,
             f"{path} has sha256 {sha256}, the catalog pins {lora.sha256}; download again",
         )
-    state_dict = load_file(str(path))
+    try:
+        state_dict = load_file(str(path))
+    except SafetensorError as exc:
+        raise _fail(
+            "LORA_INVALID", name, f"{path} cannot be read as safetensors ({exc}); download it again"
+        ) from exc
     file_keys = len(state_dict)
 
     converted, kohya_alphas = _to_diffusers_names(state_dict, unet_config, name)

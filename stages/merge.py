@@ -179,11 +179,12 @@ def merge_template(
             defaults=identity.defaults,
             fuseline_version=__version__,
         )
+        # Every placed update names a base tensor, so each must have been fused exactly once; checked
+        # before the folder is renamed into place, so a wrong model never appears.
+        if sum(fused.values()) != len(updates):
+            raise StageError("MERGE_INCOMPLETE", f"fused {fused} tensors, expected {len(updates)}")
         manifest.write(tmp)
         files = sum(1 for p in tmp.rglob("*") if p.is_file())
-    # Every placed update names a base tensor, so each must have been fused exactly once.
-    if sum(fused.values()) != len(updates):
-        raise StageError("MERGE_INCOMPLETE", f"fused {fused} tensors, expected {len(updates)}")
     return MergeResult(manifest=manifest, fused_tensors=fused, files=files)
 
 
