@@ -37,8 +37,8 @@ lock:
 	rm -rf /tmp/fuseline-lock && mkdir -p /tmp/fuseline-lock
 	$(PYTHON) -m venv /tmp/fuseline-lock/worker && /tmp/fuseline-lock/worker/bin/pip install -q -r requirements/worker.in
 	$(PYTHON) -m venv /tmp/fuseline-lock/all && /tmp/fuseline-lock/all/bin/pip install -q -r requirements/build.in
-	/tmp/fuseline-lock/worker/bin/pip freeze > /tmp/fuseline-lock/worker.txt
-	/tmp/fuseline-lock/all/bin/pip freeze > /tmp/fuseline-lock/all.txt
+	/tmp/fuseline-lock/worker/bin/pip freeze --all --exclude pip > /tmp/fuseline-lock/worker.txt
+	/tmp/fuseline-lock/all/bin/pip freeze --all --exclude pip > /tmp/fuseline-lock/all.txt
 	$(PYTHON) tools/write_locks.py /tmp/fuseline-lock/worker.txt /tmp/fuseline-lock/all.txt
 
 clean:

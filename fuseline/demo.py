@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fuseline.testing.project import REPO, RUNNING_STAGE, VENV_BIN, DvcProject, dvc_env, make_dvc_project
+from fuseline.testing.servers import free_port, set_parent_death_signal
 
 DEFAULT_OUTPUT = REPO / "demo-output"
 CHANNEL = "main"
@@ -199,6 +201,10 @@ def stream_command(
             stderr=subprocess.STDOUT,
             text=True,
             bufsize=1,
+            # Its own process group, so an interrupt stops dvc and the stage process it runs; and killed
+            # with the demo even when the demo itself is killed.
+            start_new_session=True,
+            preexec_fn=set_parent_death_signal,
         )
         assert proc.stdout is not None
         try:
@@ -209,17 +215,12 @@ def stream_command(
                 _say(prefix + line.rstrip("\n"))
         except BaseException:
             # Interrupted (Ctrl-C): leave no dvc or stage process running behind us.
-            proc.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
             proc.wait()
             raise
         code = proc.wait()
     return code, "".join(lines)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _post_json(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -345,6 +346,8 @@ def running_worker(
             env=worker_env(volume, template_ids, spec_hashes, release),
             stdout=handle,
             stderr=subprocess.STDOUT,
+            # Dies with the demo even when the demo is killed (SIGKILL included): no orphan worker API.
+            preexec_fn=set_parent_death_signal,
         )
         worker = WorkerProcess(proc, port, log)
         try:

@@ -7,6 +7,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+# Defaults that would otherwise point at the internet go to a closed port on loopback instead: a test that
+# forgets to start its local server fails fast rather than reaching Civitai, the Hugging Face hub or AWS.
+os.environ.setdefault("CIVITAI_BASE_URL", "http://127.0.0.1:9")
+os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 pytest_plugins = [
     "tests.fixtures.kit",

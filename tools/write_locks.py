@@ -7,6 +7,9 @@ WORKER_HEADER = """\
 # Worker (serving side) lock: the exact set the Docker image installs and CI installs.
 # No DVC, no git tooling. torch is pinned without a local version: pip here takes the CPU wheel
 # that lies on disk (+cpu), the image takes PyPI's CUDA build of the same release.
+# setuptools is pinned too (torch needs it at run time; plain `pip freeze` omits it). On a machine
+# without the local CPU wheel, torch==2.13.0 also pulls its CUDA libraries (nvidia-*, triton), which
+# this CPU-made lock does not pin.
 # Regenerate: see `make lock` in the Makefile.
 """
 BUILD_HEADER = """\
@@ -30,7 +33,9 @@ def main(worker_freeze: str, all_freeze: str) -> None:
     worker, everything = read_freeze(worker_freeze), read_freeze(all_freeze)
     drift = {n: (v, everything.get(n)) for n, v in worker.items() if everything.get(n) != v}
     if drift:
-        raise SystemExit(f"the worker set resolves differently inside the full set: {drift}; pin these in worker.in")
+        raise SystemExit(
+            f"the worker set resolves differently inside the full set: {drift}; pin these in worker.in"
+        )
     worker_names = {n.lower() for n in worker}
 
     def lines(pins):

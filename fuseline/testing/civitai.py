@@ -23,6 +23,7 @@ import re
 import secrets
 import tempfile
 import urllib.parse
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,8 +184,7 @@ class CivitaiServer:
                     "hashes": {
                         "AutoV2": sha[:10].upper(),
                         "SHA256": sha.upper(),
-                        "CRC32": f"{hashlib.md5(data).hexdigest()[:8].upper()}",
-                        "BLAKE3": hashlib.blake2b(data, digest_size=32).hexdigest().upper(),
+                        "CRC32": f"{zlib.crc32(data):08X}",
                     },
                     "primary": True,
                     "downloadUrl": download_url,

@@ -36,6 +36,7 @@ __all__ = [
     "SeaweedStartError",
     "find_weed",
     "free_port",
+    "set_parent_death_signal",
 ]
 
 LOCALHOST = "127.0.0.1"
@@ -104,7 +105,7 @@ def find_weed() -> Path:
     )
 
 
-def _set_parent_death_signal() -> None:
+def set_parent_death_signal() -> None:
     """Runs in the child before exec: ask Linux to SIGKILL it when the parent dies (even by SIGKILL),
     so a crashed test session leaves no orphan server. Best effort elsewhere."""
     if sys.platform.startswith("linux"):
@@ -349,7 +350,7 @@ class SeaweedS3:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # own process group: killpg reaches everything it spawns
-            preexec_fn=_set_parent_death_signal,
+            preexec_fn=set_parent_death_signal,
         )
         with _LIVE_LOCK:
             _LIVE_SERVERS.add(self)
