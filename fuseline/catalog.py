@@ -28,6 +28,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from fuseline.redact import SECRET_QUERY_PARAMS
+
 __all__ = [
     "CATALOG_VERSION",
     "ID_PATTERN",
@@ -61,12 +63,20 @@ ID_MAX_LENGTH = 64
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
 SCHEMES = ("civitai", "hf", "https", "s3", "file")
 
+
 # The syntax of a source string, for editors that read the JSON Schema. `parse_source` is the authority
 # (it explains what is wrong); tests check that both accept the same strings.
+def _any_case(word: str) -> str:
+    # JSON Schema regexes take no flags, so case-insensitivity is spelled out per letter.
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in word)
+
+
+# An https URL with credentials in it would be copied into dvc.lock, fuseline.json and the release manifest.
+_SECRET_QUERY = r"\?(?:[^#\s]*[&;])?(?:" + "|".join(_any_case(p) for p in SECRET_QUERY_PARAMS) + ")="
 SOURCE_PATTERN = (
     r"^(civitai:[0-9]+"
     r"|hf:[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(?:/(?!\.\.?[/@])[^/@\s]+)*@[0-9a-f]{40}"
-    r"|https://[^/\s?#]+[^\s]*"
+    r"|https://(?![^\s?#]*" + _SECRET_QUERY + r")[^/\s?#@]+(?:[/?#][^\s]*)?"
     r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\s]+"
     r"|file:(?!//)\S(?:[^\x00-\x1f]*\S)?)$"
 )
@@ -252,8 +262,30 @@ def parse_source(text: str) -> ParsedSource:
             "hf", text, repo="/".join(parts[:2]), path="/".join(path_parts) or None, revision=revision
         )
     if text.startswith("https://"):
-        if not urlsplit(text).hostname or any(c.isspace() for c in text):
+        parts = urlsplit(text)
+        if not parts.hostname or any(c.isspace() for c in text):
             raise SourceError(f"https source {text!r} is not a valid URL", "write https://<host>/<path>")
+        no_secrets = (
+            "the source is copied into dvc.lock, fuseline.json and the release manifest, so it must hold no "
+            "credentials: use civitai:<modelVersionId> (the key comes from CIVITAI_API_KEY) or copy the file "
+            "to a bucket and use s3://<bucket>/<key> (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+        )
+        if "@" in parts.netloc:
+            # Named without the password: this message is printed and logged.
+            raise SourceError(
+                f"https source for host {parts.hostname!r} has a user:password@ part", no_secrets
+            )
+        secret = [
+            name
+            for name, sep, _ in (p.partition("=") for p in re.split(r"[&;]", parts.query))
+            if sep and name.lower() in SECRET_QUERY_PARAMS
+        ]
+        if secret:
+            raise SourceError(
+                f"https source {parts.scheme}://{parts.netloc}{parts.path} has a secret-looking query "
+                f"parameter {secret[0]!r}",
+                no_secrets,
+            )
         return ParsedSource("https", text, url=text)
     if text.startswith("s3://"):
         bucket, _, key = text[len("s3://") :].partition("/")

@@ -91,9 +91,12 @@ def lock(
     # Imported here: the sources library (requests, huggingface_hub) is build-side; `validate` and
     # `schema` stay light.
     from fuseline.redact import install_redaction, redact
-    from stages.runtime import StageError
+    from stages.runtime import StageError, setup_logging
     from stages.sources import lock_catalog
 
+    # The filter goes on handlers, and a bare root logger has none (its records would reach Python's
+    # unfiltered last-resort handler): give it the stages' stderr handler first.
+    setup_logging()
     install_redaction()
     if not path.is_file():
         typer.echo(f"{path}: no such file; give the catalog's path (default templates.json)")

@@ -44,6 +44,7 @@ RELEASES_PREFIX = "releases/"
 CHANNEL_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _CREDENTIAL_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden")
 _MERGE_STAGE = re.compile(r"^merge@(?P<id>.+)$")
+_VERIFY_STAGE = re.compile(r"^verify@(?P<id>.+)$")
 
 
 class PublishError(Exception):
@@ -307,9 +308,19 @@ class S3Store:
     def delete(self, keys: Iterable[str]) -> None:
         batch = [{"Key": self._key(k)} for k in keys]
         with self._errors("delete objects"):
+            failed: list[str] = []
             for start in range(0, len(batch), 1000):  # the S3 API limit per request
-                self.client.delete_objects(
+                answer = self.client.delete_objects(
                     Bucket=self.bucket, Delete={"Objects": batch[start : start + 1000], "Quiet": True}
+                )
+                # Quiet mode answers 200 with only the failures listed: the call raising is not enough.
+                failed += [f"{e.get('Key')} ({e.get('Code')})" for e in answer.get("Errors", [])]
+            if failed:
+                raise PublishError(
+                    "delete_failed",
+                    f"remote {self.remote_name!r} ({self.description}): could not delete {len(failed)} "
+                    f"objects: {', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''} "
+                    "(fix: check the key may s3:DeleteObject on the bucket, then re-run `fuseline gc`)",
                 )
 
 
@@ -444,6 +455,26 @@ def stale_templates(root: Path, template_ids: Iterable[str]) -> list[str]:
         raise PublishError("dvc_failed", f"`dvc status` failed in {root}: {_last_line(proc.stderr)}")
     changed = json.loads(proc.stdout or "{}")
     return sorted(m["id"] for name in changed if (m := _MERGE_STAGE.match(name)))
+
+
+def unverified_templates(root: Path, template_ids: Iterable[str]) -> list[str]:
+    """Templates whose `verify@<id>` stage has no dvc.lock entry or is out of date.
+
+    DVC locks `merge@<id>` as soon as the merge finishes, before verify runs; a merge whose check then
+    failed (or never ran) is locked all the same. Only a locked, up-to-date verify says the model passed.
+    """
+    ids = list(template_ids)
+    locked = read_lock(root).get("stages", {})
+    missing = {t for t in ids if f"verify@{t}" not in locked}
+    targets = [f"verify@{t}" for t in ids if t not in missing]
+    changed: dict[str, Any] = {}
+    if targets:
+        proc = run_dvc(root, "status", "--json", *targets)
+        if proc.returncode != 0:
+            raise PublishError("dvc_failed", f"`dvc status` failed in {root}: {_last_line(proc.stderr)}")
+        changed = json.loads(proc.stdout or "{}")
+    stale = {m["id"] for name in changed if (m := _VERIFY_STAGE.match(name))}
+    return sorted(missing | stale)
 
 
 def _last_line(text: str) -> str:
@@ -619,6 +650,14 @@ def publish(
             f"{root / 'dvc.lock'}: out of date for {', '.join(stale)} "
             "(fix: `dvc repro` (or `dvc repro --pull`) and commit dvc.lock, then publish)",
         )
+    unverified = unverified_templates(root, built)
+    if unverified:
+        raise PublishError(
+            "unverified",
+            f"{root / 'dvc.lock'}: {', '.join(unverified)} not verified (verify stage failed, never ran "
+            f"or is out of date) (fix: `dvc repro {' '.join(f'verify@{t}' for t in unverified)}`, "
+            "check it passes, commit dvc.lock, then publish)",
+        )
     templates = {t: released_template(root, b) for t, b in built.items()}
     dir_md5s = sorted(b.dir_md5 for b in built.values())
     if do_push:
@@ -647,9 +686,31 @@ def publish(
     return PublishResult(release=release, remote=remote.name, pushed=do_push)
 
 
+def load_release(store: ObjectStore, key: str, data: bytes) -> Release:
+    """`data` (read from `key`) as a Release; a corrupt or foreign file is a PublishError naming the key."""
+    from pydantic import ValidationError
+
+    try:
+        return Release.from_json(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(document)"
+        fix = (
+            "delete it from the remote; the channel's pointer is a separate file"
+            if "/" in key[len(RELEASES_PREFIX) :]
+            else "`fuseline release rollback --to TIMESTAMP` to a good history copy"
+        )
+        raise PublishError(
+            "bad_release",
+            f"{store.description}: {key}: not a valid release manifest ({where}: {first['msg']}) "
+            f"(fix: {fix})",
+        ) from None
+
+
 def read_release(store: ObjectStore, channel: str) -> Release | None:
-    data = store.read(release_key(channel))
-    return Release.from_json(data) if data is not None else None
+    key = release_key(channel)
+    data = store.read(key)
+    return load_release(store, key, data) if data is not None else None
 
 
 def release_history(store: ObjectStore, channel: str | None = None) -> list[Release]:
@@ -662,7 +723,7 @@ def release_history(store: ObjectStore, channel: str | None = None) -> list[Rele
             continue  # a channel pointer, not a history copy
         data = store.read(key)
         if data is not None:
-            releases.append(Release.from_json(data))
+            releases.append(load_release(store, key, data))
     return sorted(releases, key=lambda r: (r.channel, r.created))
 
 
@@ -675,7 +736,7 @@ def current_releases(store: ObjectStore) -> dict[str, Release]:
             continue
         data = store.read(key)
         if data is not None:
-            release = Release.from_json(data)
+            release = load_release(store, key, data)
             found[release.channel] = release
     return found
 
@@ -692,7 +753,7 @@ def rollback(store: ObjectStore, channel: str, to: str) -> Release:
             f"{store.description}: no release {to!r} in channel {channel!r} (known: {known}; "
             "fix: pick one from `fuseline release list`)",
         )
-    release = Release.from_json(data)
+    release = load_release(store, history_key(channel, to), data)
     missing = missing_objects(store, (t.dir_md5 for t in release.templates.values()))
     if missing:
         raise PublishError(

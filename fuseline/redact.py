@@ -7,7 +7,8 @@ Three layers, applied in order by `redact()`:
    so a key set after import is still caught) and anything passed to `register_secret()`;
 2. credentials inside URLs: `?token=…`, `&X-Amz-Signature=…` and similar query parameters, and
    `user:password@` userinfo;
-3. header-shaped text: `Authorization: Bearer …`, `Bearer …` anywhere, and `hf_…` tokens by their shape.
+3. key/value- and header-shaped text: `Authorization: Bearer …`, `Bearer …` anywhere, `"token": "…"`,
+   `aws_secret_access_key = …`, `X-Amz-Security-Token: …`, `Cookie: …`, and `hf_…` tokens by their shape.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Iterable
 __all__ = [
     "MASK",
     "SECRET_ENV_VARS",
+    "SECRET_QUERY_PARAMS",
     "RedactingFilter",
     "install_redaction",
     "redact",
@@ -49,7 +51,7 @@ _MIN_SECRET_LEN = 6
 
 # Query parameters that carry credentials (case-insensitive): Civitai's `token`, S3/GCS presigned-URL
 # signatures and credentials, generic api keys.
-_SECRET_QUERY_PARAMS = (
+SECRET_QUERY_PARAMS: tuple[str, ...] = (
     "token",
     "access_token",
     "api_key",
@@ -68,12 +70,45 @@ _SECRET_QUERY_PARAMS = (
 )
 _QUERY_RE = re.compile(
     r"(?P<lead>[?&;](?:"
-    + "|".join(re.escape(p) for p in _SECRET_QUERY_PARAMS)
+    + "|".join(re.escape(p) for p in SECRET_QUERY_PARAMS)
     + r")=)(?P<value>[^&#\s'\"<>]+)",
     re.IGNORECASE,
 )
-# scheme://user:password@host
-_USERINFO_RE = re.compile(r"(?P<lead>\b[a-z][a-z0-9+.-]*://[^/\s:@'\"]+:)(?P<value>[^@/\s'\"]+)(?=@)", re.I)
+# scheme://user:password@host. The password runs to the LAST "@" of the authority (greedy): an unencoded
+# "@" in it ("p@ss") must not leave its tail behind.
+_USERINFO_RE = re.compile(
+    r"(?P<lead>\b[a-z][a-z0-9+.-]*://[^/?#\s:'\"]+:)(?P<value>[^/?#\s'\"]+)(?=@)", re.IGNORECASE
+)
+# Names that hold a secret when they are a key in JSON/YAML/INI text or a header name:
+# `"token": "x"`, `aws_secret_access_key = x`, `X-Amz-Security-Token: x`. Not bare `key` (S3 object keys).
+_SECRET_KEY_NAMES = (
+    "token",
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "auth_token",
+    "api_key",
+    "apikey",
+    "api-key",
+    "x-api-key",
+    "secret",
+    "client_secret",
+    "password",
+    "passwd",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "secret_access_key",
+    "session_token",
+    "x-amz-security-token",
+)
+_KEY_VALUE_RE = re.compile(
+    r"(?P<lead>(?<![\w-])(?P<q>['\"]?)(?:"
+    + "|".join(re.escape(n) for n in _SECRET_KEY_NAMES)
+    + r")(?P=q)\s*[:=]\s*['\"]?)(?P<value>[^\s'\",}&]+)",
+    re.IGNORECASE,
+)
+# Cookie / Set-Cookie headers: the whole value (several `name=value;` pairs) up to the end of the line.
+_COOKIE_RE = re.compile(r"(?P<lead>(?<![\w-])(?:set-)?cookie['\"]?\s*:\s*['\"]?)(?P<value>[^\n'\"]+)", re.I)
 # Authorization / Proxy-Authorization headers in any rendering: "Authorization: Bearer x",
 # "'Authorization': 'Bearer x'", "authorization=Basic x".
 _AUTH_HEADER_RE = re.compile(
@@ -113,6 +148,8 @@ def redact(text: object, *, extra_secrets: Iterable[str] = ()) -> str:
         out = out.replace(secret, MASK)
     out = _QUERY_RE.sub(lambda m: m["lead"] + MASK, out)
     out = _USERINFO_RE.sub(lambda m: m["lead"] + MASK, out)
+    out = _KEY_VALUE_RE.sub(lambda m: m["lead"] + MASK, out)
+    out = _COOKIE_RE.sub(lambda m: m["lead"] + MASK, out)
     out = _AUTH_HEADER_RE.sub(lambda m: m["lead"] + MASK, out)
     out = _BEARER_RE.sub(lambda m: m["lead"] + MASK, out)
     out = _HF_TOKEN_RE.sub(MASK, out)

@@ -71,6 +71,12 @@ GOOD_SOURCES = {
     f"hf:o/r/.hidden/x..y@{REV}": ParsedSource(
         "hf", f"hf:o/r/.hidden/x..y@{REV}", repo="o/r", path=".hidden/x..y", revision=REV
     ),
+    # "@" after the host, and parameters that only look like secret ones, are fine.
+    "https://example.com/models/v@2/x.safetensors?tokens=1&keyword=a": ParsedSource(
+        "https",
+        "https://example.com/models/v@2/x.safetensors?tokens=1&keyword=a",
+        url="https://example.com/models/v@2/x.safetensors?tokens=1&keyword=a",
+    ),
 }
 
 BAD_SOURCES = {
@@ -99,6 +105,11 @@ BAD_SOURCES = {
     "file:///abs/x": "file:// URL",
     "ftp://example.com/x": "unknown source scheme 'ftp'",
     "models/x.safetensors": "no source scheme",
+    "https://user:pw@example.com/x.safetensors": "user:password@ part",
+    "https://user@example.com/x.safetensors": "user:password@ part",
+    "https://example.com/x.safetensors?token=abc123": "query parameter 'token'",
+    "https://example.com/x?download=1&API_KEY=abc123": "query parameter 'API_KEY'",
+    "https://s3.example.com/b/x?X-Amz-Credential=a&X-Amz-Signature=b": "query parameter 'X-Amz-Credential'",
 }
 
 
@@ -113,6 +124,7 @@ def test_parse_source_rejects_with_reason_and_fix(text):
         parse_source(text)
     assert isinstance(info.value, SourceError)
     assert info.value.hint  # every rejection says how to write it
+    assert "pw" not in str(info.value) and "abc123" not in str(info.value)  # nor repeats a credential
 
 
 @pytest.mark.parametrize("text", [*GOOD_SOURCES, *BAD_SOURCES])

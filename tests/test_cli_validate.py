@@ -219,6 +219,18 @@ REJECTED: list[tuple[str, Callable[[dict], None], str, str]] = [
         "list",
     ),
     ("source-missing", lambda d: lora(d).pop("source"), "loras[0].source", "required key 'source'"),
+    (
+        "source-userinfo",
+        lambda d: lora(d).__setitem__("source", "https://me:s3cr3t-pw@example.com/x.safetensors"),
+        "loras[0].source",
+        "user:password@ part",
+    ),
+    (
+        "source-token",
+        lambda d: lora(d).__setitem__("source", "https://example.com/x.safetensors?token=s3cr3t-tok"),
+        "loras[0].source",
+        "secret-looking query parameter 'token'",
+    ),
 ]
 
 
@@ -240,6 +252,7 @@ def test_rejected_case_exits_1_naming_the_path(tmp_path, edit, path, text):
     assert all("(fix: " in line for line in lines), output
     assert re.search(r"invalid: \d+ errors?", output)
     assert_no_pydantic_leak(output)
+    assert "s3cr3t" not in output  # a rejected credential is not printed back
 
 
 def test_invalid_json_names_line_and_column(tmp_path):

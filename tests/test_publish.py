@@ -7,10 +7,13 @@ The end-to-end tests over a built project (distributed build, publish, gc) are i
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
+import re
 import shutil
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -149,10 +152,93 @@ def test_release_list_and_rollback_commands(tmp_path):
     assert "error [no_such_release]" in bad.output
 
 
+def test_a_corrupt_release_file_is_an_error_naming_its_key(tmp_path):
+    store = pub.LocalStore(tmp_path / "remote")
+    folder = put_folder(store, {"a": b"a"})
+    pub.write_release(store, release_of("main", "20260101T000000Z", alpha=folder))
+    store.write(history_key("main", "20260102T000000Z"), b'{"channel": "main"}')  # truncated upload
+    with pytest.raises(pub.PublishError, match=r"releases/main/20260102T000000Z\.json: not a valid") as exc:
+        pub.release_history(store, "main")
+    assert exc.value.code == "bad_release" and "delete it from the remote" in str(exc.value)
+    store.write(release_key("main"), b"not json")
+    with pytest.raises(pub.PublishError, match=r"releases/main\.json: not a valid.*rollback") as exc:
+        pub.current_releases(store)
+    assert exc.value.code == "bad_release" and "\n" not in str(exc.value)
+
+
 def test_channel_names_are_checked():
     with pytest.raises(pub.PublishError, match="lowercase letters") as exc:
         pub.rollback(pub.LocalStore(Path("/nonexistent")), "../etc", "x")
     assert exc.value.code == "bad_channel"
+
+
+# ------------------------------------------------------------------- a merge whose check failed
+
+
+# A two-stage pipeline shaped like the real one (merge@<id> writes the model, verify@<id> checks it), with
+# shell commands so it runs in a second; verify passes only while the file `ok` exists.
+TINY_PIPELINE = """\
+stages:
+  merge:
+    foreach: [alpha]
+    do:
+      cmd: mkdir -p artifacts/models/${item} && echo w > artifacts/models/${item}/w
+      outs:
+        - artifacts/models/${item}
+  verify:
+    foreach: [alpha]
+    do:
+      cmd: test -f ok && mkdir -p artifacts/verify/${item} && echo 1 > artifacts/verify/${item}/metrics.json
+      deps:
+        - artifacts/models/${item}
+      metrics:
+        - artifacts/verify/${item}/metrics.json
+"""
+
+
+def tiny_project(tmp_path: Path) -> Path:
+    project = tmp_path / "project"
+    (project / ".dvc").mkdir(parents=True)
+    remote = tmp_path / "remote"
+    (project / ".dvc/config").write_text(
+        f"[core]\n    no_scm = True\n    remote = local\n['remote \"local\"']\n    url = {remote}\n"
+    )
+    (project / "dvc.yaml").write_text(TINY_PIPELINE)
+    (project / "templates.json").write_text(json.dumps({"templates": {"alpha": {}}}))
+    return project
+
+
+def test_print_changed_templates_prints_the_json_list_ci_reads(tmp_path, capsys):
+    project = tiny_project(tmp_path)
+    (project / "ok").write_text("")
+    assert pub.run_dvc(project, "repro").returncode == 0
+    pub.print_changed_templates(project)
+    assert json.loads(capsys.readouterr().out) == []
+    (project / "dvc.yaml").write_text(TINY_PIPELINE.replace("echo w >", "echo w2 >"))
+    pub.print_changed_templates(project)
+    assert json.loads(capsys.readouterr().out) == ["alpha"]
+
+
+def test_publish_refuses_a_template_whose_verify_failed(tmp_path):
+    project = tiny_project(tmp_path)
+    failed = pub.run_dvc(project, "repro")
+    assert failed.returncode != 0  # verify@alpha failed, yet DVC has locked merge@alpha
+    assert "merge@alpha" in pub.read_lock(project)["stages"]
+    assert pub.stale_templates(project, ["alpha"]) == []
+
+    with pytest.raises(pub.PublishError, match=r"alpha not verified.*dvc repro verify@alpha") as exc:
+        pub.publish(project, do_push=False)
+    assert exc.value.code == "unverified"
+    assert not (tmp_path / "remote" / "releases").exists()
+
+    (project / "ok").write_text("")
+    assert pub.run_dvc(project, "repro").returncode == 0
+    assert pub.unverified_templates(project, ["alpha"]) == []
+    # A verify entry that no longer matches the model (rebuilt after the check) is refused too.
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    lock["stages"]["verify@alpha"]["deps"][0]["md5"] = "0" * 32 + ".dir"
+    (project / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert pub.unverified_templates(project, ["alpha"]) == ["alpha"]
 
 
 # ----------------------------------------------------------------------------- S3 errors, one line
@@ -226,6 +312,44 @@ def test_s3_store_round_trip_under_a_prefix(s3_server, s3_bucket, clean_aws_env,
     store.delete([object_key(hashlib.md5(b"a").hexdigest())])
     assert pub.missing_objects(store, [folder]) == [object_key(hashlib.md5(b"a").hexdigest())]
     assert store.read(release_key("nope")) is None
+
+
+class PartialDeleteHandler(http.server.BaseHTTPRequestHandler):
+    """An S3 endpoint whose DeleteObjects refuses every key, answering 200 as S3 does in Quiet mode."""
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+        keys = re.findall(r"<Key>([^<]+)</Key>", body)
+        errors = "".join(
+            f"<Error><Key>{k}</Key><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+            for k in keys
+        )
+        answer = (
+            '<?xml version="1.0" encoding="UTF-8"?>'
+            f'<DeleteResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">{errors}</DeleteResult>'
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_s3_delete_reports_the_keys_the_remote_refused(clean_aws_env, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-used-secret")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PartialDeleteHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        store = pub.S3Store(s3_remote("models", f"http://127.0.0.1:{server.server_port}"))
+        with pytest.raises(pub.PublishError, match=r"could not delete 2 objects: fuseline/files/") as exc:
+            store.delete(["files/md5/aa/b", "files/md5/cc/d"])
+    finally:
+        server.shutdown()
+    assert exc.value.code == "delete_failed" and "AccessDenied" in str(exc.value)
 
 
 # ---------------------------------------------------------------------- what CI's matrix would build
@@ -324,8 +448,11 @@ def test_main_workflow_builds_each_template_then_restores_and_publishes():
         assert any(s.get("run") == "make setup" for s in job["steps"])
     # Credentials come from repository secrets only.
     assert flow["env"]["AWS_SECRET_ACCESS_KEY"] == "${{ secrets.AWS_SECRET_ACCESS_KEY }}"
-    # The command the plan job runs exists.
-    assert callable(pub.print_changed_templates)
+    # Every secret and variable the workflow reads is listed in the docs for the repository settings.
+    text = (WORKFLOWS / "main.yml").read_text()
+    settings = (REPO / "docs" / "publishing.md").read_text().split("## CI", 1)[1].split("\n## ", 1)[0]
+    for name in re.findall(r"\$\{\{\s*(?:secrets|vars)\.(\w+)", text):
+        assert f"`{name}`" in settings, name
 
 
 def test_committed_dvc_config_has_the_remotes_and_no_secrets(tmp_path):

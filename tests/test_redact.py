@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import logging
+import subprocess
+import sys
 
 import pytest
 
@@ -32,6 +34,18 @@ def _secrets(monkeypatch):
         ("token hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345 leaked", "hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345"),
         ("secret wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY in a message", "wJalrXUtnFEMI/K7MDENG"),
         (f"plain {KEY} in a sentence", KEY),
+        ('{"token": "tok-0123456789abcdef", "name": "x"}', "tok-0123456789abcdef"),
+        ("{'api_key': 'ak-0123456789abcdef'}", "ak-0123456789abcdef"),
+        ('{"API_KEY":"ak-0123456789abcdef"}', "ak-0123456789abcdef"),
+        ("[default]\naws_secret_access_key = cfgSecret0123/abc+def\nregion = us-east-1", "cfgSecret0123"),
+        ("aws_session_token=FwoGZXIvYXdzEJr0123", "FwoGZXIvYXdzEJr0123"),
+        ("X-Amz-Security-Token: IQoJb3JpZ2luX2VjEJr0123", "IQoJb3JpZ2luX2VjEJr0123"),
+        ("{'x-amz-security-token': 'IQoJb3JpZ2luX2VjEJr0123'}", "IQoJb3JpZ2luX2VjEJr0123"),
+        ("Cookie: session=s3ss10nvalue; csrftoken=c5rfvalue\nAccept: */*", "c5rfvalue"),
+        ("Cookie: session=s3ss10nvalue; csrftoken=c5rfvalue\nAccept: */*", "s3ss10nvalue"),
+        ("{'Set-Cookie': 'sid=s1dvalue123; Path=/'}", "s1dvalue123"),
+        ("https://user:p@ssw0rdtail@host.test/x", "ssw0rdtail"),
+        ("https://me@corp.example:hunter2pass@host.test/x", "hunter2pass"),
     ],
 )
 def test_secrets_are_masked(text, secret):
@@ -39,8 +53,16 @@ def test_secrets_are_masked(text, secret):
     assert secret not in out and MASK in out
 
 
-def test_ordinary_text_is_left_alone():
-    text = "GET https://example.com/models/a.safetensors?download=true&type=Model 200 (3.2 MiB/s)"
+@pytest.mark.parametrize(
+    "text",
+    [
+        "GET https://example.com/models/a.safetensors?download=true&type=Model 200 (3.2 MiB/s)",
+        '{"key": "loras/style.safetensors", "max_tokens": 77, "tokenizer": "clip"}',
+        "https://host.test:8443/models/v@2/x.safetensors",
+        "Accept: */*\nAccept-Encoding: identity",
+    ],
+)
+def test_ordinary_text_is_left_alone(text):
     assert redact(text) == text
 
 
@@ -86,3 +108,24 @@ def test_install_redaction_is_idempotent():
         assert first is second and handler.filters.count(first) == 1
     finally:
         logger.removeHandler(handler)
+
+
+def test_fuseline_lock_redacts_what_the_sources_log_on_stderr(tmp_path):
+    # A fresh interpreter: the root logger starts with no handlers, as in a real `fuseline lock`.
+    script = (
+        "import logging\n"
+        "from fuseline.cli import app\n"
+        "from fuseline.redact import register_secret\n"
+        "try:\n"
+        "    app(['lock', 'missing.json'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "register_secret('a-key-read-from-a-file-123')\n"
+        "logging.getLogger('fuseline.sources').warning('retrying with a-key-read-from-a-file-123')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert "no such file" in proc.stdout
+    assert f"fuseline.sources: retrying with {MASK}" in proc.stderr
+    assert "a-key-read-from-a-file-123" not in proc.stderr

@@ -229,9 +229,11 @@ def download(
     progress: bool | None = None,
     progress_interval: float = 10.0,
     sleep: Callable[[float], None] = time.sleep,
+    _from_scratch: bool = False,
 ) -> DownloadResult:
     """Download `url` to `dest` through `.<name>.part` beside it; rename into place only if the bytes'
-    sha256 equals `sha256` (when given). A wrong hash removes the partial file and raises.
+    sha256 equals `sha256` (when given). A wrong hash removes the partial file and raises; after a
+    resumed transfer it first downloads the whole file once more (the resumed prefix may be stale).
 
     `url` may be a callable returning a fresh URL per attempt (presigned S3 URLs expire). `auth_hint`
     is appended to 401/403 and login-wall errors ("set CIVITAI_API_KEY ..."). `headers` may carry an
@@ -240,11 +242,25 @@ def download(
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     policy = policy or RetryPolicy.from_env()
+    label = label or dest.name
+    make_url = url if callable(url) else (lambda: url)
+
+    def url_of() -> str:
+        # A presigning callable (boto3) can fail on its own: no credentials, a bad key or region.
+        try:
+            return make_url()
+        except SourceError:
+            raise
+        except Exception as exc:
+            raise SourceError(
+                "URL_FAILED",
+                f"{label}: could not build the download URL: {type(exc).__name__}: {exc}; check the "
+                "source and its credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)",
+            ) from None
+
+    first_url = redact(url_of())
     own_session = session is None
     session = session or new_session()
-    url_of = url if callable(url) else (lambda: url)
-    first_url = redact(url_of())
-    label = label or dest.name
     expected = sha256.lower() if sha256 else None
     part, meta_path = part_path(dest), _part_meta_path(dest)
     # What the partial file belongs to: the pinned hash, or the URL without its (secret) query.
@@ -263,6 +279,12 @@ def download(
         while True:
             attempts += 1
             offset = part.stat().st_size if part.exists() else 0
+            if offset and not validator:
+                # Without an ETag or Last-Modified there is no If-Range, and a server whose file changed
+                # would answer the Range with 206 and the new bytes, spliced after the old prefix.
+                log.info("%s: the server gave no ETag/Last-Modified to resume against; starting over", label)
+                _truncate(part)
+                offset, hasher, hashed = 0, None, 0
             if hasher is None or hashed != offset:
                 # Resume: the prefix already on disk goes through the same hash as the new bytes.
                 hasher, hashed = _sha256_of_file(part) if offset else hashlib.sha256(), offset
@@ -426,6 +448,23 @@ def download(
     size = hashed
     if expected and digest != expected:
         _remove(part, meta_path)
+        if resumed and not _from_scratch:
+            # The kept prefix may come from an older upload that a reused validator did not reveal.
+            log.warning("%s: sha256 mismatch after resuming; downloading the whole file again", label)
+            return download(
+                url,
+                dest,
+                sha256=sha256,
+                headers=headers,
+                auth_hint=auth_hint,
+                label=label,
+                policy=policy,
+                session=None if own_session else session,
+                progress=progress,
+                progress_interval=progress_interval,
+                sleep=sleep,
+                _from_scratch=True,
+            )
         raise SourceError(
             "SHA256_MISMATCH",
             f"{label}: downloaded {size} bytes from {first_url} with sha256 {digest}, but the catalog pins "

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from fuseline.catalog import Catalog, ParsedSource, Source, parse_source
@@ -81,13 +84,29 @@ def _fetch_remote(
         # Unpinned (the catalog warns): download under a name derived from the source string, hash it,
         # then file it under its hash. Every fetch of an unpinned source downloads again.
         incoming = cache.root / "incoming" / hashlib.sha256(parsed.raw.encode()).hexdigest()[:32]
-        result = get(incoming, None)
-        with cache.locked(result.sha256) as target:
-            os.replace(incoming, target)
-            cache.write_sidecar(result.sha256, source=parsed.raw, url=parsed.url or "")
+        # Two stages fetching the same unpinned source would write the same .part file: one at a time,
+        # as DownloadCache.locked does for pinned ones.
+        with _flocked(incoming.with_name(incoming.name + ".lock")):
+            result = get(incoming, None)
+            with cache.locked(result.sha256) as target:
+                os.replace(incoming, target)
+                cache.write_sidecar(result.sha256, source=parsed.raw, url=parsed.url or "")
         path = target
     check_pickle_policy(path, allow_pickle=allow_pickle, source=parsed.raw)
     return path
+
+
+@contextlib.contextmanager
+def _flocked(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `lock_path` (created if missing; left in place, it is empty)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def source_from_text(text: str, *, sha256: str | None = None, allow_pickle: bool = False) -> Source:

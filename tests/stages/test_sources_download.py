@@ -237,3 +237,88 @@ def test_a_token_in_a_broken_url_does_not_leak(tmp_path):
     with pytest.raises(SourceError) as info:
         download("http://127.0.0.1:99999/x?token=supersecret123", tmp_path / "m", policy=FAST)
     assert "supersecret123" not in str(info.value) and "token=***" in str(info.value)
+
+
+def _serve_bytes(srv, prefix: str, state: dict, etag: str | None = None) -> None:
+    """A route that serves `state["data"]` with Range support, and an ETag only when one is given (and
+    then the same one whatever the bytes: a server that does not notice its file changed)."""
+
+    def handler(req):
+        data = state["data"]
+        headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
+        if etag:
+            headers["ETag"] = etag
+        if req.range:
+            first = int(req.range.removeprefix("bytes=").rstrip("-"))
+            headers["Content-Range"] = f"bytes {first}-{len(data) - 1}/{len(data)}"
+            return Response(206, headers, data[first:])
+        return Response(200, headers, data)
+
+    srv.add_route(prefix, handler)
+
+
+def test_no_validator_means_no_resume_so_a_changed_file_is_not_spliced(tmp_path, http_server):
+    (tmp_path / "www").mkdir()
+    srv = http_server(tmp_path / "www")
+    state = {"data": safetensors_bytes(SIZE, seed=1)}
+    _serve_bytes(srv, "/plain/", state)
+    url, dest = srv.url("plain/model.safetensors"), tmp_path / "out" / "model.safetensors"
+    srv.cut_next(1_000_000)
+    with pytest.raises(SourceError):
+        download(url, dest, policy=RetryPolicy(max_attempts=1))
+    assert part_path(dest).stat().st_size > 0
+    state["data"] = new = safetensors_bytes(SIZE, seed=2)  # the upload changes between runs
+    srv.clear_requests()
+
+    result = download(url, dest, policy=FAST)  # unpinned, and no ETag/Last-Modified to send as If-Range
+
+    assert dest.read_bytes() == new and result.resumed_from == []
+    assert [(r.range, r.status) for r in srv.requests] == [(None, 200)]
+
+
+def test_sha256_mismatch_after_a_resume_downloads_once_more_from_zero(tmp_path, http_server):
+    (tmp_path / "www").mkdir()
+    srv = http_server(tmp_path / "www")
+    state = {"data": safetensors_bytes(SIZE, seed=1)}
+    _serve_bytes(srv, "/cdn/", state, etag='"v1"')
+    url, dest = srv.url("cdn/model.safetensors"), tmp_path / "out" / "model.safetensors"
+    new = safetensors_bytes(SIZE, seed=2)
+    sha = hashlib.sha256(new).hexdigest()
+    srv.cut_next(1_000_000)
+    with pytest.raises(SourceError):
+        download(url, dest, sha256=sha, policy=RetryPolicy(max_attempts=1))
+    state["data"] = new  # changed behind the same ETag: the resumed file is old prefix + new tail
+    srv.clear_requests()
+
+    result = download(url, dest, sha256=sha, policy=FAST)
+
+    assert dest.read_bytes() == new and result.sha256 == sha
+    assert [r.status for r in srv.requests] == [206, 200]
+    assert srv.requests[0].range and srv.requests[1].range is None
+    # A wrong pin still fails after the one fresh try, leaving nothing behind.
+    srv.clear_requests()
+    dest.unlink()
+    srv.cut_next(1_000_000)
+    with pytest.raises(SourceError):
+        download(url, dest, sha256="0" * 64, policy=RetryPolicy(max_attempts=1))
+    with pytest.raises(SourceError) as info:
+        download(url, dest, sha256="0" * 64, policy=FAST)
+    assert info.value.code == "SHA256_MISMATCH"
+    assert [r.status for r in srv.requests] == [200, 206, 200]
+    assert _leftovers(dest.parent) == []
+
+
+def test_a_failing_url_callable_is_a_source_error(tmp_path):
+    def presign() -> str:
+        from botocore.exceptions import NoCredentialsError
+
+        raise NoCredentialsError()
+
+    dest = tmp_path / "out" / "model.safetensors"
+    with pytest.raises(SourceError) as info:
+        download(presign, dest, policy=FAST, label="s3://bucket/model.safetensors")
+    assert info.value.code == "URL_FAILED"
+    assert "s3://bucket/model.safetensors: could not build the download URL: NoCredentialsError" in str(
+        info.value
+    )
+    assert _leftovers(dest.parent) == []

@@ -7,14 +7,20 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from fuseline.catalog import load_catalog
+from fuseline.catalog import load_catalog, parse_source
 from fuseline.testing.civitai import CivitaiServer, safetensors_bytes
+from fuseline.testing.servers import Response
 from stages.fetch import fetch_source, place
 from stages.runtime import StageError
+from stages.sources.cache import DownloadCache
+from stages.sources.download import RetryPolicy, download
+from stages.sources.resolve import _fetch_remote
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,3 +100,44 @@ def test_module_entry_point(project):
         cwd=root, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode == 1 and "SOURCE_NOT_IN_CATALOG" in bad.stderr
+
+
+def test_concurrent_fetches_of_one_unpinned_source_take_turns(tmp_path, http_server):
+    (tmp_path / "www").mkdir()
+    srv = http_server(tmp_path / "www")
+    data = safetensors_bytes(200_000, seed=3)
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def slow(req):  # long enough that two unlocked downloads overlap on the same .part file
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.4)
+        with lock:
+            active[0] -= 1
+        return Response(200, {"Content-Type": "application/octet-stream"}, data)
+
+    srv.add_route("/lora/", slow)
+    parsed = parse_source("https://models.example/lora/x.safetensors")  # the incoming/ name comes from it
+    cache = DownloadCache(tmp_path / "cache")
+    policy = RetryPolicy(total_seconds=10, backoff_base=0.05, connect_timeout=2, read_timeout=5)
+
+    def get(dest, pin):  # the real downloader, against the plain-http test server
+        return download(srv.url("lora/x.safetensors"), dest, sha256=pin, policy=policy)
+
+    paths, errors = [], []
+
+    def run():
+        try:
+            paths.append(_fetch_remote(parsed, None, False, cache, get))
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == [] and len(paths) == 2
+    assert peak[0] == 1 and len(srv.requests) == 2
+    assert paths[0] == paths[1] and paths[0].read_bytes() == data
