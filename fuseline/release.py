@@ -17,6 +17,8 @@ from pathlib import PurePosixPath
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fuseline.catalog import ID_PATTERN
+
 RELEASE_FORMAT = 1
 MD5_DIR_PATTERN = re.compile(r"^[0-9a-f]{32}\.dir$")
 MD5_PATTERN = re.compile(r"^[0-9a-f]{32}$")
@@ -78,6 +80,18 @@ class Release(_Frozen):
     created: str = Field(description=f"UTC time of publishing, {TIMESTAMP_FORMAT}; names the history copy.")
     git_commit: str | None = None
     templates: dict[str, ReleasedTemplate]
+
+    @field_validator("templates")
+    @classmethod
+    def _template_ids(cls, value: dict[str, ReleasedTemplate]) -> dict[str, ReleasedTemplate]:
+        # Sync joins these keys into volume paths (models/<id>, locks/<id>.lock): only catalog ids pass.
+        bad = [key for key in value if not re.match(ID_PATTERN, key)]
+        if bad:
+            raise ValueError(
+                f"template ids {bad!r} are not catalog ids (pattern {ID_PATTERN}: lowercase letters, digits "
+                "and inner dashes); republish the release from templates.json"
+            )
+        return value
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"

@@ -155,6 +155,24 @@ def resolve_parameters(
     """Request values first, then the template's defaults (which carry the global ones), then a seed."""
     width = request.width if request.width is not None else defaults.width
     height = request.height if request.height is not None else defaults.height
+    # The catalog allows any multiple of 8; this worker serves multiples of 64 within its size limits:
+    # a template default outside them is the template's fault, named as such (the request is fine).
+    from_defaults = [name for name in ("width", "height") if getattr(request, name) is None]
+    for name in from_defaults:
+        value = getattr(defaults, name)
+        if value % SIZE_MULTIPLE or not settings.min_size <= value <= MAX_SIZE:
+            raise ModelInvalid(
+                f"template {template_id!r}: fuseline.json defaults.{name} {value} is not a size this worker "
+                f"serves (a multiple of {SIZE_MULTIPLE} between {settings.min_size} (FUSELINE_MIN_SIZE) and "
+                f"{MAX_SIZE}); fix the template's defaults in templates.json, or pass {name} in the request"
+            )
+    if from_defaults and width * height > settings.max_pixels:
+        raise ModelInvalid(
+            f"template {template_id!r}: {width}x{height} (defaults.{' and defaults.'.join(from_defaults)} of "
+            f"its fuseline.json) = {width * height} pixels exceeds this worker's budget of "
+            f"{settings.max_pixels} (FUSELINE_MAX_PIXELS); pass width and height in the request, or fix the "
+            "template's defaults in templates.json"
+        )
     if width * height > settings.max_pixels:
         raise InvalidInput(
             f"1 problem(s): width x height: {width}x{height} = {width * height} pixels exceeds the budget of "

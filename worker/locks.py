@@ -65,6 +65,11 @@ def _token(text: str | None) -> str | None:
         return None
 
 
+# Reads of the lock file that must fail in a row before the holder counts its lock as lost: a network
+# filesystem can fail one read (ESTALE, EIO, a rename seen half-way) without anyone taking the lock.
+READ_ATTEMPTS = 4
+
+
 class VolumeLock:
     """`with VolumeLock(path): ...` holds the lock file at `path` for the block, heartbeating."""
 
@@ -154,21 +159,36 @@ class VolumeLock:
 
     # -- holding
 
+    def _holds(self) -> bool:
+        """Whether the lock file names our token. Another token is a definite answer; an unreadable or
+        missing file is retried a few times (short pauses, well inside `stale_after`) before counting."""
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                token = _token(_read(self.path))
+            except OSError:
+                token = None
+            if token is not None:
+                return token == self.token
+            if attempt < READ_ATTEMPTS - 1:
+                time.sleep(self.heartbeat / 8)
+        return False
+
     def _beat(self) -> None:
         beat = 0
         while not self._stop.wait(self.heartbeat):
             beat += 1
-            if _token(_read(self.path)) != self.token:
+            if not self._holds():
                 self._lost = True
                 return
             tmp = self.path.with_name(f"{self.path.name}.beat.{self.token}")
-            tmp.write_text(_owner_text(self.token, beat), encoding="utf-8")
-            # Replace, not rewrite in place: a reader never sees a half-written owner record.
-            os.replace(tmp, self.path)
+            with contextlib.suppress(OSError):  # a failed write is retried at the next beat
+                tmp.write_text(_owner_text(self.token, beat), encoding="utf-8")
+                # Replace, not rewrite in place: a reader never sees a half-written owner record.
+                os.replace(tmp, self.path)
 
     def check(self) -> None:
         """Raise LockLost if another process took the lock over (our heartbeat stalled)."""
-        if self._lost or _token(_read(self.path)) != self.token:
+        if self._lost or not self._holds():
             self._lost = True
             raise LockLost(
                 f"{self.path}: lock taken over by another process (this one was silent for over "

@@ -22,6 +22,7 @@ from fuseline.catalog import Defaults
 from fuseline.manifest import MANIFEST_NAME, ManifestError, ModelManifest
 from worker.errors import ModelInvalid, UnknownTemplate
 from worker.settings import WorkerSettings
+from worker.volume import Lease, Volume
 
 # Pipeline components whose weights count toward the cache budget.
 _WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -44,10 +45,18 @@ class LoadedTemplate:
     scheduler_config: dict[str, Any]
     nbytes: int
     load_ms: float
+    # The reader lease on the version folder loaded from, held while the pipeline is cached (released
+    # by PipelineCache on eviction): diffusers may open files lazily, so sync must not delete it.
+    lease: Lease | None = None
 
     @property
     def template_id(self) -> str:
         return self.folder.template_id
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
 
 
 def available_templates(settings: WorkerSettings) -> list[str]:
@@ -84,9 +93,12 @@ def read_manifest(path: Path) -> tuple[ModelManifest, Defaults]:
     return manifest, manifest.defaults or Defaults()
 
 
-def check_template_folder(settings: WorkerSettings, template_id: str) -> TemplateFolder:
-    """The folder for `template_id`, refused unless its manifest names that template (and spec hash)."""
-    path = settings.models_dir / template_id
+def check_template_folder(
+    settings: WorkerSettings, template_id: str, path: Path | None = None
+) -> TemplateFolder:
+    """The folder for `template_id` (default `models/<id>`; `path`: a leased version folder of it), refused
+    unless its manifest names that template (and spec hash)."""
+    path = path or settings.models_dir / template_id
     if not path.is_dir():
         available = available_templates(settings)
         raise UnknownTemplate(
@@ -126,10 +138,34 @@ def folder_weight_bytes(path: Path, bytes_per_value: int = 2) -> int:
 
 def load_template(settings: WorkerSettings, template_id: str, device: str | None = None) -> LoadedTemplate:
     """Check the folder and load its pipeline on `device` (fp16 on CUDA, fp32 elsewhere)."""
+    lease = None
+    link = settings.models_dir / template_id
+    if link.is_symlink() and link.is_dir():
+        # A synced version: lease it so sync's garbage collection spares it while loading and while the
+        # pipeline is cached; load from the version folder itself, not the link a sync may switch.
+        lease = Lease(Volume(settings.volume), template_id)
+        try:
+            path: Path | None = lease.acquire()
+        except (OSError, RuntimeError) as exc:
+            raise ModelInvalid(f"template {template_id!r}: cannot lease {link}: {exc}") from None
+    else:
+        path = None  # a plain folder (placed by hand): sync never deletes it
+    try:
+        loaded = _load(settings, template_id, check_template_folder(settings, template_id, path), device)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    loaded.lease = lease
+    return loaded
+
+
+def _load(
+    settings: WorkerSettings, template_id: str, folder: TemplateFolder, device: str | None
+) -> LoadedTemplate:
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    folder = check_template_folder(settings, template_id)
     device = device or default_device(settings)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     started = time.perf_counter()
@@ -222,6 +258,7 @@ class PipelineCache:
         if not self._entries:
             return None
         template_id, entry = self._entries.popitem(last=False)
+        entry.release()
         if self._on_evict:
             self._on_evict(entry)
         return template_id
@@ -231,6 +268,7 @@ class PipelineCache:
         dropped = [t for t in self._entries if t != keep]
         for template_id in dropped:
             entry = self._entries.pop(template_id)
+            entry.release()
             if self._on_evict:
                 self._on_evict(entry)
         return dropped

@@ -19,6 +19,8 @@ from worker.prompt_syntax import Fragment, parse_prompt_weights
 # 16 chunks = 1200 tokens: far beyond what a 4000-character prompt needs with the real CLIP vocab
 # (about 4 characters per token); a limit so a pathological prompt cannot make attention explode.
 MAX_CHUNKS = 16
+# Emphasis weights beyond this are capped (A1111 prompts use about 0.5 to 2).
+MAX_WEIGHT = 1000.0
 
 
 @dataclass(frozen=True)
@@ -95,18 +97,31 @@ def _pad_rows(chunks: WeightedChunks, rows: int, tokenizer) -> WeightedChunks:
     )
 
 
+def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111 weighting of `hidden` (chunks, 77, d) by `weights` (chunks, 77): scale each token by its
+    weight, then restore each chunk's original mean. Done in float32 and cast back: in fp16 (CUDA) a
+    weighted value past 65504 is inf and the mean restore turns it into NaN, a black image. Weights are
+    capped at +-MAX_WEIGHT (far past any useful emphasis) so float32 stays finite too."""
+    if torch.all(weights == 1):
+        return hidden
+    h = hidden.float()
+    w = weights.to(device=h.device, dtype=torch.float32).clamp(-MAX_WEIGHT, MAX_WEIGHT)
+    original_mean = h.mean(dim=(1, 2), keepdim=True)
+    h = h * w.unsqueeze(-1)
+    new_mean = h.mean(dim=(1, 2), keepdim=True)
+    h = torch.where(new_mean != 0, h * (original_mean / new_mean), h)
+    if hidden.dtype.is_floating_point:
+        limit = torch.finfo(hidden.dtype).max
+        h = h.clamp(-limit, limit)  # a strongly weighted token saturates rather than becoming inf
+    return h.to(hidden.dtype)
+
+
 def _encode(text_encoder, chunks: WeightedChunks) -> tuple[torch.Tensor, torch.Tensor]:
     """(weighted hidden states as (1, chunks*77, d), pooled/projected output of the first chunk)."""
     device = text_encoder.device
     output = text_encoder(chunks.input_ids.to(device), output_hidden_states=True)
     hidden = output.hidden_states[-2]
-    weights = chunks.weights.to(device=device, dtype=hidden.dtype)
-    if not torch.all(weights == 1):
-        # A1111: scale tokens by weight, then restore each chunk's original mean.
-        original_mean = hidden.mean(dim=(1, 2), keepdim=True)
-        hidden = hidden * weights.unsqueeze(-1)
-        new_mean = hidden.mean(dim=(1, 2), keepdim=True)
-        hidden = torch.where(new_mean != 0, hidden * (original_mean / new_mean), hidden)
+    hidden = apply_weights(hidden, chunks.weights.to(device))
     pooled = output[0][:1] if output[0].ndim == 2 else None
     return hidden.reshape(1, -1, hidden.shape[-1]), pooled
 

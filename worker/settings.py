@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -82,10 +83,19 @@ def load_settings(env: Mapping[str, str] | None = None) -> WorkerSettings:
     if min_size % 64 or min_size > MAX_SIZE:
         raise SettingsError(f"FUSELINE_MIN_SIZE={min_size} must be a multiple of 64 and at most {MAX_SIZE}")
     vram_gb = env.get("FUSELINE_VRAM_BUDGET_GB", "").strip()
-    try:
-        vram = int(float(vram_gb) * 1024**3) if vram_gb else None
-    except ValueError:
-        raise SettingsError(f"FUSELINE_VRAM_BUDGET_GB={vram_gb!r} is not a number") from None
+    vram = None
+    if vram_gb:
+        try:
+            gb = float(vram_gb)
+        except ValueError:
+            raise SettingsError(f"FUSELINE_VRAM_BUDGET_GB={vram_gb!r} is not a number") from None
+        # inf would overflow int() and crash the start; zero, negative or NaN would evict everything.
+        if not math.isfinite(gb) or gb <= 0:
+            raise SettingsError(
+                f"FUSELINE_VRAM_BUDGET_GB={vram_gb!r} must be a finite number of GiB above 0 "
+                "(e.g. 20); unset it for no budget"
+            )
+        vram = int(gb * 1024**3)
     return WorkerSettings(
         volume=Path(env.get("FUSELINE_VOLUME", "").strip() or DEFAULT_VOLUME),
         default_template=env.get("FUSELINE_DEFAULT_TEMPLATE", "").strip() or None,

@@ -37,6 +37,7 @@ from worker.remote import (
     read_release,
 )
 from worker.volume import (
+    OBJECT_GRACE,
     Entry,
     ListingUnsafe,
     Volume,
@@ -134,6 +135,7 @@ class _Ctx:
     workers: int
     lock_stale_after: float
     lock_timeout: float | None
+    object_grace: float = OBJECT_GRACE
 
 
 # ------------------------------------------------------------------------------------------ fetching
@@ -170,12 +172,21 @@ def _read_journal(volume: Volume, md5: str, size: int, part_size: int) -> set[in
 
 
 def _done_parts(volume: Volume, md5: str, size: int, part_size: int) -> set[int]:
-    """Finished part indices from the journal; without a usable journal, start the object over."""
+    """Finished part indices from the journal; without a usable journal, fetch every part again.
+
+    Never truncates: another template's sync (another lock) may share this partial and be hashing it
+    or moving it into the store right now; zeroing it there would store zeros under a verified md5.
+    Parts fetched again are the same bytes of the same content-addressed object, so rewriting them over
+    what is there is harmless; the file is only extended to its final size."""
     done = _read_journal(volume, md5, size, part_size)
     if done is None:
         _journal(volume, md5).write_text(f"v1 {size} {part_size}\n", encoding="ascii")
-        with open(volume.partial_path(md5), "wb") as f:
-            f.truncate(size)
+        fd = os.open(volume.partial_path(md5), os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
         return set()
     return done
 
@@ -219,20 +230,27 @@ def _fetch_part(ctx: _Ctx, md5: str, index: int, start: int, end: int) -> int:
 
 def _finish_object(ctx: _Ctx, md5: str, size: int) -> str | None:
     """Verify a fully fetched partial; store it and return None, or discard it and return its md5."""
+    # Concurrency (syncs of templates sharing this object hold different locks): the journal goes only
+    # after the partial has moved into the store, so while it still sits under partial/ a concurrent
+    # sync finds the journal and resumes (writes nothing: every part is done) instead of starting over;
+    # and starting over never truncates (see _done_parts). Between our hash and the move, the only
+    # writes another sync can make are the remote's bytes for parts it fetches, the same bytes.
     partial = ctx.volume.partial_path(md5)
     try:
         actual_size = partial.stat().st_size
         actual = _md5_file(partial)
-        with contextlib.suppress(FileNotFoundError):
-            _journal(ctx.volume, md5).unlink()
         if actual != md5 or actual_size != size:
             partial.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                _journal(ctx.volume, md5).unlink()
             return actual
         ctx.volume.commit_object(md5, partial)
     except FileNotFoundError:
         # Another template's sync fetched the same shared object and stored it first.
         if not ctx.volume.has_object(md5):
             raise
+    with contextlib.suppress(FileNotFoundError):
+        _journal(ctx.volume, md5).unlink()
     return None
 
 
@@ -244,6 +262,8 @@ def fetch_objects(ctx: _Ctx, sizes: dict[str, int], relpaths: dict[str, list[str
     for attempt in (1, 2):
         tasks: list[tuple[str, int, int, int]] = []
         for md5, size in pending.items():
+            if ctx.volume.has_object(md5):
+                continue  # stored meanwhile by another template's sync: _finish_object finds it
             if size == 0:
                 ctx.volume.partial_path(md5).write_bytes(b"")
                 continue
@@ -321,6 +341,10 @@ def _fetch_template(ctx: _Ctx, template: str, released: ReleasedTemplate, result
             )
         )
     stored = {md5: ctx.volume.object_path(md5).stat().st_size for md5 in relpaths if md5 not in sizes}
+    for md5 in stored:
+        # Reused, not yet linked: a fresh mtime keeps another template's object collection off it.
+        with contextlib.suppress(OSError):
+            os.utime(ctx.volume.object_path(md5))
     total = sum((sizes | stored)[e.md5] for e in entries)
     if total != released.size:
         raise ReleaseInvalid(
@@ -390,7 +414,11 @@ def _sync_template(ctx: _Ctx, template: str, verify: bool) -> TemplateResult:
         lock.check()
         volume.switch(template, version)
         result.status = "synced"
-    volume.collect_garbage(template)
+        # Under the lock: outside it, another worker could have built (not yet switched to) a version
+        # this would take for an old one. Old versions go once no reader lease holds them, then store
+        # objects no folder links to any more (see Volume.collect_objects for the grace period).
+        volume.collect_garbage(template)
+        volume.collect_objects(ctx.object_grace)
     return result
 
 
@@ -453,6 +481,7 @@ def sync_templates(
         workers=workers or int(_env_float("FUSELINE_SYNC_WORKERS", DEFAULT_WORKERS)),
         lock_stale_after=lock_stale_after or _env_float("FUSELINE_SYNC_LOCK_STALE", DEFAULT_STALE_AFTER),
         lock_timeout=lock_timeout,
+        object_grace=_env_float("FUSELINE_SYNC_OBJECT_GRACE", OBJECT_GRACE),
     )
     for template in wanted if wanted is not None else sorted(release.templates):
         if template not in release.templates:

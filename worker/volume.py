@@ -6,10 +6,16 @@ Layout under the volume root:
     .fuseline/partial/<md5>                   an object being downloaded (written in place by ranges)
     .fuseline/partial/<md5>.parts             which ranges of it are complete (resume journal)
     .fuseline/locks/<template>.lock           the sync lock (worker.locks)
-    models/.<id>.<dir md5>/                   one complete version: hard links into the store
-    models/.<id>.<dir md5>/.fuseline-sync.json  marker: the release hash this folder was built from
-    models/.<id>.<dir md5>.leases/            one file per reader using that version
-    models/<id> -> .<id>.<dir md5>            relative symlink: the version served
+    models/.v.<id>.<dir md5>/                 one complete version: hard links into the store
+    models/.v.<id>.<dir md5>/.fuseline-sync.json  marker: the release hash this folder was built from
+    models/.v.<id>.<dir md5>.leases/          one file per reader using that version
+    models/<id> -> .v.<id>.<dir md5>          relative symlink: the version served
+    models/.t.<id>.<uuid>/, .l.<id>.<uuid>    a version being built, a symlink about to replace <id>
+    models/.x.<...>, .r.<...>                 a folder being deleted (trash), a version being retired
+
+Bookkeeping names start with a one-letter tag and a dot: template ids (catalog ID_PATTERN, [a-z0-9-],
+validated in the release) hold no dot, so `.v.<id>.` can only be a version of that very template, never
+another template's build folder (a template called `tmp` or `trash` included).
 
 Why a symlink: a directory cannot be atomically replaced by another non-empty one (rename onto a non-empty
 directory fails), but os.replace of a symlink is one atomic rename, so `models/<id>/` is always either the
@@ -39,6 +45,14 @@ STATE_DIR = ".fuseline"
 DEFAULT_LEASE_TIMEOUT = 600.0
 # A sync's temp folder untouched this long belongs to a sync that died.
 LEFTOVER_AGE = 3600.0
+# Store objects younger than this are never collected: a concurrent sync of another template may have
+# just stored (or chosen to reuse) one and not linked it into its folder yet.
+OBJECT_GRACE = 3600.0
+VERSION_PREFIX = ".v."
+BUILD_PREFIX = ".t."
+LINK_PREFIX = ".l."
+TRASH_PREFIX = ".x."
+RETIRING_PREFIX = ".r."
 
 
 class ListingUnsafe(SyncError):
@@ -112,7 +126,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _remove_tree(path: Path) -> None:
     """Rename aside first (atomic), then delete: a crash mid-delete leaves only a `.trash` folder."""
-    trash = path.with_name(f".trash.{path.name.lstrip('.')}.{uuid.uuid4().hex[:8]}")
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name.lstrip('.')}.{uuid.uuid4().hex[:8]}")
     try:
         os.rename(path, trash)
     except FileNotFoundError:
@@ -167,7 +181,7 @@ class Volume:
         return self.models / template
 
     def version_dir(self, template: str, dir_md5: str) -> Path:
-        return self.models / f".{template}.{dir_md5.removesuffix('.dir')}"
+        return self.models / f"{VERSION_PREFIX}{template}.{dir_md5.removesuffix('.dir')}"
 
     def leases_dir(self, version: Path) -> Path:
         return version.with_name(version.name + ".leases")
@@ -199,7 +213,7 @@ class Volume:
         final = self.version_dir(template, dir_md5)
         if final.is_dir() and self.read_marker(final):
             return final
-        tmp = self.models / f".tmp.{template}.{uuid.uuid4().hex[:12]}"
+        tmp = self.models / f"{BUILD_PREFIX}{template}.{uuid.uuid4().hex[:12]}"
         tmp.mkdir(parents=True)
         try:
             for entry in entries:
@@ -226,17 +240,17 @@ class Volume:
     def switch(self, template: str, version: Path) -> None:
         """Point `models/<id>` at `version` in one atomic rename of a new symlink over the old one."""
         link = self.link_path(template)
-        tmp_link = self.models / f".link.{template}.{uuid.uuid4().hex[:12]}"
+        tmp_link = self.models / f"{LINK_PREFIX}{template}.{uuid.uuid4().hex[:12]}"
         os.symlink(version.name, tmp_link)
         if link.is_dir() and not link.is_symlink():
             # A plain folder from before versioning: move it aside as a version of its own (not atomic:
             # for a moment models/<id> is absent; this happens once per volume).
-            os.rename(link, self.models / f".{template}.legacy-{uuid.uuid4().hex[:8]}")
+            os.rename(link, self.models / f"{VERSION_PREFIX}{template}.legacy-{uuid.uuid4().hex[:8]}")
         os.replace(tmp_link, link)
         _fsync_dir(self.models)
 
     def versions(self, template: str) -> list[Path]:
-        prefix = f".{template}."
+        prefix = f"{VERSION_PREFIX}{template}."
         return [
             p
             for p in self.models.iterdir()
@@ -257,7 +271,7 @@ class Volume:
             leases = self.leases_dir(version)
             if live_leases(leases, lease_timeout):
                 continue
-            retiring = version.with_name(f".retiring{version.name}.{uuid.uuid4().hex[:8]}")
+            retiring = version.with_name(f"{RETIRING_PREFIX}{version.name[1:]}.{uuid.uuid4().hex[:8]}")
             try:
                 os.rename(version, retiring)
             except FileNotFoundError:
@@ -270,7 +284,12 @@ class Volume:
             removed.append(version)
         # Leftovers of killed syncs: build folders and half-made links old enough that no live sync
         # can still be using them, and trash a crash left mid-delete.
-        for prefix in (f".tmp.{template}.", f".link.{template}.", ".trash.", ".retiring."):
+        for prefix in (
+            f"{BUILD_PREFIX}{template}.",
+            f"{LINK_PREFIX}{template}.",
+            TRASH_PREFIX,
+            RETIRING_PREFIX,
+        ):
             for path in self.models.glob(f"{prefix}*"):
                 with contextlib.suppress(OSError):
                     if time.time() - path.lstat().st_mtime > LEFTOVER_AGE:
@@ -280,13 +299,36 @@ class Volume:
                             path.unlink()
         return removed
 
-    def collect_objects(self) -> list[Path]:
-        """Delete store objects no model folder links to any more (link count 1). Copies (no hard links)
-        make this unsafe, so it only runs on filesystems where links worked."""
+    def links_work(self) -> bool:
+        """Whether the volume takes hard links (place() falls back to copies where it does not)."""
+        probe = self.partial / f".probe.{uuid.uuid4().hex[:12]}"
+        try:
+            probe.write_bytes(b"")
+            os.link(probe, probe.with_name(probe.name + ".link"))
+        except OSError:
+            return False
+        finally:
+            for path in (probe, probe.with_name(probe.name + ".link")):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        return True
+
+    def collect_objects(self, grace: float = OBJECT_GRACE) -> list[Path]:
+        """Delete store objects no model folder links to any more (link count 1) and untouched for `grace`
+        seconds: a concurrent sync of another template (another lock) may have just stored an object, or
+        chosen to reuse one (it refreshes its mtime), and not linked it yet. Where the volume refuses hard
+        links, folders hold copies and every object has link count 1: nothing is collected there.
+        `.dir` listings are small and kept."""
+        if not self.links_work():
+            return []
         removed = []
+        now = time.time()
         for path in self.objects.glob("*/*"):
             with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_nlink == 1 and not path.name.endswith(".dir"):
+                st = path.stat()
+                # ctime too: a rename into the store or a new link updates it, mtime is the download's.
+                old = now - max(st.st_mtime, st.st_ctime) >= grace
+                if st.st_nlink == 1 and old and not path.name.endswith(".dir"):
                     path.unlink()
                     removed.append(path)
         return removed

@@ -213,3 +213,35 @@ def test_settings_from_environment(tmp_path: Path) -> None:
 def test_bad_settings_name_the_variable(env: dict[str, str], expected: str) -> None:
     with pytest.raises(ConfigInvalid, match=re.escape(expected)):
         load_settings(env)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "-5", "0"])
+def test_vram_budget_must_be_finite_and_positive(value: str) -> None:
+    with pytest.raises(ConfigInvalid, match=re.escape(f"FUSELINE_VRAM_BUDGET_GB={value!r} must be a finite")):
+        load_settings({"FUSELINE_VRAM_BUDGET_GB": value})
+    assert load_settings({"FUSELINE_VRAM_BUDGET_GB": "1.5"}).vram_budget_bytes == int(1.5 * 1024**3)
+
+
+@pytest.mark.parametrize(
+    ("defaults", "expected"),
+    [
+        ({"width": 1000}, "defaults.width 1000 is not a size this worker serves (a multiple of 64"),
+        ({"height": 328}, "defaults.height 328 is not a size this worker serves"),
+        ({"width": 2048, "height": 2048}, "exceeds this worker's budget"),
+    ],
+)
+def test_template_defaults_outside_the_workers_rules_name_the_template(defaults: dict, expected: str) -> None:
+    request = parse_input({"prompt": "a cat", "template": "wide"}, SETTINGS)
+    with pytest.raises(ModelInvalid, match=re.escape(expected)) as info:
+        resolve_parameters(request, "wide", Defaults(**defaults), SETTINGS)
+    assert "template 'wide'" in str(info.value) and "templates.json" in str(info.value)
+    # The request's own size overrides the template's default: fine.
+    explicit = parse_input({"prompt": "a cat", "template": "wide", "width": 1024, "height": 1024}, SETTINGS)
+    assert resolve_parameters(explicit, "wide", Defaults(**defaults), SETTINGS).width == 1024
+
+
+def test_template_default_below_the_workers_min_size_names_the_setting() -> None:
+    settings = WorkerSettings(default_template=None, min_size=512)
+    request = parse_input({"prompt": "a cat", "template": "small"}, settings)
+    with pytest.raises(ModelInvalid, match=re.escape("defaults.height 448 is not a size this worker serves")):
+        resolve_parameters(request, "small", Defaults(height=448), settings)

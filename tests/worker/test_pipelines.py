@@ -171,3 +171,27 @@ def test_failed_load_leaves_the_cache_unchanged(settings) -> None:
     with pytest.raises(UnknownTemplate):
         cache.get("nope")
     assert cache.loaded() == [TEMPLATE]
+
+
+def test_cached_pipeline_leases_its_version_until_evicted(
+    settings, scratch_volume: Path, volume: Path
+) -> None:
+    """A synced layout (models/tiny -> .v.tiny.<hash>): sync switching to a new version and collecting
+    garbage spares the version a cached pipeline was loaded from, until the cache drops it."""
+    from worker.volume import MARKER_NAME, Volume
+
+    vol = Volume(scratch_volume)
+    old = copy_template(volume, TEMPLATE, scratch_volume, f".v.{TEMPLATE}.{'a' * 32}")
+    new = copy_template(volume, TEMPLATE, scratch_volume, f".v.{TEMPLATE}.{'b' * 32}")
+    for version in (old, new):
+        (version / MARKER_NAME).write_text(json.dumps({"dir_md5": version.name[-32:] + ".dir"}))
+    vol.switch(TEMPLATE, old)
+    cache = PipelineCache(CountingLoader(replace(settings, volume=scratch_volume)), max_count=1)
+    entry, _ = cache.get(TEMPLATE)
+    assert entry.folder.path == old  # the version itself, not the link a sync may switch
+    assert [p.parent for p in (scratch_volume / "models").glob("*.leases/*")] == [vol.leases_dir(old)]
+    vol.switch(TEMPLATE, new)
+    assert vol.collect_garbage(TEMPLATE) == []
+    assert old.is_dir(), "sync deleted the version a cached pipeline was loaded from"
+    cache.evict_oldest()
+    assert vol.collect_garbage(TEMPLATE) == [old]

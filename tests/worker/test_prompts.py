@@ -131,3 +131,22 @@ def test_hard_limit_is_reported_not_silent(kit_pipeline) -> None:
 @pytest.mark.parametrize("prompt", ["(cat:0)", "[[[[cat]]]]", "(cat:-1)"])
 def test_extreme_weights_stay_finite(kit_pipeline, prompt: str) -> None:
     assert torch.isfinite(encode_prompts(kit_pipeline, prompt, "").prompt_embeds).all()
+
+
+def test_weighting_fp16_hidden_states_stays_finite_and_matches_fp32() -> None:
+    from worker.prompts import apply_weights
+
+    gen = torch.Generator().manual_seed(0)
+    hidden32 = torch.randn((2, 77, 16), generator=gen, dtype=torch.float32) + 0.1
+    weights = torch.ones((2, 77))
+    weights[0, 3] = 1.5
+    weights[1, 5] = 0.5
+    expected = apply_weights(hidden32, weights)
+    got = apply_weights(hidden32.half(), weights)
+    assert got.dtype == torch.float16
+    assert torch.allclose(got.float(), expected, rtol=1e-2, atol=1e-2)
+    # A weight whose product overflows fp16 (> 65504): computed in float32, never inf or NaN.
+    weights[0, 3] = 1e5
+    huge = apply_weights(hidden32.half(), weights)
+    assert torch.isfinite(huge).all()
+    assert torch.allclose(huge[1].float(), expected[1], rtol=1e-2, atol=1e-2)  # the other chunk

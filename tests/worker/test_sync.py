@@ -239,7 +239,7 @@ def test_release_update_switches_atomically_while_old_is_read(dvc_remote: DvcRem
     Volume(tmp_path).collect_garbage("tpl-a")
     assert not old_folder.exists()
     with leased(tmp_path, "tpl-a") as folder:
-        assert folder.name == f".tpl-a.{dvc_remote.a2.dir_md5.removesuffix('.dir')}"
+        assert folder.name == f".v.tpl-a.{dvc_remote.a2.dir_md5.removesuffix('.dir')}"
 
 
 # --------------------------------------------------------------------------------------- failures
@@ -467,3 +467,132 @@ def test_journal_ignores_a_line_cut_short_by_a_kill(tmp_path: Path) -> None:
     # Another part size (another configuration): the partial is started over.
     assert _done_parts(volume, md5, 10, 5) == set()
     assert (volume.partial / f"{md5}.parts").read_text() == "v1 10 5\n"
+
+
+# ------------------------------------------------------------------------------- races and cleanup
+
+
+@pytest.mark.parametrize("other_part_size", [4, 5], ids=["same-config", "other-part-size"])
+def test_partial_being_stored_is_not_zeroed_by_a_concurrent_sync(
+    tmp_path: Path, other_part_size: int
+) -> None:
+    """Sync A (template a) has hashed a shared object's partial and is about to move it into the store
+    when sync B (template b, another lock) reaches _done_parts for the same object: the stored object
+    must still have its md5."""
+    from types import SimpleNamespace
+
+    from worker.sync import _done_parts, _finish_object
+
+    volume = Volume(tmp_path)
+    volume.ensure()
+    data = bytes(range(1, 11))
+    md5 = hashlib.md5(data).hexdigest()
+    volume.partial_path(md5).write_bytes(data)
+    (volume.partial / f"{md5}.parts").write_text("v1 10 4\n0\n1\n2\n")
+    commit = volume.commit_object
+
+    def racing_commit(m: str, source: Path) -> Path:
+        _done_parts(volume, m, len(data), other_part_size)  # sync B, in the gap before the move
+        return commit(m, source)
+
+    volume.commit_object = racing_commit  # type: ignore[method-assign]
+    assert _finish_object(SimpleNamespace(volume=volume), md5, len(data)) is None  # type: ignore[arg-type]
+    assert hashlib.md5(volume.object_path(md5).read_bytes()).hexdigest() == md5
+
+
+def test_done_parts_without_journal_keeps_the_partial_bytes(tmp_path: Path) -> None:
+    from worker.sync import _done_parts
+
+    volume = Volume(tmp_path)
+    volume.ensure()
+    md5 = "e" * 32
+    volume.partial_path(md5).write_bytes(b"abcdef")
+    assert _done_parts(volume, md5, 10, 4) == set()
+    assert volume.partial_path(md5).read_bytes() == b"abcdef" + b"\0" * 4  # extended, never truncated
+
+
+def test_release_rejects_template_ids_that_are_not_catalog_ids() -> None:
+    from pydantic import ValidationError
+
+    from fuseline.release import Release, ReleasedTemplate
+
+    entry = ReleasedTemplate(
+        dir_md5="0" * 32 + ".dir", path="m", size=1, nfiles=1, spec_hash="s", checkpoint="file:x"
+    )
+    for bad in ("../../evil", "a/b", ".hidden", "Upper", ""):
+        with pytest.raises(ValidationError, match="not catalog ids"):
+            Release(channel="c", created="20260101T000000Z", templates={bad: entry})
+    assert Release(channel="c", created="20260101T000000Z", templates={"tmp": entry}).templates
+
+
+def test_template_named_tmp_does_not_collect_another_templates_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sync of template `tmp` garbage-collects while sync of `tpl-a` builds: the build folder is not a
+    version of `tmp`."""
+    import worker.volume
+    from worker.volume import Entry
+
+    volume = Volume(tmp_path)
+    volume.ensure()
+    src = volume.partial / "obj"
+    src.write_bytes(b"model")
+    md5 = hashlib.md5(b"model").hexdigest()
+    volume.commit_object(md5, src)
+    real_place = worker.volume.place
+    collected: list[Path] = []
+
+    def racing_place(source: Path, dest: Path) -> None:
+        for template in ("tmp", "link", "trash", "retiring"):
+            collected.extend(volume.collect_garbage(template))
+        real_place(source, dest)
+
+    monkeypatch.setattr(worker.volume, "place", racing_place)
+    version = volume.build_version("tpl-a", "f" * 32 + ".dir", [Entry(md5, "a/b.bin")], {"dir_md5": "x"})
+    assert collected == []
+    assert (version / "a/b.bin").read_bytes() == b"model"
+
+
+def test_update_removes_old_version_and_its_objects_keeps_shared(
+    dvc_remote: DvcRemote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FUSELINE_SYNC_OBJECT_GRACE", "0")
+    both = {"tpl-a": dvc_remote.a1.released, "tpl-b": dvc_remote.b1.released}
+    assert sync_templates(write_release(dvc_remote.local, "gc", both), tmp_path, part_size=PART).ok
+    volume = Volume(tmp_path)
+    old_version = volume.current_version("tpl-a")
+    both["tpl-a"] = dvc_remote.a2.released
+    assert sync_templates(write_release(dvc_remote.local, "gc", both), tmp_path, part_size=PART).ok
+    assert_complete(tmp_path, dvc_remote.a2)
+    assert_complete(tmp_path, dvc_remote.b1)
+    assert old_version is not None and not old_version.exists()
+    md5s = {
+        name: {md5 for _, md5 in v.files.values()}
+        for name, v in (("a1", dvc_remote.a1), ("a2", dvc_remote.a2), ("b1", dvc_remote.b1))
+    }
+    old_only = md5s["a1"] - md5s["a2"] - md5s["b1"]
+    assert dvc_remote.a1.big_md5 in old_only
+    assert not any(volume.has_object(m) for m in old_only), "objects only the old version used remain"
+    assert all(volume.has_object(m) for m in md5s["a2"] | md5s["b1"])
+
+
+def test_lock_heartbeat_survives_a_failed_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import worker.locks
+
+    real_read = worker.locks._read
+    failures = {"left": 2}
+
+    def flaky_read(path: Path) -> str | None:
+        if failures["left"] and path.suffix == ".lock":
+            failures["left"] -= 1
+            if failures["left"]:
+                return None  # as if missing for a moment (a rename seen half-way)
+            raise OSError(116, "Stale file handle")
+        return real_read(path)
+
+    with VolumeLock(tmp_path / "x.lock", heartbeat=0.05, stale_after=1.0) as lock:
+        monkeypatch.setattr(worker.locks, "_read", flaky_read)
+        time.sleep(0.4)  # several beats, the first ones meeting the failed reads
+        assert failures["left"] == 0
+        lock.check()  # still ours: no LockLost
+        assert not lock._lost
