@@ -510,8 +510,9 @@ class Catalog(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", title="fuseline templates.json")
 
     version: Literal[1] = Field(description="Catalog format version; this fuseline reads 1.")
-    vae: VaeSpec | None = Field(
-        default=None, description="VAE for every export; absent keeps each checkpoint's."
+    vae: VaeSpec = Field(
+        description="VAE for every export (for SDXL the fp16-fix VAE: exports are fp16 and SDXL's own "
+        "VAE overflows in fp16). Required: the pipeline converts it once and every merge uses it."
     )
     checkpoints: dict[Id, Checkpoint] = Field(
         description="Base checkpoints by id (converted once, shared by templates).",
@@ -675,7 +676,10 @@ def _show(value: Any) -> str:
 # What each field must be, and how to fix it, for translating pydantic's type and range errors.
 _FIELD_RULES: dict[str, tuple[str, str]] = {
     "version": ("the number 1", 'set "version": 1'),
-    "vae": ('an object like {"source": "..."}, or absent', 'write "vae": {"source": "hf:...@<revision>"}'),
+    "vae": (
+        'an object like {"source": "hf:madebyollin/sdxl-vae-fp16-fix@<revision>"} (the fp16-fix VAE)',
+        'write "vae": {"source": "hf:madebyollin/sdxl-vae-fp16-fix@<revision>"}',
+    ),
     "checkpoints": (
         "an object mapping checkpoint ids to checkpoints",
         'write "checkpoints": {"<id>": {...}}',

@@ -1,9 +1,9 @@
 """MERGE stage: fuse a template's LoRAs into its converted checkpoint and export the fp16 model folder.
 
-`python -m stages.merge <template-id>` reads `artifacts/base/<checkpoint>/` (convert stage), the VAE
-(`artifacts/vae/` from the vae stage, or the checkpoint's own when the catalog names none) and the template's
-LoRA files, and writes `artifacts/models/<template-id>/`: a diffusers SDXL folder in fp16 (variant "fp16")
-plus `fuseline.json`. It streams tensor by tensor: memory holds one output shard and the LoRA factors.
+`python -m stages.merge <template-id>` reads `artifacts/base/<checkpoint>/` (convert stage), the catalog's
+VAE (`artifacts/vae/`, vae stage; it replaces the checkpoint's) and the template's LoRA files, and writes
+`artifacts/models/<template-id>/`: a diffusers SDXL folder in fp16 (variant "fp16") plus `fuseline.json`.
+It streams tensor by tensor: memory holds one output shard and the LoRA factors.
 """
 
 from __future__ import annotations
@@ -218,10 +218,7 @@ def main(template_id: str) -> None:
     template = catalog.templates[template_id]
     checkpoint = catalog.checkpoints[template.checkpoint]
     base_dir = BASE_ROOT / template.checkpoint
-    if catalog.vae is not None:
-        vae_dir, vae_ref = VAE_DIR, VaeRef(source=catalog.vae.source, sha256=catalog.vae.sha256)
-    else:
-        vae_dir, vae_ref = base_dir / VAE, VaeRef(source="checkpoint")
+    vae_dir, vae_ref = VAE_DIR, VaeRef(source=catalog.vae.source, sha256=catalog.vae.sha256)
     identity = TemplateIdentity(
         template=template_id,
         checkpoint=CheckpointRef(id=template.checkpoint, source=checkpoint.source, sha256=checkpoint.sha256),

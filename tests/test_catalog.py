@@ -180,12 +180,13 @@ def test_minimal_catalog_gets_documented_defaults():
         dumps(
             {
                 "version": 1,
+                "vae": {"source": "file:vae"},
                 "checkpoints": {"b": {"source": "file:b"}},
                 "templates": {"t": {"checkpoint": "b"}},
             }
         )
     )
-    assert catalog.vae is None and catalog.path is None
+    assert catalog.vae.source == "file:vae" and catalog.path is None
     template = catalog.templates["t"]
     assert template.loras == []
     assert template.defaults.model_dump() == {
@@ -221,6 +222,7 @@ def test_model_validate_checks_references_too():
         Catalog.model_validate(
             {
                 "version": 1,
+                "vae": {"source": "file:vae"},
                 "checkpoints": {"b": {"source": "file:b"}},
                 "templates": {"t": {"checkpoint": "missing"}},
             }
@@ -254,10 +256,14 @@ def test_template_spec_shape():
         catalog.template_spec("nope")
 
 
-def test_template_spec_without_vae_is_none():
+def test_a_catalog_without_vae_is_refused_with_the_fix():
+    # The pipeline converts the catalog's VAE once and every merge uses it: there is no build without one.
     data = example()
     del data["vae"]
-    assert parse_catalog(dumps(data)).template_spec("cinematic")["vae"] is None
+    with pytest.raises(CatalogError) as exc:
+        parse_catalog(dumps(data))
+    assert "vae: required key 'vae' is missing" in str(exc.value)
+    assert "sdxl-vae-fp16-fix" in str(exc.value)
 
 
 def test_spec_hash_is_stable_under_reformatting_and_key_order():
@@ -306,7 +312,6 @@ def test_spec_hash_int_and_float_spellings_agree():
         lambda d: d["templates"]["cinematic"]["defaults"].__setitem__("steps", 30),
         lambda d: d["checkpoints"]["sdxl-base"].__setitem__("prediction", "v_prediction"),
         lambda d: d["vae"].__setitem__("source", f"hf:madebyollin/sdxl-vae-fp16-fix@{REV}"),
-        lambda d: d.pop("vae"),
         lambda d: d["templates"]["cinematic"]["loras"].append({"source": "file:extra.safetensors"}),
     ],
 )
