@@ -33,8 +33,10 @@ def civitai(tmp_path, monkeypatch):
 def write_catalog(tmp_path: Path, loras: list[dict]) -> Path:
     ckpt = tmp_path / "base.safetensors"
     ckpt.write_bytes(safetensors_bytes(1000, seed=9))
+    (tmp_path / "vae.safetensors").write_bytes(safetensors_bytes(1000, seed=8))
     catalog = {
         "version": 1,
+        "vae": {"source": "file:vae.safetensors"},
         "checkpoints": {"base": {"source": "file:base.safetensors"}},
         "templates": {
             "one": {"checkpoint": "base", "loras": loras},

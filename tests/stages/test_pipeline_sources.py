@@ -61,8 +61,10 @@ def small_project(root: Path, civ: CivitaiServer) -> Path:
     (root / "models/base.safetensors").write_bytes(safetensors_bytes(10_000, seed=7))
     (root / "models/config/model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
     (root / "models/config/unet/config.json").write_text("{}")
+    (root / "models/vae.safetensors").write_bytes(safetensors_bytes(2_000, seed=8))
     catalog = {
         "version": 1,
+        "vae": {"source": "file:models/vae.safetensors"},
         "checkpoints": {"base": {"source": "file:models/base.safetensors", "config": "file:models/config"}},
         "templates": {
             "one": {

@@ -35,8 +35,10 @@ def project(tmp_path, monkeypatch):
         ckpt = safetensors_bytes(100_000, seed=9)
         (tmp_path / "models").mkdir()
         (tmp_path / "models" / "base.safetensors").write_bytes(ckpt)
+        (tmp_path / "models" / "vae.safetensors").write_bytes(safetensors_bytes(2_000, seed=8))
         catalog = {
             "version": 1,
+            "vae": {"source": "file:models/vae.safetensors"},
             "checkpoints": {
                 "base": {"source": "file:models/base.safetensors", "sha256": hashlib.sha256(ckpt).hexdigest()}
             },
