@@ -139,3 +139,32 @@ def test_gpu_quick(tmp_path, monkeypatch):
     }
     assert "fraction_of_bf16_matmul" in summary["variants"]["plain"]
     assert json.loads((tmp_path / "gpu.json").read_text())["ratios"] == summary["ratios"]
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_b4_sync_quick(tmp_path):
+    """B4 end to end at kit size: dvc push to SeaweedFS, then fuseline's sync and s5cmd fetch the same
+    objects, each twice in a fresh subprocess; the JSON names both, equal bytes, and the ratio."""
+    from benchmarks import b4_sync
+
+    out = tmp_path / "b4.json"
+    b4_sync.main(["--quick", "--root", str(tmp_path), "--repeats", "2", "--json-out", str(out)])
+    summary = json.loads(out.read_text())
+    results = summary["results"]
+    assert set(results) == {"fuseline", "s5cmd"}
+    for contender in ("fuseline", "s5cmd"):
+        assert len(results[contender]) == 2
+        for run in results[contender]:
+            assert run["returncode"] == 0, run.get("error")
+            assert run["wall_s"] > 0 and run["mb_per_s"] > 0
+    byte_counts = {run["bytes"] for runs in results.values() for run in runs}
+    # Every object of the folder (plus its .dir listing), fetched whole by both, and nothing else.
+    assert len(byte_counts) == 1 and byte_counts.pop() > summary["model_bytes"] // 2
+    assert {run["objects"] for runs in results.values() for run in runs} == {results["s5cmd"][0]["objects"]}
+    ratios = summary["ratios"]
+    assert len(ratios["s5cmd_vs_fuseline_wall_per_run"]) == 2
+    assert ratios["s5cmd_vs_fuseline_wall_best"] > 0
+    assert ratios["target_met"] == (ratios["s5cmd_vs_fuseline_wall_best"] >= 0.9)
+    assert ratios["same_bytes"] is True
+    assert not list(tmp_path.glob("b4-work-*")), "the work folder (pushed project, destinations) is removed"

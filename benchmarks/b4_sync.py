@@ -1,0 +1,206 @@
+"""B4: cold sync of one model folder from SeaweedFS on 127.0.0.1: fuseline's worker sync against s5cmd.
+
+`python -m benchmarks.b4_sync [--quick] [--root DIR] [--repeats N] [--json-out F]`
+
+The model folder (the synthetic SDXL base folder, or the kit-size one with --quick) goes onto a DVC remote
+the real way: `dvc init --no-scm`, `dvc add`, an S3 remote on a fresh SeaweedFS bucket, `dvc push`; then a
+release manifest (`releases/b4.json`) is written next to the objects, as publishing does. Each contender
+then runs in a fresh subprocess into a fresh, empty folder, against the same warm server:
+
+  fuseline  `worker.sync.sync_templates(release, volume, [template])`: ranged GETs into the volume's store
+  s5cmd     `s5cmd cp 's3://<bucket>/files/md5/*' <dir>/`: the same objects (the bucket holds nothing else
+            under files/md5/), default concurrency
+
+Wall time is the subprocess's, measured from outside (what an operator waits for), so fuseline pays its
+Python start-up and imports; fuseline's own in-process time is reported as well. The ratio is
+s5cmd wall / fuseline wall (target >= 0.9). Bytes are those the contender left on disk: fuseline's object
+store, s5cmd's destination; both must hold the same objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from benchmarks import synth_sdxl
+from fuseline.release import Release, ReleasedTemplate, release_key
+from fuseline.testing.servers import SeaweedS3
+
+DEFAULT_ROOT = Path("/tmp/fuseline-bench")
+TEMPLATE = "sdxl-synth"
+CHANNEL = "b4"
+TARGET_RATIO = 0.9
+BIN = Path(sys.executable).parent
+CONTENDERS = ("fuseline", "s5cmd")
+
+# Run in the fuseline subprocess: the sync call alone is timed inside, the report printed as JSON.
+_FUSELINE_CHILD = """
+import json, sys, time
+from worker.sync import sync_templates
+t0 = time.monotonic()
+report = sync_templates(sys.argv[1], sys.argv[2], [sys.argv[3]])
+seconds = time.monotonic() - t0
+print(json.dumps({"ok": report.ok, "seconds": seconds, "lines": report.lines(),
+                  "bytes_fetched": sum(t.bytes_fetched for t in report.templates),
+                  "objects_fetched": sum(t.objects_fetched for t in report.templates)}))
+"""
+
+
+def _tree_bytes(folder: Path) -> tuple[int, int]:
+    files = [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+def _dvc(project: Path, env: dict[str, str], *args: str) -> None:
+    done = subprocess.run(
+        [str(BIN / "dvc"), *args], cwd=project, env=env, capture_output=True, text=True, timeout=3600
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} in {project} failed:\n{done.stdout}\n{done.stderr}")
+
+
+def publish(s3: SeaweedS3, model: Path, work: Path, env: dict[str, str]) -> tuple[str, str]:
+    """`model` onto a fresh bucket by dvc, and a release naming it TEMPLATE. Returns (bucket, release)."""
+    project = work / "project"
+    project.mkdir(parents=True)
+    # Hard links: the project's copy costs nothing; dvc writes its cache by copying, never in place.
+    shutil.copytree(model, project / TEMPLATE, copy_function=os.link)
+    bucket = s3.make_bucket(f"b4-{uuid.uuid4().hex[:12]}")
+    _dvc(project, env, "init", "--no-scm", "-q")
+    with (project / ".dvc" / "config").open("a") as config:
+        config.write(f"['remote \"s3\"']\n    url = s3://{bucket}\n    endpointurl = {s3.endpoint_url}\n")
+    _dvc(project, env, "add", "-q", TEMPLATE)
+    _dvc(project, env, "push", "-q", "-r", "s3")
+    # The .dvc file is YAML; the fields needed are plain `key: value` lines (as publishing reads them).
+    text = (project / f"{TEMPLATE}.dvc").read_text()
+    fields = dict(line.strip("- ").split(": ", 1) for line in text.splitlines() if ": " in line)
+    released = ReleasedTemplate(
+        dir_md5=fields["md5"],
+        path=TEMPLATE,
+        size=int(fields["size"]),
+        nfiles=int(fields["nfiles"]),
+        spec_hash="0" * 64,  # the synthetic folder has no fuseline.json; sync does not read it
+        checkpoint="file:sdxl-synth",
+    )
+    release = Release(
+        channel=CHANNEL, created=time.strftime("%Y%m%dT%H%M%SZ"), templates={TEMPLATE: released}
+    )
+    s3.client().put_object(Bucket=bucket, Key=release_key(CHANNEL), Body=release.to_json().encode())
+    shutil.rmtree(project)  # the dvc cache is a full copy; the bucket holds everything from here on
+    return bucket, f"s3://{bucket}/{release_key(CHANNEL)}"
+
+
+def run_one(
+    contender: str, s3: SeaweedS3, bucket: str, release: str, dest: Path, env: dict[str, str]
+) -> dict:
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    if contender == "fuseline":
+        cmd = [sys.executable, "-c", _FUSELINE_CHILD, release, str(dest), TEMPLATE]
+    else:
+        cmd = [
+            str(BIN / "s5cmd"),
+            "--endpoint-url",
+            s3.endpoint_url,
+            "cp",
+            f"s3://{bucket}/files/md5/*",
+            f"{dest}/",
+        ]
+    started = time.monotonic()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    wall = time.monotonic() - started
+    # fuseline's store (worker.volume: <volume>/.fuseline/objects) holds the objects, as s5cmd's folder does.
+    store = dest / ".fuseline" / "objects" if contender == "fuseline" else dest
+    size, nfiles = _tree_bytes(store)
+    result: dict[str, Any] = {
+        "returncode": done.returncode,
+        "wall_s": round(wall, 3),
+        "bytes": size,
+        "objects": nfiles,
+        "mb_per_s": round(size / 1e6 / wall, 1),
+    }
+    if contender == "fuseline" and done.returncode == 0:
+        child = json.loads(done.stdout.strip().splitlines()[-1])
+        result |= {"sync_s": round(child["seconds"], 3), "ok": child["ok"], "report": child["lines"]}
+        result["bytes_fetched"] = child["bytes_fetched"]
+        if not child["ok"]:
+            result["returncode"] = 2
+    if result["returncode"] != 0:
+        result["error"] = (done.stderr or done.stdout)[-2000:]
+    shutil.rmtree(dest, ignore_errors=True)
+    return result
+
+
+def run_benchmark(root: Path, quick: bool, repeats: int = 2, log=print) -> dict:
+    paths = synth_sdxl.ensure(root / ("quick-synth" if quick else "sdxl-synth"), quick, log=log)
+    model_bytes, model_files = _tree_bytes(paths.base_dir)
+    work = root / f"b4-work-{uuid.uuid4().hex[:8]}"
+    summary: dict[str, Any] = {
+        "benchmark": "b4_sync",
+        "quick": quick,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": str(paths.base_dir),
+        "model_bytes": model_bytes,
+        "model_files": model_files,
+        "cpus": os.cpu_count(),
+    }
+    with SeaweedS3() as s3:
+        # No parent AWS profile or session token may leak into the contenders: both get only the server's.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | s3.env()
+        env |= {"DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}
+        try:
+            t0 = time.monotonic()
+            bucket, release = publish(s3, paths.base_dir, work, env)
+            summary["publish_s"] = round(time.monotonic() - t0, 1)
+            log(f"pushed {model_bytes / 1e9:.2f} GB in {summary['publish_s']} s; release {release}")
+            runs: dict[str, list[dict]] = {c: [] for c in CONTENDERS}
+            for i in range(repeats):
+                # Alternate the order so neither contender always follows the other's page-cache churn.
+                order = CONTENDERS if i % 2 == 0 else CONTENDERS[::-1]
+                for contender in order:
+                    result = run_one(contender, s3, bucket, release, work / f"dest-{contender}", env)
+                    shown = {k: v for k, v in result.items() if k != "report"}
+                    log(f"run {i + 1} {contender}: {json.dumps(shown)}")
+                    runs[contender].append(result)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    summary["results"] = runs
+    ratios = [s["wall_s"] / f["wall_s"] for f, s in zip(runs["fuseline"], runs["s5cmd"], strict=True)]
+    best = {c: min(r["wall_s"] for r in runs[c]) for c in CONTENDERS}
+    summary["ratios"] = {
+        "s5cmd_vs_fuseline_wall_per_run": [round(r, 3) for r in ratios],
+        "s5cmd_vs_fuseline_wall_best": round(best["s5cmd"] / best["fuseline"], 3),
+        "target": TARGET_RATIO,
+        "target_met": best["s5cmd"] / best["fuseline"] >= TARGET_RATIO,
+        "same_bytes": len({r["bytes"] for c in CONTENDERS for r in runs[c]}) == 1,
+    }
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.b4_sync", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the test kit's tiny model folder")
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="work folder (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    summary = run_benchmark(args.root, args.quick, args.repeats, log=lambda line: print(line, flush=True))
+    text = json.dumps(summary, indent=2, sort_keys=True)
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(text + "\n")
+    print(json.dumps(summary["ratios"], indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
