@@ -209,6 +209,13 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def _forward(self) -> None:
         owner = self.server.owner
+        owner.begin()
+        try:
+            self._relay(owner)
+        finally:
+            owner.end()
+
+    def _relay(self, owner: RecordingProxy) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         upstream = http.client.HTTPConnection("127.0.0.1", owner.upstream_port, timeout=60)
@@ -254,6 +261,10 @@ class RecordingProxy:
         self.delay_per_64k = 0.0
         self._seen: list[Seen] = []
         self._lock = threading.Lock()
+        # Requests being relayed: a request is recorded after its body is sent, so the client can see its
+        # answer a moment before the record exists; `seen` waits for the relays in flight to finish.
+        self._active = 0
+        self._idle = threading.Condition(self._lock)
         self._httpd = _ProxyServer(("127.0.0.1", 0), _ProxyHandler)
         self._httpd.owner = self
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05})
@@ -273,9 +284,19 @@ class RecordingProxy:
         with self._lock:
             self._seen.append(seen)
 
+    def begin(self) -> None:
+        with self._lock:
+            self._active += 1
+
+    def end(self) -> None:
+        with self._lock:
+            self._active -= 1
+            self._idle.notify_all()
+
     @property
     def seen(self) -> list[Seen]:
         with self._lock:
+            self._idle.wait_for(lambda: self._active == 0, timeout=10)
             return list(self._seen)
 
     def gets(self, md5: str) -> list[Seen]:
@@ -286,6 +307,7 @@ class RecordingProxy:
 
     def clear(self) -> None:
         with self._lock:
+            self._idle.wait_for(lambda: self._active == 0, timeout=10)
             self._seen.clear()
 
     def stop(self) -> None:
