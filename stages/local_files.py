@@ -3,7 +3,6 @@ without consent. Shared by the convert, vae and merge stages."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -11,16 +10,7 @@ from typing import Any
 from fuseline.catalog import Catalog, Source, parse_source
 from stages.checkpoint_kind import PICKLE_SUFFIXES
 from stages.runtime import StageError
-
-HASH_CHUNK = 8 * 1024 * 1024
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+from stages.sources.local import sha256_file
 
 
 def resolve_local_source(catalog: Catalog, source: str, where: str) -> Path:

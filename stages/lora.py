@@ -12,7 +12,6 @@ LoRA is refused with the offending keys listed. A silently skipped key is a wron
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -26,6 +25,7 @@ import torch
 
 from stages.fuse import LoraFactors, factor_shape_problem
 from stages.runtime import StageError
+from stages.sources.local import sha256_file
 
 log = logging.getLogger("fuseline.stages.lora")
 
@@ -169,14 +169,6 @@ def read_safetensors_header(path: Path, lora: str) -> tuple[dict[str, Any], dict
     if not header:
         raise _fail("LORA_EMPTY", lora, f"{path} holds no tensors")
     return header, metadata
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def refused_format(keys: list[str]) -> tuple[str, str] | None:
@@ -334,7 +326,7 @@ def read_lora(
             f"{path} is {refused[0]} (key {refused[1]}), which fuseline does not merge; "
             f"supported: {SUPPORTED_FORMATS}",
         )
-    sha256 = file_sha256(path)
+    sha256 = sha256_file(path)
     if lora.sha256 is not None and sha256 != lora.sha256.lower():
         raise _fail(
             "LORA_SHA256_MISMATCH",
