@@ -10,15 +10,18 @@ Sections, each in its own try/except (one failing option never loses the others)
   plain          1024x1024, 24 steps, CFG: seconds per image (denoise + VAE decode), steps/s, peak VRAM
   flops          FLOPs of one UNet step (CFG batch of 2) by torch.utils.flop_counter.FlopCounterMode;
                  achieved TFLOP/s of each variant as a fraction of the measured bf16 matmul rate
-  channels_last  UNet and VAE in channels_last
+  channels_last  UNet and VAE in channels_last (FUSELINE_SPEED=channels_last: worker/speed.py's code)
+  fuse_qkv       diffusers' fused QKV projections (FUSELINE_SPEED=fuse_qkv)
   worker         worker.generate.generate on the same pipeline (only where the worker package imports)
-  compile        channels_last + torch.compile(unet) (mode --compile-mode); compile time reported
+  compile        channels_last + torch.compile(unet) (mode --compile-mode;
+                 FUSELINE_SPEED=channels_last,compile); compile time reported
   disk_load      save_pretrained(variant="fp16") to local disk, then time from_pretrained (warm page cache)
 Every variant's latents and images are checked for NaN/Inf and compared with the plain path's (same seed).
 
 Prints progress lines, then one JSON summary; writes it to $OUT/gpu.json when OUT is set (rewritten after
 every section, so a run cut short still leaves what it measured). Stops starting sections once --budget-s
-would be exceeded. Imports only torch, diffusers, transformers (and the worker's modules for its section).
+would be exceeded. Imports only torch, diffusers, transformers and the worker's modules (worker.speed for the
+speed options, the rest for the worker section).
 `--quick` runs the same code on CPU at the test kit's tiny size (seconds).
 """
 
@@ -47,7 +50,18 @@ TARGET_FRACTION_OF_MATMUL = 0.5
 # Same seed, different kernels: fp16 results differ by rounding, which 24 denoising steps amplify a little.
 # Relative L2 tolerances for "unchanged"; the measured values are reported next to them.
 TOLERANCE = {"unet_step_rel_l2": 1e-2, "latents_rel_l2": 5e-2, "image_mean_abs_255": 2.0}
-SECTIONS = ("env", "matmul", "build", "plain", "flops", "channels_last", "worker", "compile", "disk_load")
+SECTIONS = (
+    "env",
+    "matmul",
+    "build",
+    "plain",
+    "flops",
+    "channels_last",
+    "fuse_qkv",
+    "worker",
+    "compile",
+    "disk_load",
+)
 # Seconds a section needs at least (full size): a section is skipped when less budget is left.
 NEEDS_S = {
     "env": 0,
@@ -56,6 +70,7 @@ NEEDS_S = {
     "plain": 20,
     "flops": 10,
     "channels_last": 20,
+    "fuse_qkv": 20,
     "worker": 20,
     "compile": 180,
     "disk_load": 90,
@@ -484,22 +499,46 @@ def _set_channels_last(state: dict, enabled: bool) -> None:
     state["pipe"].vae.to(memory_format=fmt)
 
 
+def _apply_worker_options(state: dict, *options: str) -> list[str]:
+    """Switch options on exactly as the worker does for FUSELINE_SPEED (worker/speed.py), so the figures
+    are those of the worker's own code path. worker.speed imports only the standard library and torch."""
+    from worker.speed import SpeedOptions, apply_speed_options
+
+    speed = SpeedOptions(
+        options=options, compile_mode=state["compile_mode"], compile_backend=state["compile_backend"]
+    )
+    return apply_speed_options(state["pipe"], speed)
+
+
 def channels_last_section(state: dict) -> dict:
-    _set_channels_last(state, True)
+    _apply_worker_options(state, "channels_last")
     try:
         return timed_variant(state, "channels_last")
     finally:
         _set_channels_last(state, False)
 
 
-def compile_section(state: dict) -> dict:
-    import torch
+def fuse_qkv_section(state: dict) -> dict:
+    _apply_worker_options(state, "fuse_qkv")
+    try:
+        return timed_variant(state, "fuse_qkv")
+    finally:
+        pipe = state["pipe"]
+        pipe.unfuse_qkv_projections()
+        # diffusers restores the processors but keeps the fused Linear modules, which would then be saved
+        # (and compared) by the disk_load section: drop them so the pipeline is the plain one again.
+        for component in (pipe.unet, pipe.vae):
+            for module in component.modules():
+                for name in ("to_qkv", "to_kv"):
+                    if name in module._modules:
+                        del module._modules[name]
 
+
+def compile_section(state: dict) -> dict:
     pipe = state["pipe"]
     eager_unet = pipe.unet
-    _set_channels_last(state, True)
     try:
-        pipe.unet = torch.compile(eager_unet, mode=state["compile_mode"], backend=state["compile_backend"])
+        _apply_worker_options(state, "channels_last", "compile")
         result = timed_variant(state, "channels_last+compile")
         # The warm-up call compiled; its excess over a plain call of the same steps is the compile time.
         plain = state.get("variants", {}).get("plain")
@@ -687,6 +726,7 @@ def main(argv: list[str] | None = None) -> dict:
         run.section("plain", plain_section, state)
         run.section("flops", flops_section, state)
         run.section("channels_last", channels_last_section, state)
+        run.section("fuse_qkv", fuse_qkv_section, state)
         run.section("worker", worker_section, state)
         run.section("compile", compile_section, state)
         run.section("disk_load", disk_load_section, state)

@@ -135,6 +135,7 @@ def test_gpu_quick(tmp_path, monkeypatch):
     assert summary["ratios"]["all_images_finite"]
     assert summary["ratios"]["speed_options_unchanged"] == {
         "channels_last": True,
+        "fuse_qkv": True,
         "channels_last+compile": True,
     }
     assert "fraction_of_bf16_matmul" in summary["variants"]["plain"]

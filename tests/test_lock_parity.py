@@ -35,7 +35,7 @@ def test_locks_do_not_overlap_and_the_worker_lock_has_no_build_side():
     worker, build = read_lock("worker.lock"), read_lock("build.lock")
     both = sorted(set(worker) & set(build))
     assert not both, f"packages pinned in both lock files: {both}"
-    for build_only in ("dvc", "dvc-s3", "peft", "pytest"):
+    for build_only in ("dvc", "dvc-s3", "pytest"):
         assert build_only not in worker, f"{build_only} must not be in the worker image"
         assert build_only in build
 

@@ -13,7 +13,7 @@ WORKER_HEADER = """\
 # Regenerate: see `make lock` in the Makefile.
 """
 BUILD_HEADER = """\
-# Build side and development lock: everything beyond requirements/worker.lock (DVC, peft,
+# Build side and development lock: everything beyond requirements/worker.lock (DVC,
 # huggingface_hub, test and lint tools). Install together with worker.lock; a test checks that the
 # two never name the same package.
 # Regenerate: see `make lock` in the Makefile.

@@ -10,12 +10,16 @@ ERROR_CODES: dict[str, str] = {
     "templates present.",
     "MODEL_INVALID": "The template's model folder is incomplete, its fuseline.json is missing or names "
     "another template or spec hash, or diffusers could not load it.",
-    "NOT_IMPLEMENTED": "The request asks for a feature this worker does not provide yet "
-    "(e.g. output.return 's3').",
     "IMAGE_INVALID": "Generation produced NaN/Inf values or a black frame, also after the fp32 VAE retry.",
     "OUT_OF_MEMORY": "The GPU ran out of memory, also after freeing cached pipelines and retrying once.",
     "CONFIG_INVALID": "A FUSELINE_* environment variable of the worker is malformed (a deployment problem).",
     "INTERNAL_ERROR": "An unexpected failure inside the worker; the message carries the exception.",
+    "UPLOAD_NOT_CONFIGURED": "The job asks for output.return 's3' but the worker has no "
+    "FUSELINE_OUTPUT_BUCKET.",
+    "UPLOAD_FAILED": "Uploading an image to the output bucket failed (endpoint unreachable, bucket missing, "
+    "credentials refused); the images of that job are not kept.",
+    "CUDA_ERROR": "The GPU raised an unrecoverable CUDA error (not out-of-memory); the job fails and the "
+    "worker asks RunPod to replace it (refresh_worker).",
 }
 
 
@@ -44,10 +48,6 @@ class ModelInvalid(WorkerError):
     code = "MODEL_INVALID"
 
 
-class NotImplementedFeature(WorkerError):
-    code = "NOT_IMPLEMENTED"
-
-
 class ImageInvalid(WorkerError):
     code = "IMAGE_INVALID"
 
@@ -64,13 +64,64 @@ class InternalError(WorkerError):
     code = "INTERNAL_ERROR"
 
 
+class UploadNotConfigured(WorkerError):
+    code = "UPLOAD_NOT_CONFIGURED"
+
+
+class UploadFailed(WorkerError):
+    code = "UPLOAD_FAILED"
+
+
+class CudaError(WorkerError):
+    """A CUDA error that leaves the process's CUDA context unusable: every later job on this worker would
+    fail too, so the handler adds `refresh_worker: True` and RunPod replaces the worker after this job."""
+
+    code = "CUDA_ERROR"
+
+
+# Substrings of torch/CUDA messages for errors after which the CUDA context is corrupt (a sticky error:
+# every later kernel launch fails). Out-of-memory is not one of them: freeing memory recovers from it.
+_FATAL_DEVICE_MARKERS = (
+    "CUDA error",
+    "device-side assert",
+    "illegal memory access",
+    "CUBLAS_STATUS_EXECUTION_FAILED",
+    "unspecified launch failure",
+)
+
+
+def unrecoverable_device_error(exc: BaseException) -> BaseException | None:
+    """The CUDA error (not out-of-memory) in `exc` or its cause/context chain, else None.
+
+    torch.AcceleratorError is torch's type for CUDA runtime errors; a RuntimeError carrying a CUDA error
+    message counts too (cuBLAS, extensions). The chain is followed even past `raise … from None`, because
+    wrappers such as ModelInvalid ("diffusers could not load …") hide a device error that way."""
+    import torch
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        message = str(current)
+        out_of_memory = isinstance(current, torch.OutOfMemoryError) or "out of memory" in message.lower()
+        if not out_of_memory and (
+            isinstance(current, torch.AcceleratorError)
+            or (isinstance(current, RuntimeError) and any(m in message for m in _FATAL_DEVICE_MARKERS))
+        ):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
 ERROR_TYPES: tuple[type[WorkerError], ...] = (
     InvalidInput,
     UnknownTemplate,
     ModelInvalid,
-    NotImplementedFeature,
     ImageInvalid,
     OutOfMemory,
     ConfigInvalid,
     InternalError,
+    UploadNotConfigured,
+    UploadFailed,
+    CudaError,
 )

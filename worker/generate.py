@@ -14,6 +14,7 @@ from worker.inputs import MAX_SEED, GenerationParameters
 from worker.pipelines import LoadedTemplate
 from worker.prompts import encode_prompts
 from worker.schedulers import build_scheduler
+from worker.telemetry import note_retry
 
 # (step just finished, total steps)
 ProgressCallback = Callable[[int, int], None]
@@ -25,6 +26,8 @@ class GenerationResult:
     seeds: list[int]
     inference_ms: float
     warnings: list[str] = field(default_factory=list)
+    # VAE decode (and its fp32 retry) and conversion to images; not part of inference_ms.
+    decode_ms: float = 0.0
 
 
 def image_seeds(seed: int, count: int) -> list[int]:
@@ -73,9 +76,11 @@ def generate(
             f"the denoiser produced NaN/Inf latents for template {params.template!r} (seed {params.seed}); "
             "the model folder's UNet may be broken in fp16: check its verify metrics"
         )
+    decode_started = time.perf_counter()
     pixels = decode_latents(pipe.vae, latents, force_fp32=False)
     reason = invalid_reason(pixels)
     if reason is not None:
+        note_retry("image_check")
         pixels = decode_latents(pipe.vae, latents, force_fp32=True)
         retry_reason = invalid_reason(pixels)
         if retry_reason is not None:
@@ -85,4 +90,5 @@ def generate(
             )
         warnings.append(f"{reason} in the {pipe.vae.dtype} VAE decode; decoded again in float32")
     images = to_pil(pixels)
-    return GenerationResult(images, seeds, (time.perf_counter() - started) * 1000, warnings)
+    decode_ms = (time.perf_counter() - decode_started) * 1000
+    return GenerationResult(images, seeds, (decode_started - started) * 1000, warnings, decode_ms)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from fuseline.catalog import ID_PATTERN, Defaults
-from worker.errors import InvalidInput, ModelInvalid, NotImplementedFeature
+from worker.errors import InvalidInput, ModelInvalid, UploadNotConfigured
 from worker.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 from worker.settings import MAX_SIZE, WorkerSettings
 
@@ -28,7 +28,7 @@ _STRICT = ConfigDict(strict=True, extra="forbid")
 
 
 class OutputOptions(BaseModel):
-    """How images come back: encoding, quality, and where to (only inline base64 for now)."""
+    """How images come back: encoding, quality, and where to (inline base64, or S3 with a presigned URL)."""
 
     model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=False)
 
@@ -133,7 +133,7 @@ def _format_errors(error: ValidationError) -> list[str]:
 
 
 def parse_input(raw: Any, settings: WorkerSettings) -> GenerationInput:
-    """Validate a job's `input`; raises InvalidInput listing every problem, or NotImplementedFeature."""
+    """Validate a job's `input`; raises InvalidInput listing every problem, or UploadNotConfigured."""
     if not isinstance(raw, dict):
         kind = "nothing" if raw is None else type(raw).__name__
         raise InvalidInput(f"job input must be a JSON object like {{'prompt': '...'}}; got {kind}")
@@ -144,8 +144,13 @@ def parse_input(raw: Any, settings: WorkerSettings) -> GenerationInput:
         raise InvalidInput(f"{len(problems)} problem(s): " + "; ".join(problems)) from None
     if parsed.template is None and settings.default_template is None:
         raise InvalidInput("1 problem(s): template: required (this worker has no FUSELINE_DEFAULT_TEMPLATE)")
-    if parsed.output is not None and parsed.output.return_ == "s3":
-        raise NotImplementedFeature("output.return 's3' is not available yet; use 'base64' (the default)")
+    if parsed.output is not None and parsed.output.return_ == "s3" and settings.output_bucket is None:
+        # Refused before any generation: the GPU time would be lost with nowhere to put the images.
+        raise UploadNotConfigured(
+            "output.return 's3' needs an output bucket, and this worker has none: set "
+            "FUSELINE_OUTPUT_BUCKET (and the AWS_* credentials) on the endpoint, or ask for output.return "
+            "'base64' (the default)"
+        )
     return parsed
 
 

@@ -20,8 +20,10 @@ from pydantic import ValidationError
 
 from fuseline.catalog import Defaults
 from fuseline.manifest import MANIFEST_NAME, ManifestError, ModelManifest
-from worker.errors import ModelInvalid, UnknownTemplate
+from worker.errors import ModelInvalid, UnknownTemplate, unrecoverable_device_error
 from worker.settings import WorkerSettings
+from worker.speed import apply_speed_options
+from worker.telemetry import COUNTERS, count_in_job
 from worker.volume import Lease, Volume
 
 # Pipeline components whose weights count toward the cache budget.
@@ -36,6 +38,9 @@ class TemplateFolder:
     path: Path
     manifest: ModelManifest
     defaults: Defaults
+    # Set when this is not the merged folder but the runtime-LoRA fallback's base checkpoint
+    # (worker.fallback): why the merged model was unavailable.
+    degraded_reason: str | None = None
 
 
 @dataclass
@@ -48,10 +53,16 @@ class LoadedTemplate:
     # The reader lease on the version folder loaded from, held while the pipeline is cached (released
     # by PipelineCache on eviction): diffusers may open files lazily, so sync must not delete it.
     lease: Lease | None = None
+    # Fallback entries only: the merged folder's state when it was refused (worker.fallback.merged_marker).
+    merged_marker: tuple | None = None
 
     @property
     def template_id(self) -> str:
         return self.folder.template_id
+
+    @property
+    def degraded(self) -> bool:
+        return self.folder.degraded_reason is not None
 
     def release(self) -> None:
         if self.lease is not None:
@@ -60,15 +71,19 @@ class LoadedTemplate:
 
 
 def available_templates(settings: WorkerSettings) -> list[str]:
-    """Template ids with a folder holding a fuseline.json under the volume's models/ directory."""
-    if not settings.models_dir.is_dir():
-        return []
-    # Names starting with "." are sync's version folders (`.<id>.<hash>`) behind the `<id>` links.
-    return sorted(
-        p.name
-        for p in settings.models_dir.iterdir()
-        if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()
-    )
+    """Template ids the worker can serve: a folder holding a fuseline.json under the volume's models/
+    directory, or a recipe whose files are all on the volume (the runtime-LoRA fallback serves those)."""
+    from worker.fallback import fallback_ready_templates  # lazy: fallback.py imports this module
+
+    merged = set()
+    if settings.models_dir.is_dir():
+        # Names starting with "." are sync's version folders (`.<id>.<hash>`) behind the `<id>` links.
+        merged = {
+            p.name
+            for p in settings.models_dir.iterdir()
+            if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()
+        }
+    return sorted(merged | set(fallback_ready_templates(settings)))
 
 
 def read_manifest(path: Path) -> tuple[ModelManifest, Defaults]:
@@ -176,6 +191,10 @@ def _load(
     except torch.OutOfMemoryError:
         raise  # not the folder's fault: the caller frees memory and retries
     except Exception as exc:  # any failure to load (missing, truncated, mismatched files) is the folder's
+        if unrecoverable_device_error(exc) is not None:
+            # ...except a CUDA error: the GPU's fault, and no other folder (nor the fallback) would load
+            # on it; the handler answers CUDA_ERROR and asks RunPod for a new worker.
+            raise
         raise ModelInvalid(
             f"template {template_id!r}: diffusers could not load {folder.path} as an fp16 SDXL folder: "
             f"{type(exc).__name__}: {exc}"
@@ -188,6 +207,7 @@ def _load(
         )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    apply_speed_options(pipe, settings.speed)
     nbytes = sum(
         p.numel() * p.element_size()
         for name in _WEIGHTED_COMPONENTS
@@ -207,7 +227,9 @@ class PipelineCache:
     """Loaded templates, least recently used evicted first, within a count and (optionally) a byte budget.
 
     `estimate` gives a template's size before loading, so room is made before the new weights arrive
-    (on a GPU, loading first and evicting after would run out of memory).
+    (on a GPU, loading first and evicting after would run out of memory). `is_stale(entry)`, asked on
+    every hit, drops an entry that should be loaded again (a runtime-LoRA fallback once the merged
+    folder is there: worker.fallback.merged_became_available).
     """
 
     def __init__(
@@ -217,8 +239,10 @@ class PipelineCache:
         max_bytes: int | None = None,
         estimate: Callable[[str], int] | None = None,
         on_evict: Callable[[LoadedTemplate], None] | None = None,
+        is_stale: Callable[[LoadedTemplate], bool] | None = None,
     ):
         self._loader = loader
+        self._is_stale = is_stale
         self._entries: OrderedDict[str, LoadedTemplate] = OrderedDict()
         self.max_count = max_count
         self.max_bytes = max_bytes
@@ -239,12 +263,21 @@ class PipelineCache:
     def get(self, template_id: str) -> tuple[LoadedTemplate, bool]:
         """(the loaded template, whether this call loaded it)."""
         entry = self._entries.get(template_id)
+        if entry is not None and self._is_stale is not None and self._is_stale(entry):
+            # Evicted before the replacement loads, so its memory is free for it.
+            self.evict(template_id)
+            entry = None
+        # Hits and misses count for jobs only (the start-up load and self-check are not traffic), and a
+        # miss once its load succeeded: a template that fails to load fails each job, counted under
+        # jobs_failed and its error code, not as one miss per job.
         if entry is not None:
             self._entries.move_to_end(template_id)
+            count_in_job("cache_hits")
             return entry, False
         self._make_room(self._estimate(template_id))
         entry = self._loader(template_id)
         self._entries[template_id] = entry
+        count_in_job("cache_misses")
         return entry, True
 
     def _make_room(self, incoming: int) -> None:
@@ -254,10 +287,22 @@ class PipelineCache:
         ):
             self.evict_oldest()
 
+    def evict(self, template_id: str) -> bool:
+        """Drop `template_id`'s entry (its next get loads it again); False when it was not cached."""
+        entry = self._entries.pop(template_id, None)
+        if entry is None:
+            return False
+        COUNTERS.add("cache_evictions")
+        entry.release()
+        if self._on_evict:
+            self._on_evict(entry)
+        return True
+
     def evict_oldest(self) -> str | None:
         if not self._entries:
             return None
         template_id, entry = self._entries.popitem(last=False)
+        COUNTERS.add("cache_evictions")
         entry.release()
         if self._on_evict:
             self._on_evict(entry)
@@ -268,6 +313,7 @@ class PipelineCache:
         dropped = [t for t in self._entries if t != keep]
         for template_id in dropped:
             entry = self._entries.pop(template_id)
+            COUNTERS.add("cache_evictions")
             entry.release()
             if self._on_evict:
                 self._on_evict(entry)

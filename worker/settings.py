@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.errors import ConfigInvalid as SettingsError
+from worker.speed import SpeedOptions, parse_speed_options
 
 DEFAULT_VOLUME = "/runpod-volume"
 # SDXL's trained range; FUSELINE_MIN_SIZE lowers the floor (tests use tiny models at 64 px).
@@ -38,6 +40,15 @@ class WorkerSettings:
     # Release manifest to sync the volume from at start (`s3://…/releases/<channel>.json` or a path);
     # None: serve what the volume already holds.
     release: str | None = None
+    # FUSELINE_SPEED and companions (worker/speed.py): off by default.
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
+    # S3 output (`output.return: "s3"`): None refuses such jobs with UPLOAD_NOT_CONFIGURED.
+    output_bucket: str | None = None
+    # Key prefix inside the bucket, without leading/trailing slashes ("" for none).
+    output_prefix: str = ""
+    output_url_expiry_s: int = 3600
+    # Jobs between two `worker.counters` log events (FUSELINE_COUNTERS_EVERY; 0: only at exit).
+    counters_every: int = 50
 
     @property
     def models_dir(self) -> Path:
@@ -57,6 +68,55 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
     if value < minimum:
         raise SettingsError(f"environment variable {name}={value} must be at least {minimum}")
     return value
+
+
+# SigV4 presigned URLs are valid for at most 7 days.
+MAX_OUTPUT_URL_EXPIRY_S = 7 * 24 * 3600
+# S3 bucket naming rules (3-63 characters: lowercase letters, digits, dots, hyphens; letter or digit at
+# both ends): checked at start so a typo fails the deployment, not every job.
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def _output_settings(env: Mapping[str, str]) -> dict:
+    bucket = env.get("FUSELINE_OUTPUT_BUCKET", "").strip() or None
+    if bucket is not None and bucket.startswith("s3://"):
+        name, _, prefix = bucket[len("s3://") :].partition("/")
+        raise SettingsError(
+            f"FUSELINE_OUTPUT_BUCKET={bucket!r} must be a bucket name only: set FUSELINE_OUTPUT_BUCKET={name}"
+            + (f" and FUSELINE_OUTPUT_PREFIX={prefix.strip('/')}" if prefix.strip("/") else "")
+        )
+    if bucket is not None and not _BUCKET_RE.match(bucket):
+        raise SettingsError(
+            f"FUSELINE_OUTPUT_BUCKET={bucket!r} is not a valid S3 bucket name (3-63 characters: lowercase "
+            "letters, digits, dots, hyphens)"
+        )
+    prefix = env.get("FUSELINE_OUTPUT_PREFIX", "").strip().strip("/")
+    if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
+        raise SettingsError(
+            f"FUSELINE_OUTPUT_PREFIX={prefix!r} has an empty, '.' or '..' segment; use e.g. 'fuseline/images'"
+        )
+    expiry = _int(env, "FUSELINE_OUTPUT_URL_EXPIRY_S", 3600, 1)
+    if expiry > MAX_OUTPUT_URL_EXPIRY_S:
+        raise SettingsError(
+            f"FUSELINE_OUTPUT_URL_EXPIRY_S={expiry} exceeds {MAX_OUTPUT_URL_EXPIRY_S} (7 days, the longest "
+            "a SigV4 presigned URL may live)"
+        )
+    return {"output_bucket": bucket, "output_prefix": prefix, "output_url_expiry_s": expiry}
+
+
+def _check_s3_environment(env: Mapping[str, str], release: str | None, bucket: str | None) -> None:
+    """When the worker talks to S3 (an output bucket, an s3:// release), the AWS_* endpoint and
+    FUSELINE_S3_ADDRESSING boto3 would refuse only when the first client is made (for an upload: after
+    the generation) fail the start instead; FUSELINE_S3_ADDRESSING whenever it is set."""
+    from worker.remote import S3ConfigError, check_s3_environment, s3_addressing
+
+    try:
+        if bucket is not None or (release or "").startswith("s3://"):
+            check_s3_environment(env)
+        else:
+            s3_addressing(env)
+    except S3ConfigError as err:
+        raise SettingsError(str(err)) from None
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -96,6 +156,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> WorkerSettings:
                 "(e.g. 20); unset it for no budget"
             )
         vram = int(gb * 1024**3)
+    output = _output_settings(env)
+    release = env.get("FUSELINE_RELEASE", "").strip() or None
+    _check_s3_environment(env, release, output["output_bucket"])
     return WorkerSettings(
         volume=Path(env.get("FUSELINE_VOLUME", "").strip() or DEFAULT_VOLUME),
         default_template=env.get("FUSELINE_DEFAULT_TEMPLATE", "").strip() or None,
@@ -106,5 +169,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> WorkerSettings:
         max_pixels=_int(env, "FUSELINE_MAX_PIXELS", DEFAULT_MAX_PIXELS, min_size * min_size),
         expected_spec_hashes=hashes,
         device=env.get("FUSELINE_DEVICE", "").strip() or None,
-        release=env.get("FUSELINE_RELEASE", "").strip() or None,
+        release=release,
+        speed=parse_speed_options(env),
+        counters_every=_int(env, "FUSELINE_COUNTERS_EVERY", 50, 0),
+        **output,
     )

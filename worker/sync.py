@@ -20,9 +20,10 @@ import hashlib
 import os
 import socket
 import sys
+import threading
 import time
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,6 +111,19 @@ class SyncReport:
     def available(self) -> list[str]:
         """Templates with a complete folder on the volume now (synced, or kept from before)."""
         return [t.template for t in self.templates if t.ok or t.status == "kept"]
+
+    def summary(self) -> dict:
+        """The report in numbers, for the worker's `sync.done`/`worker.start` events: failures count the
+        templates whose sync failed (kept or not) plus one when the release itself could not be read."""
+        return {
+            "release": self.release,
+            "seconds": round(self.seconds, 2),
+            "bytes": sum(t.bytes_fetched for t in self.templates),
+            "objects": sum(t.objects_fetched for t in self.templates),
+            "failures": sum(1 for t in self.templates if t.error) + (1 if self.error else 0),
+            "templates": {t.template: t.status for t in self.templates},
+            "error": self.error,
+        }
 
     def lines(self) -> list[str]:
         out = [f"release {self.release} -> volume {self.volume} ({self.seconds:.2f} s)"]
@@ -228,8 +242,11 @@ def _fetch_part(ctx: _Ctx, md5: str, index: int, start: int, end: int) -> int:
     return got
 
 
-def _finish_object(ctx: _Ctx, md5: str, size: int) -> str | None:
-    """Verify a fully fetched partial; store it and return None, or discard it and return its md5."""
+def _finish_object(ctx: _Ctx, md5: str, size: int, actual: str | None = None) -> str | None:
+    """Verify a fully fetched partial; store it and return None, or discard it and return its md5.
+
+    `actual`: the partial's md5 when the caller already hashed it while it arrived (_ObjectHasher);
+    without it the file is hashed here."""
     # Concurrency (syncs of templates sharing this object hold different locks): the journal goes only
     # after the partial has moved into the store, so while it still sits under partial/ a concurrent
     # sync finds the journal and resumes (writes nothing: every part is done) instead of starting over;
@@ -238,7 +255,8 @@ def _finish_object(ctx: _Ctx, md5: str, size: int) -> str | None:
     partial = ctx.volume.partial_path(md5)
     try:
         actual_size = partial.stat().st_size
-        actual = _md5_file(partial)
+        if actual is None:
+            actual = _md5_file(partial)
         if actual != md5 or actual_size != size:
             partial.unlink()
             with contextlib.suppress(FileNotFoundError):
@@ -254,27 +272,155 @@ def _finish_object(ctx: _Ctx, md5: str, size: int) -> str | None:
     return None
 
 
+class _ObjectHasher:
+    """md5 of one object computed while its parts arrive, so hashing overlaps the downloads instead of
+    re-reading every object after the last byte (B4: a serial pass at ~650 MB/s on one core was half of a
+    cold sync). md5 must see the bytes in order: whenever the next part in order has landed, one drain
+    (never two at once) hashes it and every consecutive landed part after it, reading them back from the
+    partial file (fresh in the page cache; hashlib releases the GIL on large buffers); after the last
+    part it verifies and stores the object (_finish_object).
+
+    Bytes hashed are bytes on disk: a part counts as landed only after `_fetch_part` wrote and fdatasynced
+    it (or the journal of an interrupted run says so), exactly what a hash of the whole file would read.
+    A concurrent sync of another template may rewrite a part we already hashed, but only with the same
+    remote bytes (see _done_parts); a part we could not read back whole makes the digest wrong, so the
+    object is discarded and fetched again, as a mismatch always was."""
+
+    def __init__(self, ctx: _Ctx, md5: str, size: int, done: set[int]) -> None:
+        self.ctx = ctx
+        self.md5 = md5
+        self.size = size
+        self.parts = _parts(size, ctx.part_size)
+        self.landed = set(done)
+        self.next = 0  # first part not hashed yet; only the one running drain moves it
+        self.draining = False
+        self.finished = False
+        self.result: str | None = None  # _finish_object's answer: None stored, else the actual md5
+        self._digest = hashlib.md5()
+        self._lock = threading.Lock()
+
+    def landed_part(self, index: int | None, submit: Callable[[Callable[[], None]], None]) -> None:
+        """Record part `index` as on disk (None: nothing new, just check) and start a drain if the next
+        part in order is now there and no drain is running."""
+        with self._lock:
+            if index is not None:
+                self.landed.add(index)
+            if self.draining or self.finished:
+                return
+            if self.next < len(self.parts) and self.next not in self.landed:
+                return
+            self.draining = True
+        submit(self._drain)
+
+    def _drain(self) -> None:
+        buffer = bytearray(_HASH_BLOCK)
+        fd: int | None = None
+        try:
+            while True:
+                with self._lock:
+                    if self.next == len(self.parts):
+                        break
+                    if self.next not in self.landed:
+                        self.draining = False
+                        return
+                    start, end = self.parts[self.next]
+                if fd is None:
+                    fd = os.open(self.ctx.volume.partial_path(self.md5), os.O_RDONLY)
+                self._hash_range(fd, buffer, start, end)
+                with self._lock:
+                    self.next += 1
+        except FileNotFoundError:
+            # Another template's sync (another lock) finished this shared object and stored it.
+            if not self.ctx.volume.has_object(self.md5):
+                raise
+            self.result, self.finished = None, True
+            return
+        finally:
+            if fd is not None:
+                os.close(fd)
+        self.result = _finish_object(self.ctx, self.md5, self.size, self._digest.hexdigest())
+        self.finished = True
+
+    def _hash_range(self, fd: int, buffer: bytearray, start: int, end: int) -> None:
+        view = memoryview(buffer)
+        offset = start
+        while offset < end:
+            got = os.preadv(fd, [view[: min(_HASH_BLOCK, end - offset)]], offset)
+            if got == 0:
+                # The file is shorter than the object: the digest can no longer match; the missing
+                # bytes make it differ, the size check in _finish_object names the cause.
+                self._digest.update(b"\0short read")
+                return
+            self._digest.update(view[:got])
+            offset += got
+
+
+def _fetch_round(ctx: _Ctx, pending: dict[str, int]) -> tuple[int, dict[str, str]]:
+    """One pass over `pending` (md5 -> bytes): download the missing parts, hash and store each object.
+    Returns (bytes transferred, {md5: actual md5} of the objects whose content did not match)."""
+    tasks: list[tuple[str, int, int, int]] = []
+    hashers: dict[str, _ObjectHasher] = {}
+    for md5, size in pending.items():
+        if ctx.volume.has_object(md5):
+            continue  # stored meanwhile by another template's sync
+        if size == 0:
+            ctx.volume.partial_path(md5).write_bytes(b"")
+            done: set[int] = set()
+        else:
+            done = _done_parts(ctx.volume, md5, size, ctx.part_size)
+        hashers[md5] = _ObjectHasher(ctx, md5, size, done)
+        tasks += [(md5, i, s, e) for i, (s, e) in enumerate(_parts(size, ctx.part_size)) if i not in done]
+    # Large objects first, so their parts spread over the pool while small files fill the gaps; parts in
+    # order, so each object's hash follows right behind its downloads.
+    tasks.sort(key=lambda t: (-pending[t[0]], t[0], t[1]))
+    hash_futures: list[Future] = []
+    futures_lock = threading.Lock()
+    transferred = 0
+    # md5 takes one core per object; more threads than cores would only contend with the downloads.
+    with ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="sync-md5") as hash_pool:
+
+        def submit(drain: Callable[[], None]) -> None:
+            with futures_lock:
+                hash_futures.append(hash_pool.submit(drain))
+
+        def fetch(task: tuple[str, int, int, int]) -> int:
+            got = _fetch_part(ctx, *task)
+            hashers[task[0]].landed_part(task[1], submit)
+            return got
+
+        # Objects whose parts are all there already (resumed, empty) are hashed at once.
+        for hasher in hashers.values():
+            hasher.landed_part(None, submit)
+        with ThreadPoolExecutor(ctx.workers, thread_name_prefix="sync-get") as pool:
+            futures = [pool.submit(fetch, task) for task in tasks]
+            try:
+                transferred = sum(f.result() for f in futures)
+            except BaseException:
+                # Start no new parts; the journal keeps the finished ones for the next run.
+                for f in futures:
+                    f.cancel()
+                raise
+    # Both pools are shut down: every drain that will ever run has run.
+    for f in hash_futures:
+        f.result()
+    unfinished = sorted(md5 for md5, h in hashers.items() if not h.finished)
+    if unfinished:
+        raise SyncError(f"internal error: objects {unfinished} were fetched but never verified (a bug)")
+    return transferred, {md5: h.result for md5, h in hashers.items() if h.result is not None}
+
+
 def fetch_objects(ctx: _Ctx, sizes: dict[str, int], relpaths: dict[str, list[str]]) -> int:
     """Fetch every object of `sizes` (md5 -> bytes) into the store; a corrupt one is refetched once.
-    Returns bytes transferred."""
+    Returns bytes transferred.
+
+    Parts download in a pool of `ctx.workers` threads; each object is hashed in order as its parts land
+    and stored once its last part is hashed (_ObjectHasher), in a second small pool, so downloads never
+    wait for hashing and the last object's hash trails its last byte by about one part."""
     transferred = 0
     pending = dict(sizes)
     for attempt in (1, 2):
-        tasks: list[tuple[str, int, int, int]] = []
-        for md5, size in pending.items():
-            if ctx.volume.has_object(md5):
-                continue  # stored meanwhile by another template's sync: _finish_object finds it
-            if size == 0:
-                ctx.volume.partial_path(md5).write_bytes(b"")
-                continue
-            done = _done_parts(ctx.volume, md5, size, ctx.part_size)
-            tasks += [(md5, i, s, e) for i, (s, e) in enumerate(_parts(size, ctx.part_size)) if i not in done]
-        # Large objects first, so their parts spread over the pool while small files fill the gaps.
-        tasks.sort(key=lambda t: -pending[t[0]])
-        with ThreadPoolExecutor(ctx.workers, thread_name_prefix="sync-get") as pool:
-            transferred += sum(pool.map(lambda t: _fetch_part(ctx, *t), tasks))
-            results = [(m, _finish_object(ctx, m, size)) for m, size in pending.items()]
-        bad = {md5: actual for md5, actual in results if actual is not None}
+        got, bad = _fetch_round(ctx, pending)
+        transferred += got
         if not bad:
             return transferred
         if attempt == 2:
@@ -389,11 +535,41 @@ def _verify_template(ctx: _Ctx, template: str, released: ReleasedTemplate, resul
     result.status = "repaired"
 
 
+def _write_recipe(volume: Volume, template: str, released: ReleasedTemplate) -> str | None:
+    """The template's recipe for the runtime-LoRA fallback (worker/fallback.py), written before anything
+    can fail: it is what serves the template when the fetch below does. Rewritten only when it changes.
+    Failing to write it (volume error, or a release entry the recipe refuses: a LoRA sha256 that is not
+    64 hex digits, an unknown prediction_type) disables that fallback, nothing else: a warning event, not
+    a sync failure. Returns the warning, None when written."""
+    import logging
+
+    from fuseline.logs import log_event
+    from worker.fallback import recipe_from_release, write_recipe  # lazy: the CLI needs no pipeline code
+
+    try:
+        write_recipe(volume.root, recipe_from_release(template, released))
+    except (OSError, ValueError) as err:  # pydantic's ValidationError is a ValueError
+        warning = (
+            f"template {template}: recipe for the runtime-LoRA fallback not written, so no fallback for it "
+            f"({type(err).__name__}: {' '.join(str(err).split())})"
+        )
+        log_event(
+            logging.getLogger("fuseline.worker.sync"),
+            "sync.recipe_not_written",
+            warning,
+            level=logging.WARNING,
+            template=template,
+        )
+        return warning
+    return None
+
+
 def _sync_template(ctx: _Ctx, template: str, verify: bool) -> TemplateResult:
     released = ctx.release.templates[template]
     result = TemplateResult(template, "present", released.dir_md5)
     volume = ctx.volume
     result.path = str(volume.link_path(template))
+    _write_recipe(volume, template, released)  # a failure is a warning event, not the template's error
     if volume.current_release_hash(template) == released.dir_md5 and not verify:
         return result  # warm start: trust the marker (written only after a verified, complete build)
     lock = VolumeLock(volume.lock_path(template), stale_after=ctx.lock_stale_after, timeout=ctx.lock_timeout)

@@ -37,6 +37,10 @@ SERVING_MODULES = (
     "prompts",
     "schedulers",
     "settings",
+    "speed",
+    "upload",
+    "fallback",
+    "telemetry",
 )
 
 
@@ -46,6 +50,17 @@ def test_codes_in_the_serving_source_are_registered() -> None:
         # "[CODE] message" in docstrings is the placeholder, not a code.
         for code in set(re.findall(r'"\[([A-Z_]{4,})\]', path.read_text())) - {"CODE"}:
             assert code in ERROR_CODES, f"{path.name}: [{code}]"
+
+
+def test_every_registered_code_is_raised_somewhere() -> None:
+    """A documented code no code path can produce promises callers an answer they never get: each error
+    type is raised (or built) outside errors.py, or its `[CODE]` is written as a literal."""
+    sources = "\n".join(
+        path.read_text() for name in SERVING_MODULES if name != "errors" for path in [WORKER / f"{name}.py"]
+    )
+    for error in ERROR_TYPES:
+        used = re.search(rf"\b{error.__name__}\(", sources) or f'"[{error.code}]' in sources
+        assert used, f"{error.__name__} ({error.code}) is raised nowhere in the serving modules"
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -75,3 +90,37 @@ def test_importing_the_handler_pulls_in_no_build_side_module() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == ""
+
+
+def logged_events() -> set[str]:
+    """Every event name the worker passes to log_event as a literal, plus job.done/job.failed (chosen at
+    run time in telemetry.finish_job)."""
+    names = {"job.done", "job.failed"}
+    for path in WORKER.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "log_event":
+                event = node.args[1]
+                if isinstance(event, ast.Constant) and isinstance(event.value, str):
+                    names.add(event.value)
+    return names
+
+
+def test_every_worker_log_event_and_counter_is_documented() -> None:
+    from worker.telemetry import COUNTER_NAMES
+
+    text = (REPO / "docs" / "operations.md").read_text()
+    section = text.split("\n## Worker logs\n", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"`([a-z_]+\.[a-z_]+)`", section))
+    assert len(logged_events()) > 15  # the walk found the calls
+    assert logged_events() <= documented, sorted(logged_events() - documented)
+    for name in COUNTER_NAMES:
+        assert f"`{name}`" in section, name
+    for mode in ("generate", "files", "none"):
+        assert f"- `{mode}`" in section, mode
+    flat = " ".join(section.split())
+    assert "exits with status **3**" in flat and "exits with status **1**" in flat  # local vs RunPod
+    # Links to the section resolve (GitHub's anchor for "## Worker logs").
+    for path in (REPO / "docs" / "operations.md", REPO / "README.md"):
+        for anchor in re.findall(r"\(#([a-z-]+)\)", path.read_text()):
+            headings = re.findall(r"^#+ (.+)$", text, re.M)
+            assert anchor in {h.lower().replace(" ", "-") for h in headings}, f"{path.name}: #{anchor}"

@@ -64,7 +64,7 @@ def test_generates_a_png_with_resolved_parameters() -> None:
         "checkpoint": {"id": "sdxl-tiny", "source": "file:sdxl-tiny.safetensors", "sha256": "a" * 64},
         "loras": [{"source": "file:loras/kohya_sgm.safetensors", "sha256": "b" * 64, "scale": 0.8}],
     }
-    assert set(result["timings_ms"]) == {"load", "inference", "encode"}
+    assert set(result["timings_ms"]) == {"load", "inference", "decode", "encode", "total"}
     assert result["warnings"] == []
 
 
@@ -143,7 +143,10 @@ def test_requested_scheduler_is_used() -> None:
         ({"input": {"prompt": "a", "steps": 0}}, "steps: Input should be greater than or equal to 1"),
         ({"input": {"prompt": "a", "seed": -1}}, "seed: Input should be greater than or equal to 0"),
         ({"input": {"prompt": "a", "sampler": "euler"}}, "sampler: unknown field; valid fields: template,"),
-        ({"input": {"prompt": "a", "output": {"return": "s3"}}}, "[NOT_IMPLEMENTED] output.return 's3'"),
+        (
+            {"input": {"prompt": "a", "output": {"return": "s3"}}},
+            "[UPLOAD_NOT_CONFIGURED] output.return 's3' needs an output bucket",
+        ),
         ({"input": {"prompt": "a", "template": "wrong-name"}}, "[MODEL_INVALID] "),
         ({"input": {"prompt": "a", "template": "no-manifest"}}, "[MODEL_INVALID] template 'no-manifest'"),
         ({"input": {"prompt": "a", "width": 2048, "height": 2048}}, "exceeds the budget"),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fuseline.catalog import Defaults
-from worker.errors import ConfigInvalid, InvalidInput, ModelInvalid, NotImplementedFeature
+from worker.errors import ConfigInvalid, InvalidInput, ModelInvalid
 from worker.inputs import MAX_SEED, OutputOptions, parse_input, resolve_parameters
 from worker.settings import DEFAULT_MAX_PIXELS, WorkerSettings, load_settings
 
@@ -107,12 +107,6 @@ def test_min_size_comes_from_settings() -> None:
     small = WorkerSettings(min_size=64)
     assert parse_input({**OK, "width": 64, "height": 128}, small).width == 64
     assert "must be between 256" in problems({**OK, "width": 64})
-
-
-def test_s3_output_is_not_implemented_yet() -> None:
-    with pytest.raises(NotImplementedFeature, match=r"output.return 's3'") as info:
-        parse_input({**OK, "output": {"return": "s3"}}, SETTINGS)
-    assert str(info.value).startswith("[NOT_IMPLEMENTED] ")
 
 
 def test_default_template_makes_template_optional() -> None:

@@ -1,0 +1,570 @@
+"""Runtime-LoRA fallback: serve a template from its base checkpoint plus its LoRA files, loaded at run time
+with diffusers, when its merged model folder is missing or refused (see docs/operations.md,
+"Runtime-LoRA fallback").
+
+What it needs on the volume, none of it inside the merged folder:
+    .fuseline/recipes/<template>.json        the recipe: written by sync from the release entry, first thing
+                                              (before any download can fail), or by hand
+    sources/checkpoints/<checkpoint dir>/    the base checkpoint as a diffusers SDXL folder (safetensors)
+    sources/loras/<sha256>.safetensors       each LoRA file, named by its content hash
+
+A merged folder that passes its checks is always preferred; the fallback answers only when it does not,
+and its jobs carry `"degraded": true` and a warning. Heavy imports (torch, diffusers, peft) happen inside
+the loader only: importing the handler must not pull them in (tests/worker/test_boundaries.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import struct
+import sys
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fuseline.catalog import ID_PATTERN, Defaults
+from fuseline.logs import log_event
+from fuseline.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
+from worker.errors import ModelInvalid, UnknownTemplate, WorkerError, unrecoverable_device_error
+from worker.pipelines import LoadedTemplate, TemplateFolder, check_template_folder, load_template
+from worker.settings import WorkerSettings
+
+log = logging.getLogger("fuseline.worker.fallback")
+
+RECIPE_FORMAT = 1
+RECIPES_DIR = Path(".fuseline") / "recipes"
+CHECKPOINTS_DIR = Path("sources") / "checkpoints"
+LORAS_DIR = Path("sources") / "loras"
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+# Extensions of torch.save/pickle files: never loaded (unpickling can run code), only named in the error.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# A zip archive (torch.save since torch 1.6) starts with a local file header; a raw pickle stream with the
+# PROTO opcode 0x80 and its protocol number (2-5). Checked only once the file is known not to be a
+# safetensors file, whose first 8 bytes are its header length: a length with a low byte of 0x80 (1 in 32
+# files, headers being padded to 8 bytes) starts with 0x80 too.
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTOCOLS = range(2, 6)
+# Longest checkpoint folder name kept as is; longer sources get a hash suffix (filesystems stop at 255).
+MAX_DIR_NAME = 120
+DOCS = 'docs/operations.md, "Runtime-LoRA fallback"'
+_HASH_BLOCK = 8 << 20
+_WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+_BYTES_PER_DTYPE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+
+
+def degraded_warning(template_id: str, reason: str) -> str:
+    return (
+        f"degraded: the merged model of template {template_id!r} was unavailable ({reason}); its LoRAs "
+        "were applied at run time to the base checkpoint instead (slower, and images may differ slightly "
+        "from the merged model's)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RecipeLora(_Frozen):
+    source: str
+    sha256: str = Field(description="SHA-256 of the LoRA file; also its name under sources/loras/.")
+    scale: float
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        # Joined into a path: only 64 lowercase hex digits can name a file there.
+        if not SHA256_PATTERN.match(value):
+            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {value!r}")
+        return value
+
+
+class Recipe(_Frozen):
+    """What the merged folder was built from, kept apart from it so the template survives its loss."""
+
+    format: Literal[1] = RECIPE_FORMAT
+    template: str
+    spec_hash: str
+    checkpoint: str = Field(description="Catalog source of the checkpoint (names its folder, see below).")
+    loras: list[RecipeLora] = Field(default_factory=list, description="In fusing order.")
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    defaults: Defaults | None = Field(default=None, description="Absent: the worker's global defaults.")
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2, sort_keys=True) + "\n"
+
+
+def recipe_path(volume: Path, template_id: str) -> Path:
+    return Path(volume) / RECIPES_DIR / f"{template_id}.json"
+
+
+def recipe_from_release(template_id: str, released) -> Recipe:
+    """The recipe of a `fuseline.release.ReleasedTemplate` (it carries no defaults: the global ones apply)."""
+    return Recipe(
+        template=template_id,
+        spec_hash=released.spec_hash,
+        checkpoint=released.checkpoint,
+        loras=[RecipeLora(source=x.source, sha256=x.sha256, scale=x.scale) for x in released.loras],
+        prediction_type=released.prediction_type,
+    )
+
+
+def write_recipe(volume: Path, recipe: Recipe) -> bool:
+    """Write `.fuseline/recipes/<template>.json` atomically (temp file, fsync, rename) unless it already
+    holds these bytes; returns whether it wrote. Many workers may write the same recipe at once: each
+    rename installs a complete file."""
+    if not re.match(ID_PATTERN, recipe.template):
+        raise ValueError(f"recipe template {recipe.template!r} is not a catalog id")
+    path = recipe_path(volume, recipe.template)
+    text = recipe.to_json()
+    with contextlib.suppress(OSError):
+        if path.read_text(encoding="utf-8") == text:
+            return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}")  # unique across machines sharing it
+    try:
+        with tmp.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return True
+
+
+def read_recipe(settings: WorkerSettings, template_id: str) -> Recipe | None:
+    """The template's recipe, None when there is none; ModelInvalid when it is unusable."""
+    path = recipe_path(settings.volume, template_id)
+    try:
+        recipe = Recipe.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ModelInvalid(f"{path}: unreadable ({exc})") from None
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ModelInvalid(
+            f"{path}: invalid recipe ({problems}); delete it and run the sync again to rewrite it"
+        ) from None
+    if recipe.template != template_id:
+        raise ModelInvalid(f"{path}: names template {recipe.template!r}, not {template_id!r}; delete it")
+    expected = settings.expected_spec_hashes.get(template_id)
+    if expected is not None and recipe.spec_hash != expected:
+        raise ModelInvalid(
+            f"{path}: spec_hash {recipe.spec_hash!r} differs from the expected {expected!r} "
+            f"(FUSELINE_SPEC_HASHES); the recipe is stale: run the sync of a release that has it"
+        )
+    return recipe
+
+
+# ---------------------------------------------------------------------------------------------- layout
+
+
+def checkpoint_dir_name(source: str) -> str:
+    """The folder name of a checkpoint under sources/checkpoints/: its catalog source with every run of
+    characters outside [A-Za-z0-9._-] turned into one '-' (`civitai:133005` -> `civitai-133005`)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", source).strip(".-")
+    if not name or len(name) > MAX_DIR_NAME:
+        digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+        name = f"{name[: MAX_DIR_NAME - 17].rstrip('.-')}-{digest}".lstrip("-")
+    return name
+
+
+def checkpoint_dir(settings: WorkerSettings, source: str) -> Path:
+    return settings.volume / CHECKPOINTS_DIR / checkpoint_dir_name(source)
+
+
+def lora_path(settings: WorkerSettings, sha256: str) -> Path:
+    return settings.volume / LORAS_DIR / f"{sha256}.safetensors"
+
+
+def adapter_name(index: int, source: str) -> str:
+    """A PEFT adapter name for the template's `index`-th LoRA: [0-9A-Za-z_] only (PEFT joins adapter names
+    into module paths, where a '.' or ':' breaks the lookup), unique by the index prefix."""
+    return f"lora{index}_{re.sub(r'[^0-9A-Za-z_]', '_', source)}"[:64]
+
+
+def missing_sources(settings: WorkerSettings, recipe: Recipe) -> list[str]:
+    """What the recipe needs that the volume lacks, one line each (empty: the fallback can load)."""
+    missing = []
+    base = checkpoint_dir(settings, recipe.checkpoint)
+    if not (base / "model_index.json").is_file():
+        missing.append(f"{base}/ (a diffusers SDXL folder of checkpoint {recipe.checkpoint!r})")
+    for lora in recipe.loras:
+        path = lora_path(settings, lora.sha256)
+        if not path.is_file():
+            pickles = [p.name for p in (path.with_suffix(s) for s in PICKLE_SUFFIXES) if p.exists()]
+            note = f"; {', '.join(pickles)} there is a pickle file, refused: convert it" if pickles else ""
+            missing.append(f"{path} (LoRA {lora.source!r}){note}")
+    return missing
+
+
+# ----------------------------------------------------------------------------------------- resolving
+
+
+def _fallback_folder(
+    settings: WorkerSettings, template_id: str, recipe: Recipe, reason: str
+) -> TemplateFolder:
+    """A TemplateFolder for the base checkpoint, its manifest made from the recipe: the job output reports
+    the recipe's checkpoint, LoRAs and spec hash exactly as it does a merged folder's."""
+    manifest = ModelManifest(
+        template=template_id,
+        checkpoint=CheckpointRef(id=checkpoint_dir_name(recipe.checkpoint), source=recipe.checkpoint),
+        loras=[
+            LoraRef(source=x.source, sha256=x.sha256, scale=x.scale, placed_keys={}) for x in recipe.loras
+        ],
+        vae=VaeRef(source="checkpoint"),  # the base folder's own vae/
+        prediction_type=recipe.prediction_type,
+        spec_hash=recipe.spec_hash,
+        fuseline_version="runtime-lora",
+        defaults=recipe.defaults,
+    )
+    return TemplateFolder(
+        template_id,
+        checkpoint_dir(settings, recipe.checkpoint),
+        manifest,
+        recipe.defaults or Defaults(),
+        degraded_reason=reason,
+    )
+
+
+def _with_note(error: WorkerError, note: str) -> WorkerError:
+    return type(error)(f"{error.message}; runtime-LoRA fallback: {note}")
+
+
+def resolve_template(settings: WorkerSettings, template_id: str) -> TemplateFolder:
+    """The merged folder when it passes its checks; otherwise the fallback's (`degraded_reason` set) when
+    the recipe and every file it names are on the volume; otherwise the merged folder's own error, with
+    what the fallback lacks. Cheap (no hashing): run for every job, before the pipeline cache."""
+    try:
+        return check_template_folder(settings, template_id)
+    except (UnknownTemplate, ModelInvalid) as merged_error:
+        return _resolve_fallback(settings, template_id, merged_error)
+
+
+def _resolve_fallback(
+    settings: WorkerSettings, template_id: str, merged_error: WorkerError
+) -> TemplateFolder:
+    if not re.match(ID_PATTERN, template_id):
+        raise merged_error
+    try:
+        recipe = read_recipe(settings, template_id)
+    except ModelInvalid as exc:
+        raise ModelInvalid(f"{merged_error.message}; runtime-LoRA fallback: {exc.message}") from None
+    if recipe is None:
+        raise merged_error  # no recipe: exactly the behaviour without a fallback
+    missing = missing_sources(settings, recipe)
+    if missing:
+        raise _with_note(merged_error, f"the volume lacks {'; '.join(missing)} (see {DOCS})") from None
+    return _fallback_folder(settings, template_id, recipe, merged_error.message)
+
+
+def fallback_ready_templates(settings: WorkerSettings) -> list[str]:
+    """Ids of the recipes on the volume that the fallback can serve now (a valid recipe, every file it
+    names present): they are templates of this worker even without a merged folder. Cheap: small JSON
+    files and stat calls, no hashing."""
+    out = []
+    for path in sorted((settings.volume / RECIPES_DIR).glob("*.json")):
+        if not re.match(ID_PATTERN, path.stem):
+            continue  # a write's temp file (`.<id>.json.<hex>`) or a stray file
+        try:
+            recipe = read_recipe(settings, path.stem)
+        except ModelInvalid:
+            continue  # named by the fallback's own error when the template is asked for
+        if recipe is not None and not missing_sources(settings, recipe):
+            out.append(path.stem)
+    return out
+
+
+def load_serving(settings: WorkerSettings, template_id: str, device: str | None = None) -> LoadedTemplate:
+    """The pipeline cache's loader: the merged folder, or (when it is missing or refused, also at load
+    time: truncated weights) the base checkpoint with the LoRAs applied at run time."""
+    # Before the merged load is tried: a merged folder a sync installs while the (slow) fallback loads then
+    # differs from this marker, and the fallback entry is found stale at the next job.
+    marker = merged_marker(settings, template_id)
+    try:
+        return load_template(settings, template_id, device)
+    except (UnknownTemplate, ModelInvalid) as merged_error:
+        folder = _resolve_fallback(settings, template_id, merged_error)
+        log_event(
+            log,
+            "template.fallback",
+            f"template {template_id}: merged model unavailable ({merged_error}); loading runtime LoRAs",
+            level=logging.WARNING,
+            template=template_id,
+            reason=str(merged_error),
+        )
+        return load_runtime_loras(settings, folder, device, marker)
+
+
+def template_weight_bytes(settings: WorkerSettings, template_id: str, bytes_per_value: int) -> int:
+    """The cache's size estimate: the merged folder's weights, or else the fallback base folder's."""
+    from worker.pipelines import folder_weight_bytes
+
+    merged = settings.models_dir / template_id
+    if merged.is_dir():
+        return folder_weight_bytes(merged, bytes_per_value)
+    try:
+        recipe = read_recipe(settings, template_id)
+    except ModelInvalid:
+        return 0
+    if recipe is None:
+        return 0
+    total = 0
+    for component in _WEIGHTED_COMPONENTS:
+        for path in (checkpoint_dir(settings, recipe.checkpoint) / component).glob("*.safetensors"):
+            stored = _stored_bytes_per_value(path)
+            total += path.stat().st_size * bytes_per_value // stored
+    return total
+
+
+def _stored_bytes_per_value(path: Path) -> int:
+    """Bytes per value of the first tensor in a safetensors header (2 when unreadable)."""
+    with contextlib.suppress(OSError, ValueError, struct.error):
+        with path.open("rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(min(size, 100_000_000)))
+        for key, entry in header.items():
+            if key != "__metadata__":
+                return _BYTES_PER_DTYPE.get(entry.get("dtype"), 2)
+    return 2
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_safetensors(head: bytes, file_size: int) -> bool:
+    """Whether a file starting with `head` (at least 9 bytes) and `file_size` bytes long is laid out as
+    safetensors: a little-endian u64 header length that fits the file, then the JSON header's `{`."""
+    if len(head) < 9:
+        return False
+    (size,) = struct.unpack("<Q", head[:8])
+    return 2 <= size <= file_size - 8 and head[8:9] == b"{"
+
+
+def is_pickle(head: bytes) -> bool:
+    """Whether `head` starts a torch.save zip archive or a pickle stream of protocol 2-5."""
+    return head.startswith(ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and head[1] in PICKLE_PROTOCOLS)
+
+
+def verify_lora_file(path: Path, lora: LoraRef) -> None:
+    """Refuse a pickle, and a file whose content is not the recipe's sha256 (a wrong or damaged LoRA)."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(9)
+            size = os.fstat(handle.fileno()).st_size
+        if not is_safetensors(head, size) and is_pickle(head):
+            raise ModelInvalid(
+                f"{path} (LoRA {lora.source!r}) is a pickle (torch.save) file, which can run code when "
+                "loaded; put the .safetensors release of this LoRA there"
+            )
+        actual = _sha256_file(path)
+    except OSError as exc:
+        raise ModelInvalid(f"{path} (LoRA {lora.source!r}): unreadable ({exc})") from None
+    if actual != lora.sha256:
+        raise ModelInvalid(
+            f"{path} (LoRA {lora.source!r}) has sha256 {actual}, not the {lora.sha256} its name and the "
+            f"recipe promise; the file is damaged or not this LoRA: copy the right file there ({DOCS})"
+        )
+
+
+def _fp16_variant(base: Path) -> str | None:
+    """'fp16' when the base folder's UNet weights are saved as the fp16 variant (an export), else None
+    (the convert stage's layout: plain file names in the source dtype)."""
+    unet = base / "unet"
+    return "fp16" if any(".fp16" in p.name for p in unet.glob("*.safetensors")) else None
+
+
+def load_runtime_loras(
+    settings: WorkerSettings,
+    folder: TemplateFolder,
+    device: str | None = None,
+    refused_marker: tuple | None = None,
+) -> LoadedTemplate:
+    """Load the base checkpoint folder and apply the recipe's LoRAs as PEFT adapters (not fused).
+
+    `refused_marker`: merged_marker() of the merged folder taken before it was tried and refused (by
+    load_serving), kept in the entry so that a merged folder appearing during this load counts as new."""
+    import torch
+
+    from worker.pipelines import default_device
+
+    template_id, base, manifest = folder.template_id, folder.path, folder.manifest
+    # Hash before the (slow) pipeline load: a wrong file fails in the time it takes to read it.
+    for lora in manifest.loras:
+        verify_lora_file(lora_path(settings, lora.sha256), lora)
+    try:
+        if manifest.loras:
+            import peft  # noqa: F401  (diffusers' load_lora_weights needs its PEFT backend)
+    except ImportError:
+        raise ModelInvalid(
+            f"template {template_id!r}: {folder.degraded_reason}; the runtime-LoRA fallback needs the peft "
+            "package, which this worker image lacks (add it to requirements/worker.lock)"
+        ) from None
+    from diffusers import StableDiffusionXLPipeline
+
+    device = device or default_device(settings)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    started = time.perf_counter()
+    try:
+        # use_safetensors: a folder holding only pickle (.bin) weights is refused, never unpickled.
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            base, variant=_fp16_variant(base), dtype=dtype, local_files_only=True, use_safetensors=True
+        )
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        if unrecoverable_device_error(exc) is not None:
+            raise  # the GPU's fault, not the folder's: the handler answers CUDA_ERROR (refresh_worker)
+        raise ModelInvalid(
+            f"template {template_id!r} (runtime-LoRA fallback): diffusers could not load the base "
+            f"checkpoint {base} as an SDXL folder with safetensors weights: {type(exc).__name__}: {exc}"
+        ) from None
+    names = [adapter_name(i, lora.source) for i, lora in enumerate(manifest.loras)]
+    for name, lora in zip(names, manifest.loras, strict=True):
+        path = lora_path(settings, lora.sha256)
+        try:
+            pipe.load_lora_weights(str(path), adapter_name=name, local_files_only=True)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            if unrecoverable_device_error(exc) is not None:
+                raise
+            raise ModelInvalid(
+                f"{path} (LoRA {lora.source!r}): diffusers could not apply it to {base}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+    if names:
+        pipe.set_adapters(names, adapter_weights=[lora.scale for lora in manifest.loras])
+    # As the merge does: the catalog's prediction type wins over whatever the base's scheduler says
+    # (diffusers cannot detect v-prediction from an SDXL single file).
+    scheduler_config = {**pipe.scheduler.config, "prediction_type": manifest.prediction_type}
+    pipe.scheduler = type(pipe.scheduler).from_config(scheduler_config)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    # No FUSELINE_SPEED options here: fuse_qkv concatenates to_q/to_k/to_v into one projection and would
+    # drop the LoRA layers PEFT put on them.
+    nbytes = sum(
+        p.numel() * p.element_size()
+        for name in _WEIGHTED_COMPONENTS
+        if getattr(pipe, name, None) is not None
+        for p in getattr(pipe, name).parameters()
+    )
+    return LoadedTemplate(
+        folder=folder,
+        pipe=pipe,
+        scheduler_config=dict(pipe.scheduler.config),
+        nbytes=nbytes,
+        load_ms=(time.perf_counter() - started) * 1000,
+        merged_marker=refused_marker,
+    )
+
+
+# --------------------------------------------------------------------------------- preferring merged
+
+
+def merged_marker(settings: WorkerSettings, template_id: str) -> tuple | None:
+    """What the merged folder looks like now (its resolved path and manifest's mtime/size), None when it
+    has no manifest: recorded by a fallback entry, so the cache can tell a new merged folder from the one
+    that was refused (and does not reload a still-broken folder on every job)."""
+    link = settings.models_dir / template_id
+    with contextlib.suppress(OSError):
+        st = (link / "fuseline.json").stat()
+        return (str(link.resolve()), st.st_mtime_ns, st.st_size, st.st_ino)
+    return None
+
+
+def merged_became_available(settings: WorkerSettings, entry: LoadedTemplate) -> bool:
+    """For PipelineCache's `is_stale`: a fallback entry is stale once a merged folder other than the one
+    refused when it loaded passes its checks (the next job then evicts it and loads the merged model)."""
+    if not entry.degraded:
+        return False
+    marker = merged_marker(settings, entry.template_id)
+    if marker is None or marker == entry.merged_marker:
+        return False
+    try:
+        check_template_folder(settings, entry.template_id)
+    except WorkerError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+@dataclass(frozen=True)
+class FallbackStatus:
+    template: str
+    recipe: Path
+    ready: bool
+    needs: list[str]
+
+
+def fallback_status(settings: WorkerSettings) -> list[FallbackStatus]:
+    """For each recipe on the volume: whether the fallback could serve it, and what it lacks."""
+    out = []
+    for path in sorted((settings.volume / RECIPES_DIR).glob("*.json")):
+        template = path.stem
+        try:
+            recipe = read_recipe(settings, template)
+        except ModelInvalid as exc:
+            out.append(FallbackStatus(template, path, False, [exc.message]))
+            continue
+        assert recipe is not None
+        expected = [f"{checkpoint_dir(settings, recipe.checkpoint)}/"] + [
+            str(lora_path(settings, x.sha256)) for x in recipe.loras
+        ]
+        missing = missing_sources(settings, recipe)
+        out.append(FallbackStatus(template, path, not missing, missing or expected))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m worker.fallback [--volume V]`: where each template's fallback files go, and what is
+    missing (exit 0 when every recipe is ready)."""
+    from worker.settings import load_settings
+
+    parser = argparse.ArgumentParser(prog="python -m worker.fallback", description=main.__doc__)
+    parser.add_argument("--volume", default=None, help="default: FUSELINE_VOLUME or /runpod-volume")
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    if args.volume:
+        settings = replace(settings, volume=Path(args.volume))
+    statuses = fallback_status(settings)
+    if not statuses:
+        print(f"no recipes in {settings.volume / RECIPES_DIR}: run the sync (FUSELINE_RELEASE) first")
+        return 2
+    for status in statuses:
+        print(f"{status.template}: {'ready' if status.ready else 'NOT ready, missing:'}")
+        for line in status.needs:
+            print(f"  {line}")
+    return 0 if all(s.ready for s in statuses) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,482 @@
+"""What the worker tells its operators about itself: the start report and self-check, one record per job,
+and process counters (event names and fields: docs/operations.md "Worker logs").
+
+Operators of a serverless endpoint see a worker only through its logs, so each of these is one structured
+event (fuseline.logs): `worker.start` once, `job.done`/`job.failed` per job, `worker.counters` every
+FUSELINE_COUNTERS_EVERY jobs and at exit. Nothing here imports torch at module level: pipelines.py and
+generate.py report into it from hot paths.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import importlib.metadata
+import logging
+import platform
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fuseline.logs import log_event
+from worker.errors import ModelInvalid, WorkerError
+
+if TYPE_CHECKING:
+    from worker.handler import Worker
+    from worker.pipelines import LoadedTemplate
+    from worker.settings import WorkerSettings
+
+log = logging.getLogger("fuseline.worker")
+
+Handler = Callable[[Any], dict[str, Any]]
+
+DEFAULT_COUNTERS_EVERY = 50
+# Counters a caller may add to; a name outside this list is a bug (a typo would count into nothing).
+COUNTER_NAMES = (
+    "jobs_done",
+    "jobs_failed",
+    "image_check_retries",
+    "oom_retries",
+    "fallbacks",
+    "cache_hits",
+    "cache_misses",
+    "cache_evictions",
+    "sync_bytes",
+    "sync_failures",
+)
+# Retry kinds a job record lists, each with the counter it adds to.
+RETRY_COUNTERS = {"image_check": "image_check_retries", "oom": "oom_retries"}
+# Pipeline components whose weight files a template folder must have (pipelines._WEIGHTED_COMPONENTS).
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+# The self-check's generation: one step at the smallest size SDXL's UNet accepts (latents 8x8), so it
+# costs well under a second on a GPU while running every component of the pipeline once.
+SELF_CHECK_SIZE = 64
+SELF_CHECK_PROMPT = "a red apple on a wooden table"
+_ERROR_CODE_RE = re.compile(r"^\[([A-Z_]+)\] ")
+# Failed jobs' error text in a record is cut here: a log line, not a transcript.
+_MAX_ERROR_CHARS = 500
+
+
+# ---------------------------------------------------------------------------------------------- counters
+
+
+class Counters:
+    """Process-wide counts (thread-safe): jobs by outcome and error code, retries, fallbacks, pipeline
+    cache traffic, sync bytes and failures."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values = dict.fromkeys(COUNTER_NAMES, 0)
+        self._errors: Counter[str] = Counter()
+
+    def add(self, name: str, amount: int = 1) -> None:
+        if name not in self._values:
+            raise KeyError(f"unknown counter {name!r}; known: {', '.join(COUNTER_NAMES)}")
+        with self._lock:
+            self._values[name] += amount
+
+    def record_job(self, error_code: str | None, degraded: bool) -> int:
+        """Count one finished job; returns the number of jobs counted so far (done + failed)."""
+        with self._lock:
+            self._values["jobs_failed" if error_code else "jobs_done"] += 1
+            if error_code:
+                self._errors[error_code] += 1
+            if degraded:
+                self._values["fallbacks"] += 1
+            return self._values["jobs_done"] + self._values["jobs_failed"]
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self._values, "errors": dict(sorted(self._errors.items()))}
+
+
+COUNTERS = Counters()
+
+
+def log_counters(reason: str, logger: logging.Logger = log) -> None:
+    log_event(logger, "worker.counters", f"counters ({reason})", reason=reason, **COUNTERS.snapshot())
+
+
+_shutdown_installed = threading.Lock()
+_shutdown_done: list[bool] = []
+
+
+def install_shutdown_report(logger: logging.Logger = log) -> None:
+    """Log `worker.counters` once when the process exits normally (idempotent).
+
+    runpod 1.12 stops cleanly on SIGTERM/SIGINT (its JobScaler drains and returns; the local API's uvicorn
+    does the same), so atexit sees every ordinary stop. Before runpod installs its handlers (start-up
+    sync, loading), SIGTERM would kill the process without atexit: until then it exits through SystemExit.
+    A failed RunPod fitness check ends with os._exit and logs no counters (no job ran)."""
+    with _shutdown_installed:
+        if _shutdown_done:
+            return
+        _shutdown_done.append(True)
+    atexit.register(log_counters, "shutdown", logger)
+    if threading.current_thread() is threading.main_thread():
+        with contextlib.suppress(ValueError, OSError):
+            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
+# ------------------------------------------------------------------------------------------ job records
+
+
+@dataclass
+class JobRecord:
+    """What one job did, filled in as it runs and logged once as `job.done` or `job.failed`."""
+
+    job_id: str | None
+    device: str | None
+    template: str | None = None
+    parameters: dict[str, Any] | None = None
+    started: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.retries: list[str] = []
+        self.started = time.perf_counter()
+        if self.on_cuda:
+            import torch
+
+            # Peak VRAM of this job alone: the counter otherwise holds the process's peak so far. After a
+            # sticky CUDA error every CUDA call raises: the record then goes without the figure.
+            with contextlib.suppress(Exception):
+                torch.cuda.reset_peak_memory_stats(self.device)
+
+    @property
+    def on_cuda(self) -> bool:
+        return bool(self.device and self.device.startswith("cuda"))
+
+    def fields(self, result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """(event name, fields) for the job's `result` (the handler's output or {"error": ...})."""
+        error = result.get("error")
+        code = None
+        if error is not None:
+            match = _ERROR_CODE_RE.match(str(error))
+            code = match.group(1) if match else "INTERNAL_ERROR"
+        params = result.get("parameters") or self.parameters or {}
+        template = params.get("template") or self.template
+        fields: dict[str, Any] = {"job_id": self.job_id, "template": template}
+        for name in ("width", "height", "steps", "num_images", "seed"):
+            if name in params:
+                fields[name] = params[name]
+        timings = dict(result.get("timings_ms") or {})
+        timings.setdefault("total", round((time.perf_counter() - self.started) * 1000, 1))
+        fields.update({f"{name}_ms": value for name, value in timings.items()})
+        if self.on_cuda:
+            import torch
+
+            with contextlib.suppress(Exception):
+                fields["peak_vram_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
+        fields["retries"] = list(self.retries)
+        fields["degraded"] = result.get("degraded") or False
+        if result.get("refresh_worker"):
+            fields["refresh_worker"] = True
+        if code is not None:
+            fields["error_code"] = code
+            fields["error"] = str(error)[:_MAX_ERROR_CHARS]
+        return ("job.failed" if code else "job.done"), fields
+
+
+_current_job: ContextVar[JobRecord | None] = ContextVar("fuseline_job", default=None)
+
+
+@contextlib.contextmanager
+def job_record(job: Any, device: str | None) -> Iterator[JobRecord]:
+    """The record of the job running in this context (runpod runs a sync handler inside the job's asyncio
+    task, so each concurrent job has its own)."""
+    job_id = job.get("id") if isinstance(job, dict) else None
+    record = JobRecord(str(job_id) if job_id is not None else None, device)
+    raw = job.get("input") if isinstance(job, dict) else None
+    if isinstance(raw, dict) and isinstance(raw.get("template"), str):
+        record.template = raw["template"]
+    token = _current_job.set(record)
+    try:
+        yield record
+    finally:
+        _current_job.reset(token)
+
+
+def note_parameters(params: Any) -> None:
+    """Record the job's resolved parameters (a GenerationParameters), so a job failing after resolution
+    still reports its size, steps and seed."""
+    record = _current_job.get()
+    if record is not None:
+        record.template = params.template
+        record.parameters = {
+            name: getattr(params, name)
+            for name in ("template", "width", "height", "steps", "num_images", "seed")
+        }
+
+
+def in_job() -> bool:
+    """Whether a job is running in this context (the handler's `recorded` wrapper opened its record)."""
+    return _current_job.get() is not None
+
+
+def count_in_job(name: str, amount: int = 1) -> None:
+    """Add to counter `name` only inside a job: the start-up load, warm-up and self-check go through the
+    same pipeline cache and generation code, and are reported by `worker.start`, not counted as traffic."""
+    if in_job():
+        COUNTERS.add(name, amount)
+
+
+def note_retry(kind: str) -> None:
+    """Count a retry (`image_check`: the fp32 VAE decode after NaN/black; `oom`: after freeing memory) and
+    list it in the running job's record (outside a job, e.g. the self-check: neither)."""
+    counter = RETRY_COUNTERS[kind]  # KeyError for an unknown kind, also outside a job
+    record = _current_job.get()
+    if record is not None:
+        COUNTERS.add(counter)
+        record.retries.append(kind)
+
+
+def finish_job(
+    record: JobRecord,
+    result: dict[str, Any],
+    every: int = DEFAULT_COUNTERS_EVERY,
+    logger: logging.Logger = log,
+) -> None:
+    """Log the job's `job.done`/`job.failed` event, count it, and log `worker.counters` every `every` jobs."""
+    event, fields = record.fields(result)
+    level = logging.WARNING if event == "job.failed" else logging.INFO
+    outcome = f"failed: {fields['error_code']}" if event == "job.failed" else "done"
+    log_event(logger, event, f"job {record.job_id} {outcome}", level=level, **fields)
+    total = COUNTERS.record_job(fields.get("error_code"), bool(fields["degraded"]))
+    if every > 0 and total % every == 0:
+        log_counters("periodic", logger)
+
+
+# ----------------------------------------------------------------------------------- start and self-check
+
+
+@dataclass
+class SelfCheck:
+    ok: bool
+    mode: str  # "generate" (default template), "files" (each preloaded folder), "none" (nothing to check)
+    templates: list[str]
+    ms: float
+    error: str | None = None
+    # Templates the runtime-LoRA fallback will serve (their merged folder is missing or broken).
+    degraded: list[str] = field(default_factory=list)
+
+    def fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ok": self.ok, "mode": self.mode, "templates": self.templates, "ms": self.ms}
+        if self.degraded:
+            out["degraded"] = self.degraded
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def check_weight_files(template_id: str, path: Path) -> None:
+    """Raise ModelInvalid naming the first component without weights or the first .safetensors file whose
+    header is unreadable or promises more bytes than the file holds (truncated, overwritten).
+
+    Reads headers only (a few KB per file): tensor bytes are sync's md5 check's business."""
+    from safetensors import SafetensorError, safe_open
+
+    fix = f"re-sync it: python -m worker.sync --verify --template {template_id}"
+    for component in WEIGHT_COMPONENTS:
+        folder = path / component
+        if not folder.is_dir() or not any(folder.glob("*.safetensors")):
+            raise ModelInvalid(f"template {template_id!r}: {folder}: no .safetensors weights; {fix}")
+    for file in sorted(path.rglob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as exc:
+            raise ModelInvalid(
+                f"template {template_id!r}: {file}: not a readable safetensors file ({exc}); {fix}"
+            ) from None
+
+
+def _fallback_ready(settings: WorkerSettings, template_id: str) -> bool:
+    """Whether the runtime-LoRA fallback can serve `template_id` (its recipe and every file it names are
+    on the volume): then a broken merged folder degrades the template instead of failing it."""
+    from worker.fallback import missing_sources, read_recipe
+
+    try:
+        recipe = read_recipe(settings, template_id)
+    except WorkerError:
+        return False
+    return recipe is not None and not missing_sources(settings, recipe)
+
+
+def self_check(worker: Worker) -> SelfCheck:
+    """With a default template: the header of each of its weight files, then one 1-step 64 px generation
+    through the serving path (the pipeline called directly: FUSELINE_MIN_SIZE does not apply; the
+    runtime-LoRA fallback where it serves the template). Without one: the weight files of each preloaded
+    template present on the volume. Never raises; the result says what failed, naming the file where a
+    file is at fault."""
+    from worker.pipelines import available_templates
+
+    settings = worker.settings
+    started = time.perf_counter()
+
+    def result(ok: bool, mode: str, templates: list[str], error: Any = None, **extra: Any) -> SelfCheck:
+        ms = round((time.perf_counter() - started) * 1000, 1)
+        return SelfCheck(ok, mode, templates, ms, None if error is None else str(error), **extra)
+
+    default = settings.default_template
+    if default:
+        files_error: WorkerError | None = None
+        if (settings.models_dir / default).is_dir():
+            try:
+                check_weight_files(default, settings.models_dir / default)
+            except WorkerError as exc:
+                files_error = exc  # fatal unless the fallback serves the template instead
+        try:
+            entry = _generate_once(worker, default)
+        except WorkerError as exc:
+            return result(False, "generate", [default], files_error or exc)
+        except Exception as exc:  # a bug or a broken library: still a reason not to take jobs
+            reason = files_error or f"template {default!r}: {type(exc).__name__}: {exc}"
+            return result(False, "generate", [default], reason)
+        if files_error is not None and not entry.degraded:
+            return result(False, "generate", [default], files_error)
+        return result(True, "generate", [default], degraded=[default] if entry.degraded else [])
+    present = available_templates(settings)
+    wanted = [t for t in (settings.preload or present) if t in present]
+    degraded = []
+    for template_id in wanted:
+        try:
+            check_weight_files(template_id, settings.models_dir / template_id)
+        except WorkerError as exc:
+            if not _fallback_ready(settings, template_id):
+                return result(False, "files", wanted, exc, degraded=degraded)
+            degraded.append(template_id)
+    return result(True, "files" if wanted else "none", wanted, degraded=degraded)
+
+
+def _generate_once(worker: Worker, template_id: str) -> LoadedTemplate:
+    from worker.generate import generate
+    from worker.inputs import GenerationParameters, OutputOptions
+
+    entry, _ = worker.cache.get(template_id)
+    params = GenerationParameters(
+        template=template_id,
+        prompt=SELF_CHECK_PROMPT,
+        negative_prompt="",
+        width=SELF_CHECK_SIZE,
+        height=SELF_CHECK_SIZE,
+        steps=1,
+        guidance_scale=entry.folder.defaults.guidance_scale,
+        seed=0,
+        num_images=1,
+        scheduler="default",
+        output=OutputOptions(),
+    )
+    generate(entry, params)  # raises ImageInvalid on NaN/Inf or a black frame
+    return entry
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _nvidia_driver() -> str | None:
+    """The kernel driver's version ("550.54.15"), from the file the NVIDIA driver exposes on Linux."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    match = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]+)", text)
+    return match.group(1) if match else None
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Versions, CUDA and the GPU's memory (or "cpu"), for the start report."""
+    import torch
+
+    out: dict[str, Any] = {
+        "versions": {
+            "python": platform.python_version(),
+            **{name: _version(name) for name in ("torch", "diffusers", "transformers", "runpod", "fuseline")},
+        },
+        "device": device,
+        "cuda": {"version": torch.version.cuda, "driver": _nvidia_driver()},
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(device)
+        out["gpu"] = {
+            "name": torch.cuda.get_device_name(device),
+            "free_bytes": int(free),
+            "total_bytes": int(total),
+        }
+    else:
+        out["gpu"] = "cpu"
+    return out
+
+
+def start_fields(worker: Worker, problems: list[str], check: SelfCheck) -> dict[str, Any]:
+    from worker.pipelines import available_templates
+
+    settings = worker.settings
+    try:
+        free = shutil.disk_usage(settings.volume).free
+    except OSError:
+        free = None
+    sync = getattr(worker, "sync_summary", None)
+    return {
+        **environment(worker.device),
+        "volume": {"path": str(settings.volume), "free_bytes": free},
+        "templates_present": available_templates(settings),
+        "default_template": settings.default_template,
+        "templates_synced": sorted(sync["templates"]) if sync else [],
+        "sync": sync,
+        "problems": problems,
+        "self_check": check.fields(),
+    }
+
+
+def log_start(
+    worker: Worker, problems: list[str], check: SelfCheck, logger: logging.Logger = log
+) -> dict[str, Any]:
+    """Log the `worker.start` event (error level when the self-check failed) and return its fields."""
+    fields = start_fields(worker, problems, check)
+    if check.ok:
+        level, message = (logging.WARNING if problems else logging.INFO), "worker started"
+        if problems:
+            message += f" with {len(problems)} template problem(s); jobs for those templates will fail"
+    else:
+        level, message = logging.ERROR, f"self-check failed, not taking jobs: {check.error}"
+    log_event(logger, "worker.start", message, level=level, **fields)
+    return fields
+
+
+def recorded(current_worker: Callable[[], Worker | None]) -> Callable[[Handler], Handler]:
+    """Decorate the RunPod handler so that every job it runs is recorded (`job.done`/`job.failed`) and
+    counted. `current_worker` gives the process's worker when there is one (its device for peak VRAM,
+    its settings for FUSELINE_COUNTERS_EVERY)."""
+
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def run_recorded(job: Any) -> dict[str, Any]:
+            worker = current_worker()
+            with job_record(job, getattr(worker, "device", None)) as record:
+                result = handler(job)
+                worker = current_worker()
+                every = worker.settings.counters_every if worker is not None else DEFAULT_COUNTERS_EVERY
+                try:
+                    finish_job(record, result, every)
+                except Exception:  # telemetry must never fail a job that succeeded
+                    log.exception("job %s: could not record the job", record.job_id)
+                return result
+
+        return run_recorded
+
+    return wrap
