@@ -11,6 +11,7 @@ import typer
 
 from fuseline.catalog import Catalog, CatalogError, Problem, catalog_json_schema, load_catalog
 from fuseline.cli_publish import register as register_publish_commands
+from fuseline.report import register as register_report_command
 
 app = typer.Typer(
     name="fuseline",
@@ -123,6 +124,8 @@ def schema() -> None:
 
 # Publishing commands (publish, release list|rollback, gc) live in their own module.
 register_publish_commands(app)
+# `fuseline report`: per-template build metrics (fuseline/report.py).
+register_report_command(app)
 
 if __name__ == "__main__":
     app()

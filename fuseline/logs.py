@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -62,6 +63,8 @@ def _redacted(value: Any) -> Any:
         return {str(k): _redacted(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [_redacted(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/Infinity; a strict parser would reject the whole line
     if value is None or isinstance(value, bool | int | float):
         return value
     return redact(str(value))  # paths, enums, exceptions: their text

@@ -29,7 +29,7 @@ from typing import Any
 
 from fuseline.catalog import Catalog, Source
 from fuseline.redact import install_redaction, redact
-from stages.runtime import CATALOG_FILE, StageError, load_project_catalog, setup_logging
+from stages.runtime import CATALOG_FILE, StageError, load_project_catalog, measure_stage, setup_logging
 from stages.sources import DownloadCache, fetch
 from stages.sources.hf import CONFIG_FOLDER_PATTERNS
 from stages.sources.local import sha256_file
@@ -176,6 +176,13 @@ def write_receipt(
     return out
 
 
+def receipt_stage(group: str) -> tuple[str, str]:
+    """(dvc.yaml stage, id) that writes `group`'s receipt: its build metrics go under that name."""
+    kind, _, key = group.partition(".")
+    stages = {"checkpoints": "fetch-checkpoint", "templates": "fetch-loras"}
+    return ("fetch-vae", "vae") if group == "vae" else (stages.get(kind, "fetch"), key or group)
+
+
 def read_receipt(group: str, root: str | os.PathLike[str] = ".") -> dict[str, dict[str, Any]]:
     """{catalog path: entry} from `group`'s receipt; {} when there is none (a stage run by hand
     outside DVC: then only the catalog's own pins are known)."""
@@ -214,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give either a source or --receipt GROUP")
     if args.receipt is not None:
         try:
-            path = write_receipt(load_project_catalog(args.catalog), args.receipt, args.cache)
+            with measure_stage(*receipt_stage(args.receipt)):  # stage.* events, build metrics
+                path = write_receipt(load_project_catalog(args.catalog), args.receipt, args.cache)
         except StageError as exc:
             print(f"error: fetch --receipt {args.receipt}: {exc}", file=sys.stderr)
             return 1

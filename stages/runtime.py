@@ -1,9 +1,12 @@
-"""What every stage shares: argument handling, params, the catalog, atomic outputs, timing and peak RSS."""
+"""What every stage shares: argument handling, params, the catalog, atomic outputs, and the measurement of
+each run (structured stage.* log events, wall time, peak RSS, bytes moved, the build metrics file)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -14,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from fuseline.catalog import Catalog, CatalogError, load_catalog
+from fuseline.logs import log_event
+from fuseline.redact import redact
+from fuseline.report import id_field, stats_path
 
 log = logging.getLogger("fuseline.stages")
 
@@ -96,14 +102,148 @@ def peak_rss_mb() -> float:
 
 
 def setup_logging() -> None:
-    level = os.environ.get("FUSELINE_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    """fuseline.logs' handler on stderr: JSON lines under DVC and CI (stderr is a pipe there), text on a
+    terminal; FUSELINE_LOG_LEVEL and FUSELINE_LOG_FORMAT are read there. Every string is redacted, so a
+    later install_redaction() (fetch, `fuseline lock`) only adds a second, harmless pass."""
+    from fuseline.logs import setup_logging as install_handler
+
+    install_handler()
+
+
+# Fields the running stage adds to its metrics file (record_metrics); None outside a measured stage.
+_stage_metrics: dict[str, Any] | None = None
+
+
+def record_metrics(**fields: Any) -> None:
+    """Add `fields` to the running stage's metrics file (written only if the stage succeeds). Outside
+    measure_stage (a test calling a stage's main directly) there is no file, and this does nothing."""
+    if _stage_metrics is None:
+        log.debug("record_metrics outside a measured stage: %s dropped", sorted(fields))
+        return
+    _stage_metrics.update(fields)
+
+
+def io_counters() -> dict[str, int] | None:
+    """This process's /proc/self/io counters (Linux), or None where there is no such file."""
+    try:
+        text = Path("/proc/self/io").read_text()
+    except OSError:
+        return None
+    return {key: int(value) for key, _, value in (line.partition(": ") for line in text.splitlines())}
+
+
+def io_delta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, int | None]:
+    """Bytes this process moved between two io_counters() snapshots.
+
+    `bytes_read`/`bytes_written` are rchar/wchar: bytes through read()/write() syscalls, from disk or page
+    cache alike. That is the data the stage moved, the same on a warm or cold machine, and it covers the
+    merge's streaming (plain reads into buffers, plain writes). It does NOT see memory-mapped reads
+    (safetensors' own loaders, torch.load(mmap=True): diffusers in convert and verify), and it includes
+    imports, pipes and the terminal. `disk_read_bytes`/`disk_write_bytes` are read_bytes/write_bytes: what
+    reached the storage layer (mmap page-ins included, page-cache hits not; writes counted when pages are
+    dirtied), i.e. real disk traffic, near 0 for reads on a warm cache. Both are reported; neither is
+    estimated."""
+    names = {
+        "bytes_read": "rchar",
+        "bytes_written": "wchar",
+        "disk_read_bytes": "read_bytes",
+        "disk_write_bytes": "write_bytes",
+    }
+    if before is None or after is None:
+        return dict.fromkeys(names)
+    return {name: after.get(key, 0) - before.get(key, 0) for name, key in names.items()}
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` ready for a metrics file: strings redacted, non-finite floats as null (DVC reads strict
+    JSON), tuples as lists."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return redact(str(value))
+
+
+def write_stage_metrics(
+    stage: str, item_id: str, record: dict[str, Any], root: str | os.PathLike[str] = "."
+) -> Path:
+    """Write `record` as `artifacts/stats/<stage>/<id>.json`, atomically (temporary file, then rename):
+    DVC, `fuseline report` and a crash at any moment see the old file, the new one, or none."""
+    path = stats_path(stage, item_id, root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(_json_safe(record), indent=2, sort_keys=True, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def stage_ids(stage: str, item_id: str) -> dict[str, str]:
+    """The id fields of a stage's events and metrics: `stage`, `id`, and `template` or `checkpoint`."""
+    ids = {"stage": stage, "id": item_id}
+    kind = id_field(stage)
+    if kind is not None:
+        ids[kind] = item_id
+    return ids
+
+
+@contextlib.contextmanager
+def measure_stage(stage: str, item_id: str) -> Iterator[dict[str, Any]]:
+    """Measure one stage run: log `stage.start`, then `stage.done` with wall time, peak RSS and bytes read
+    and written, and write them (plus what the stage gave record_metrics) to its metrics file; or log
+    `stage.failed` with the error code and write nothing (a failed stage leaves no outputs)."""
+    global _stage_metrics
+    ids = stage_ids(stage, item_id)
+    log_event(log, "stage.start", f"stage {stage}@{item_id} started", **ids)
+    reset_peak_rss()
+    io_before = io_counters()
+    start = time.perf_counter()
+    outer, _stage_metrics = _stage_metrics, {}
+    extra = _stage_metrics
+    try:
+        yield extra
+    except BaseException as exc:
+        wall_ms = round((time.perf_counter() - start) * 1000, 1)
+        if isinstance(exc, StageError):
+            code, message = exc.code, exc.message
+        else:  # a bug (its traceback follows from Python) or an interrupt
+            code, message = ("INTERNAL" if isinstance(exc, Exception) else "INTERRUPTED"), repr(exc)
+        log_event(log, "stage.failed", f"stage {stage}@{item_id} failed: [{code}] {message}",
+                  level=logging.ERROR, **ids, code=code, error=message, wall_ms=wall_ms)  # fmt: skip
+        raise
+    finally:
+        _stage_metrics = outer
+    measured = {
+        "wall_ms": round((time.perf_counter() - start) * 1000, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        **io_delta(io_before, io_counters()),
+    }
+    # The measurement and ids win over a stage's own field of the same name. Cleaned once for both the file
+    # and the event (a NaN field would make the JSON formatter drop the whole record).
+    extra = _json_safe(extra)
+    path = write_stage_metrics(stage, item_id, {**extra, **ids, **measured})
+    log_event(
+        log,
+        "stage.done",
+        f"stage {stage}@{item_id} done in {measured['wall_ms'] / 1000:.2f} s,"
+        f" peak RSS {measured['peak_rss_mb']:.0f} MiB",
+        **ids,
+        **measured,
+        metrics=path.as_posix(),
+        **{k: v for k, v in extra.items() if k not in {*ids, *measured, "metrics", "level"}},
     )
 
 
 def run_stage(stage: str, main: Callable[[str], Any], argv: list[str] | None = None) -> None:
-    """Entry point of `python -m stages.<stage> <id>`: run main(id), log wall time and peak RSS.
+    """Entry point of `python -m stages.<stage> <id>`: run main(id) under measure_stage.
 
     A StageError exits 1 with its message only; anything else is a bug and keeps its traceback.
     """
@@ -113,17 +253,10 @@ def run_stage(stage: str, main: Callable[[str], Any], argv: list[str] | None = N
         print(f"usage: python -m stages.{stage} <id>", file=sys.stderr)
         raise SystemExit(2)
     item_id = args[0]
-    reset_peak_rss()
-    start = time.perf_counter()
     try:
-        main(item_id)
+        with measure_stage(stage, item_id):
+            main(item_id)
     except StageError as exc:
-        print(f"error: stage {stage}@{item_id}: {exc}", file=sys.stderr)
+        # One plain line for a person reading `dvc repro` output, beside the stage.failed record.
+        print(redact(f"error: stage {stage}@{item_id}: {exc}"), file=sys.stderr)
         raise SystemExit(1) from None
-    log.info(
-        "stage %s@%s done in %.2f s, peak RSS %.0f MiB",
-        stage,
-        item_id,
-        time.perf_counter() - start,
-        peak_rss_mb(),
-    )

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from fuseline.manifest import ManifestError, ModelManifest
-from stages.runtime import StageError, atomic_output_dir, load_params, load_project_catalog, run_stage
+from stages.runtime import (
+    StageError,
+    atomic_output_dir,
+    load_params,
+    load_project_catalog,
+    record_metrics,
+    run_stage,
+)
 
 log = logging.getLogger("fuseline.stages.verify")
 
@@ -241,7 +248,7 @@ def main(template_id: str) -> None:
     defaults = catalog.templates[template_id].defaults
     settings = VerifySettings.from_params(load_params("verify"))
     with atomic_output_dir(VERIFY_DIR / template_id) as out:
-        verify_model(
+        metrics = verify_model(
             MODELS_DIR / template_id,
             template_id,
             settings,
@@ -250,6 +257,10 @@ def main(template_id: str) -> None:
             expected_spec_hash=catalog.spec_hash(template_id),
             out=out,
         )
+    # Build metrics (artifacts/stats/verify/<id>.json): a failed check raised above and writes none.
+    record_metrics(result="pass", load_s=metrics["load_s"], step_s=metrics["step_s"], steps=settings.steps,
+                   size=f"{settings.width}x{settings.height}",
+                   preview=(VERIFY_DIR / template_id / "preview.png").as_posix())  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -82,7 +82,8 @@ def test_demo_end_to_end_then_rerun_reuses_everything(kit, tmp_path: Path) -> No
     assert {"convert@tiny-sdxl", "vae", f"merge@{TEMPLATE}", f"verify@{TEMPLATE}"} <= set(first.stages_run)
     assert len(first.stages_run) == len(set(first.stages_run))
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    (model_out,) = lock["stages"][f"merge@{TEMPLATE}"]["outs"]
+    outs = lock["stages"][f"merge@{TEMPLATE}"]["outs"]
+    model_out = next(o for o in outs if o["path"] == f"artifacts/models/{TEMPLATE}")
 
     # Published to the project's embedded local remote: the release names the folder dvc.lock built.
     assert first.published

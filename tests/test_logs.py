@@ -89,3 +89,11 @@ def test_format_choice():
     assert resolve_format({}, _Tty()) == "text"
     assert resolve_format({}, io.StringIO()) == "json"
     assert resolve_format({"FUSELINE_LOG_FORMAT": "TEXT"}, io.StringIO()) == "text"
+
+
+def test_non_finite_numbers_become_null(restore_root):
+    stream = io.StringIO()
+    setup_logging(stream, env={})
+    log_event(logging.getLogger("fuseline.test"), "x.nan", loss=float("nan"), peak=float("inf"), ok=1.5)
+    record = json.loads(stream.getvalue())
+    assert record["loss"] is None and record["peak"] is None and record["ok"] == 1.5

@@ -75,6 +75,12 @@ def clone(src: Path, dst: Path, env: dict[str, str]) -> DvcProject:
     return DvcProject(dst, env=env)
 
 
+def model_out(lock: dict, template: str) -> dict:
+    """The merge stage's model folder output in dvc.lock (merge also outputs its metrics file)."""
+    outs = lock["stages"][f"merge@{template}"]["outs"]
+    return next(o for o in outs if o["path"] == f"artifacts/models/{template}")
+
+
 def tree_md5s(folder: Path) -> dict[str, str]:
     return {
         p.relative_to(folder).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
@@ -239,10 +245,10 @@ def test_interrupted_push_keeps_the_old_release_and_a_rerun_completes(build, s3_
     new.dvc("push", "-r", "s3", "artifacts/models/gamma")
 
     def objects_of(template: str) -> set[str]:
-        dir_md5 = new.lock()["stages"][f"merge@{template}"]["outs"][0]["md5"]
+        dir_md5 = model_out(new.lock(), template)["md5"]
         return {object_key(e["md5"]) for e in pub.dir_listing(store, dir_md5)}
 
-    gamma_dir = object_key(new.lock()["stages"]["merge@gamma"]["outs"][0]["md5"])
+    gamma_dir = object_key(model_out(new.lock(), "gamma")["md5"])
     unique = sorted(objects_of("gamma") - objects_of("alpha") - objects_of("beta"))
     assert unique, "gamma must have objects of its own for this test to mean anything"
     # 1a. Files gone under a listing that stayed: DVC would skip the folder; the error names the fix.
