@@ -1,6 +1,6 @@
 """B4: cold sync of one model folder from SeaweedFS on 127.0.0.1: fuseline's worker sync against s5cmd.
 
-`python -m benchmarks.b4_sync [--quick] [--root DIR] [--repeats N] [--json-out F]`
+`python -m benchmarks.b4_sync [--quick] [--root DIR] [--repeats N] [--baseline-sync FILE] [--json-out F]`
 
 The model folder (the synthetic SDXL base folder, or the kit-size one with --quick) goes onto a DVC remote
 the real way: `dvc init --no-scm`, `dvc add`, an S3 remote on a fresh SeaweedFS bucket, `dvc push`; then a
@@ -12,9 +12,21 @@ then runs in a fresh subprocess into a fresh, empty folder, against the same war
             under files/md5/), default concurrency
 
 Wall time is the subprocess's, measured from outside (what an operator waits for), so fuseline pays its
-Python start-up and imports; fuseline's own in-process time is reported as well. The ratio is
+Python start-up and imports; fuseline's own in-process time is reported as well, and each contender's CPU
+time (user + sys, from rusage), which other load on a shared machine does not inflate. The ratio is
 s5cmd wall / fuseline wall (target >= 0.9). Bytes are those the contender left on disk: fuseline's object
 store, s5cmd's destination; both must hold the same objects.
+
+With `--baseline-sync FILE` (another version of worker/sync.py, e.g. `git show REV:worker/sync.py > F`), a
+third contender, "fuseline-baseline", runs that file's `sync_templates` the same way, in the same rotation:
+a before/after comparison under the same load.
+
+Then the warm check: a second release (`releases/b4-ten.json`) names ten templates, all the same folder
+(a warm check reads the release and each template's marker, never the model bytes, so ten copies of the
+6.9 GB are not needed to time it). One fuseline sync fills a fresh volume with all ten (one fetch, ten
+version folders linked from one store); then `sync_templates(release, volume)` for all ten runs again in
+fresh subprocesses, each template must be "present" (trusted by its marker), and the wall and in-process
+times are reported (the issue's "warm start of ten templates" figure).
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -40,18 +53,39 @@ CHANNEL = "b4"
 TARGET_RATIO = 0.9
 BIN = Path(sys.executable).parent
 CONTENDERS = ("fuseline", "s5cmd")
+WARM_CHANNEL = "b4-ten"
+WARM_TEMPLATES = 10
 
 # Run in the fuseline subprocess: the sync call alone is timed inside, the report printed as JSON.
 _FUSELINE_CHILD = """
 import json, sys, time
 from worker.sync import sync_templates
 t0 = time.monotonic()
-report = sync_templates(sys.argv[1], sys.argv[2], [sys.argv[3]])
+report = sync_templates(sys.argv[1], sys.argv[2], sys.argv[3:] or None)
 seconds = time.monotonic() - t0
 print(json.dumps({"ok": report.ok, "seconds": seconds, "lines": report.lines(),
+                  "statuses": [t.status for t in report.templates],
                   "bytes_fetched": sum(t.bytes_fetched for t in report.templates),
                   "objects_fetched": sum(t.objects_fetched for t in report.templates)}))
 """
+
+
+BASELINE = "fuseline-baseline"
+
+
+def _child_code(baseline: Path | None) -> str:
+    """The fuseline child; with `baseline`, its sync_templates comes from that file instead of worker.sync."""
+    if baseline is None:
+        return _FUSELINE_CHILD
+    load = (
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('sync_baseline', {str(baseline)!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "sys.modules['sync_baseline'] = module  # dataclasses look their module up there\n"
+        "spec.loader.exec_module(module)\n"
+        "sync_templates = module.sync_templates"
+    )
+    return _FUSELINE_CHILD.replace("from worker.sync import sync_templates", load)
 
 
 def _tree_bytes(folder: Path) -> tuple[int, int]:
@@ -67,8 +101,9 @@ def _dvc(project: Path, env: dict[str, str], *args: str) -> None:
         raise RuntimeError(f"dvc {' '.join(args)} in {project} failed:\n{done.stdout}\n{done.stderr}")
 
 
-def publish(s3: SeaweedS3, model: Path, work: Path, env: dict[str, str]) -> tuple[str, str]:
-    """`model` onto a fresh bucket by dvc, and a release naming it TEMPLATE. Returns (bucket, release)."""
+def publish(s3: SeaweedS3, model: Path, work: Path, env: dict[str, str]) -> tuple[str, str, ReleasedTemplate]:
+    """`model` onto a fresh bucket by dvc, and a release naming it TEMPLATE.
+    Returns (bucket, release location, the released folder)."""
     project = work / "project"
     project.mkdir(parents=True)
     # Hard links: the project's copy costs nothing; dvc writes its cache by copying, never in place.
@@ -95,16 +130,68 @@ def publish(s3: SeaweedS3, model: Path, work: Path, env: dict[str, str]) -> tupl
     )
     s3.client().put_object(Bucket=bucket, Key=release_key(CHANNEL), Body=release.to_json().encode())
     shutil.rmtree(project)  # the dvc cache is a full copy; the bucket holds everything from here on
-    return bucket, f"s3://{bucket}/{release_key(CHANNEL)}"
+    return bucket, f"s3://{bucket}/{release_key(CHANNEL)}", released
+
+
+def _fuseline_child(release: str, dest: Path, env: dict[str, str], templates: list[str]) -> dict:
+    """Run the sync in a fresh interpreter; its report plus the wall time seen from outside."""
+    cmd = [sys.executable, "-c", _FUSELINE_CHILD, release, str(dest), *templates]
+    started = time.monotonic()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    wall = time.monotonic() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"fuseline sync of {release} into {dest} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1]) | {"wall_s": round(wall, 3)}
+
+
+def warm_check(
+    s3: SeaweedS3, bucket: str, released: ReleasedTemplate, dest: Path, env: dict[str, str], repeats: int
+) -> dict:
+    """Ten templates (one folder) synced once into `dest`, then the warm check of all ten, `repeats`
+    times, each in a fresh subprocess. Every template must come back "present" (trusted by its marker)."""
+    templates = {f"{TEMPLATE}-{i}": released for i in range(WARM_TEMPLATES)}
+    release = Release(channel=WARM_CHANNEL, created=time.strftime("%Y%m%dT%H%M%SZ"), templates=templates)
+    s3.client().put_object(Bucket=bucket, Key=release_key(WARM_CHANNEL), Body=release.to_json().encode())
+    location = f"s3://{bucket}/{release_key(WARM_CHANNEL)}"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    try:
+        fill = _fuseline_child(location, dest, env, [])
+        if not fill["ok"] or sorted(fill["statuses"]) != ["synced"] * WARM_TEMPLATES:
+            raise RuntimeError(f"filling the volume with {WARM_TEMPLATES} templates failed: {fill['lines']}")
+        checks = []
+        for _ in range(repeats):
+            check = _fuseline_child(location, dest, env, [])
+            if not check["ok"] or check["statuses"] != ["present"] * WARM_TEMPLATES:
+                raise RuntimeError(f"warm check did not find all {WARM_TEMPLATES} present: {check['lines']}")
+            checks.append({"wall_s": check["wall_s"], "sync_s": round(check["seconds"], 4)})
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+    return {
+        "templates": WARM_TEMPLATES,
+        "fill_wall_s": fill["wall_s"],
+        "fill_bytes_fetched": fill["bytes_fetched"],
+        "checks": checks,
+        "best_wall_s": min(c["wall_s"] for c in checks),
+        "best_sync_s": min(c["sync_s"] for c in checks),
+    }
 
 
 def run_one(
-    contender: str, s3: SeaweedS3, bucket: str, release: str, dest: Path, env: dict[str, str]
+    contender: str,
+    s3: SeaweedS3,
+    bucket: str,
+    release: str,
+    dest: Path,
+    env: dict[str, str],
+    baseline: Path | None = None,
 ) -> dict:
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    if contender == "fuseline":
-        cmd = [sys.executable, "-c", _FUSELINE_CHILD, release, str(dest), TEMPLATE]
+    fuseline = contender in ("fuseline", BASELINE)
+    if fuseline:
+        code = _child_code(baseline if contender == BASELINE else None)
+        cmd = [sys.executable, "-c", code, release, str(dest), TEMPLATE]
     else:
         cmd = [
             str(BIN / "s5cmd"),
@@ -114,11 +201,15 @@ def run_one(
             f"s3://{bucket}/files/md5/*",
             f"{dest}/",
         ]
+    # CPU time of the child (user + sys), from the children's rusage: unlike the wall time, it does not grow
+    # when other processes share the cores, so it compares the contenders' work on a busy machine.
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     wall = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     # fuseline's store (worker.volume: <volume>/.fuseline/objects) holds the objects, as s5cmd's folder does.
-    store = dest / ".fuseline" / "objects" if contender == "fuseline" else dest
+    store = dest / ".fuseline" / "objects" if fuseline else dest
     size, nfiles = _tree_bytes(store)
     result: dict[str, Any] = {
         "returncode": done.returncode,
@@ -126,8 +217,11 @@ def run_one(
         "bytes": size,
         "objects": nfiles,
         "mb_per_s": round(size / 1e6 / wall, 1),
+        "cpu_user_s": round(after.ru_utime - before.ru_utime, 2),
+        "cpu_sys_s": round(after.ru_stime - before.ru_stime, 2),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
     }
-    if contender == "fuseline" and done.returncode == 0:
+    if fuseline and done.returncode == 0:
         child = json.loads(done.stdout.strip().splitlines()[-1])
         result |= {"sync_s": round(child["seconds"], 3), "ok": child["ok"], "report": child["lines"]}
         result["bytes_fetched"] = child["bytes_fetched"]
@@ -139,7 +233,8 @@ def run_one(
     return result
 
 
-def run_benchmark(root: Path, quick: bool, repeats: int = 2, log=print) -> dict:
+def run_benchmark(root: Path, quick: bool, repeats: int = 2, log=print, baseline: Path | None = None) -> dict:
+    contenders = CONTENDERS + ((BASELINE,) if baseline else ())
     paths = synth_sdxl.ensure(root / ("quick-synth" if quick else "sdxl-synth"), quick, log=log)
     model_bytes, model_files = _tree_bytes(paths.base_dir)
     work = root / f"b4-work-{uuid.uuid4().hex[:8]}"
@@ -151,6 +246,8 @@ def run_benchmark(root: Path, quick: bool, repeats: int = 2, log=print) -> dict:
         "model_bytes": model_bytes,
         "model_files": model_files,
         "cpus": os.cpu_count(),
+        # The machine may be shared: the load before and after says how noisy the wall times are.
+        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
     }
     with SeaweedS3() as s3:
         # No parent AWS profile or session token may leak into the contenders: both get only the server's.
@@ -158,30 +255,41 @@ def run_benchmark(root: Path, quick: bool, repeats: int = 2, log=print) -> dict:
         env |= {"DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}
         try:
             t0 = time.monotonic()
-            bucket, release = publish(s3, paths.base_dir, work, env)
+            bucket, release, released = publish(s3, paths.base_dir, work, env)
             summary["publish_s"] = round(time.monotonic() - t0, 1)
             log(f"pushed {model_bytes / 1e9:.2f} GB in {summary['publish_s']} s; release {release}")
-            runs: dict[str, list[dict]] = {c: [] for c in CONTENDERS}
+            runs: dict[str, list[dict]] = {c: [] for c in contenders}
             for i in range(repeats):
                 # Alternate the order so neither contender always follows the other's page-cache churn.
-                order = CONTENDERS if i % 2 == 0 else CONTENDERS[::-1]
+                order = contenders if i % 2 == 0 else contenders[::-1]
                 for contender in order:
-                    result = run_one(contender, s3, bucket, release, work / f"dest-{contender}", env)
+                    dest = work / f"dest-{contender}"
+                    result = run_one(contender, s3, bucket, release, dest, env, baseline)
                     shown = {k: v for k, v in result.items() if k != "report"}
                     log(f"run {i + 1} {contender}: {json.dumps(shown)}")
                     runs[contender].append(result)
+            summary["warm_check"] = warm_check(s3, bucket, released, work / "dest-warm", env, repeats=3)
+            log(f"warm check: {json.dumps(summary['warm_check'])}")
         finally:
             shutil.rmtree(work, ignore_errors=True)
     summary["results"] = runs
+    summary["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     ratios = [s["wall_s"] / f["wall_s"] for f, s in zip(runs["fuseline"], runs["s5cmd"], strict=True)]
-    best = {c: min(r["wall_s"] for r in runs[c]) for c in CONTENDERS}
+    best = {c: min(r["wall_s"] for r in runs[c]) for c in contenders}
     summary["ratios"] = {
         "s5cmd_vs_fuseline_wall_per_run": [round(r, 3) for r in ratios],
         "s5cmd_vs_fuseline_wall_best": round(best["s5cmd"] / best["fuseline"], 3),
         "target": TARGET_RATIO,
         "target_met": best["s5cmd"] / best["fuseline"] >= TARGET_RATIO,
-        "same_bytes": len({r["bytes"] for c in CONTENDERS for r in runs[c]}) == 1,
+        "same_bytes": len({r["bytes"] for c in contenders for r in runs[c]}) == 1,
+        "cpu_s_best": {c: min(r["cpu_user_s"] + r["cpu_sys_s"] for r in runs[c]) for c in contenders},
+        "warm_check_ten_templates_best_wall_s": summary["warm_check"]["best_wall_s"],
+        "warm_check_ten_templates_best_sync_s": summary["warm_check"]["best_sync_s"],
     }
+    if baseline:
+        summary["baseline_sync"] = str(baseline)
+        summary["ratios"]["s5cmd_vs_baseline_wall_best"] = round(best["s5cmd"] / best[BASELINE], 3)
+        summary["ratios"]["baseline_vs_fuseline_wall_best"] = round(best[BASELINE] / best["fuseline"], 3)
     return summary
 
 
@@ -190,10 +298,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="the test kit's tiny model folder")
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="work folder (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--baseline-sync", type=Path, help="another sync.py: a third contender")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    summary = run_benchmark(args.root, args.quick, args.repeats, log=lambda line: print(line, flush=True))
+    summary = run_benchmark(
+        args.root,
+        args.quick,
+        args.repeats,
+        log=lambda line: print(line, flush=True),
+        baseline=args.baseline_sync.resolve() if args.baseline_sync else None,
+    )
     text = json.dumps(summary, indent=2, sort_keys=True)
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
