@@ -36,7 +36,14 @@ from fuseline.catalog import ID_PATTERN, Defaults
 from fuseline.logs import log_event
 from fuseline.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
 from worker.errors import ModelInvalid, UnknownTemplate, WorkerError, unrecoverable_device_error
-from worker.pipelines import LoadedTemplate, TemplateFolder, check_template_folder, load_template
+from worker.pipelines import (
+    WEIGHTED_COMPONENTS,
+    LoadedTemplate,
+    TemplateFolder,
+    check_template_folder,
+    load_template,
+    pipeline_weight_bytes,
+)
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("fuseline.worker.fallback")
@@ -57,8 +64,6 @@ PICKLE_PROTOCOLS = range(2, 6)
 # Longest checkpoint folder name kept as is; longer sources get a hash suffix (filesystems stop at 255).
 MAX_DIR_NAME = 120
 DOCS = 'docs/operations.md, "Runtime-LoRA fallback"'
-_HASH_BLOCK = 8 << 20
-_WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 _BYTES_PER_DTYPE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 
 
@@ -328,7 +333,7 @@ def template_weight_bytes(settings: WorkerSettings, template_id: str, bytes_per_
     if recipe is None:
         return 0
     total = 0
-    for component in _WEIGHTED_COMPONENTS:
+    for component in WEIGHTED_COMPONENTS:
         for path in (checkpoint_dir(settings, recipe.checkpoint) / component).glob("*.safetensors"):
             stored = _stored_bytes_per_value(path)
             total += path.stat().st_size * bytes_per_value // stored
@@ -351,11 +356,8 @@ def _stored_bytes_per_value(path: Path) -> int:
 
 
 def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        while block := handle.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def is_safetensors(head: bytes, file_size: int) -> bool:
@@ -469,17 +471,11 @@ def load_runtime_loras(
     pipe.set_progress_bar_config(disable=True)
     # No FUSELINE_SPEED options here: fuse_qkv concatenates to_q/to_k/to_v into one projection and would
     # drop the LoRA layers PEFT put on them.
-    nbytes = sum(
-        p.numel() * p.element_size()
-        for name in _WEIGHTED_COMPONENTS
-        if getattr(pipe, name, None) is not None
-        for p in getattr(pipe, name).parameters()
-    )
     return LoadedTemplate(
         folder=folder,
         pipe=pipe,
         scheduler_config=dict(pipe.scheduler.config),
-        nbytes=nbytes,
+        nbytes=pipeline_weight_bytes(pipe),
         load_ms=(time.perf_counter() - started) * 1000,
         merged_marker=refused_marker,
     )

@@ -27,7 +27,7 @@ from worker.telemetry import COUNTERS, count_in_job
 from worker.volume import Lease, Volume
 
 # Pipeline components whose weights count toward the cache budget.
-_WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 @dataclass(frozen=True)
@@ -208,18 +208,22 @@ def _load(
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     apply_speed_options(pipe, settings.speed)
-    nbytes = sum(
-        p.numel() * p.element_size()
-        for name in _WEIGHTED_COMPONENTS
-        if getattr(pipe, name, None) is not None
-        for p in getattr(pipe, name).parameters()
-    )
     return LoadedTemplate(
         folder=folder,
         pipe=pipe,
         scheduler_config=dict(pipe.scheduler.config),
-        nbytes=nbytes,
+        nbytes=pipeline_weight_bytes(pipe),
         load_ms=(time.perf_counter() - started) * 1000,
+    )
+
+
+def pipeline_weight_bytes(pipe: Any) -> int:
+    """Bytes of the loaded weights that count toward the cache budget."""
+    return sum(
+        p.numel() * p.element_size()
+        for name in WEIGHTED_COMPONENTS
+        if getattr(pipe, name, None) is not None
+        for p in getattr(pipe, name).parameters()
     )
 
 

@@ -156,11 +156,8 @@ class _Ctx:
 
 
 def _md5_file(path: Path) -> str:
-    digest = hashlib.md5()
     with path.open("rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def _journal(volume: Volume, md5: str) -> Path:

@@ -56,8 +56,6 @@ COUNTER_NAMES = (
 )
 # Retry kinds a job record lists, each with the counter it adds to.
 RETRY_COUNTERS = {"image_check": "image_check_retries", "oom": "oom_retries"}
-# Pipeline components whose weight files a template folder must have (pipelines._WEIGHTED_COMPONENTS).
-WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 # The self-check's generation: one step at the smallest size SDXL's UNet accepts (latents 8x8), so it
 # costs well under a second on a GPU while running every component of the pipeline once.
 SELF_CHECK_SIZE = 64
@@ -286,8 +284,10 @@ def check_weight_files(template_id: str, path: Path) -> None:
     Reads headers only (a few KB per file): tensor bytes are sync's md5 check's business."""
     from safetensors import SafetensorError, safe_open
 
+    from worker.pipelines import WEIGHTED_COMPONENTS  # here: pipelines imports this module
+
     fix = f"re-sync it: python -m worker.sync --verify --template {template_id}"
-    for component in WEIGHT_COMPONENTS:
+    for component in WEIGHTED_COMPONENTS:
         folder = path / component
         if not folder.is_dir() or not any(folder.glob("*.safetensors")):
             raise ModelInvalid(f"template {template_id!r}: {folder}: no .safetensors weights; {fix}")
