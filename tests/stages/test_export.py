@@ -11,10 +11,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from stages.export import (
+    BufferPool,
+    PoolClosed,
     ShardWriter,
+    TensorSpec,
     export_component,
     find_weight_files,
     index_file_name,
+    safetensors_layout,
     shard_file_name,
     tensor_shapes,
 )
@@ -96,7 +100,9 @@ def test_export_shards_casts_and_keeps_everything(tmp_path):
 
 def test_unsharded_export_has_no_index(tmp_path):
     source = _component(tmp_path / "src", _tensors(), stem="model")
+    threads = torch.get_num_threads()
     result = export_component(source, tmp_path / "out", shard_size_mb=100)
+    assert torch.get_num_threads() == threads  # the export's own thread setting does not leak
     assert result.files == ["model.fp16.safetensors"]
     assert (tmp_path / "out" / "config.json").is_file()
     assert not list((tmp_path / "out").glob("*index*"))
@@ -156,7 +162,117 @@ def test_source_without_weights_is_refused(tmp_path):
 
 def test_shard_writer_rejects_a_zero_limit(tmp_path):
     with pytest.raises(StageError, match="positive"):
-        ShardWriter(tmp_path, "model", 0)
+        ShardWriter(tmp_path, "model", 0, {})
+
+
+def _mixed_dtypes() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {
+        "b.weight": torch.randn(3, 5, generator=g).half(),
+        "a.weight": torch.randn(4, generator=g).half(),
+        "position_ids": torch.arange(7, dtype=torch.int64),
+        "z.f32": torch.randn(2, 2, generator=g),
+        "bf": torch.randn(3, generator=g).bfloat16(),
+        "f64": torch.randn(1, generator=g).double(),
+        "i32": torch.arange(3, dtype=torch.int32),
+        "i16": torch.arange(3, dtype=torch.int16),
+        "i8": torch.arange(3, dtype=torch.int8),
+        "u8": torch.arange(5, dtype=torch.uint8),
+        "mask": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5).half(),
+        "empty": torch.zeros(0, 4).half(),
+        "naïve.weight": torch.ones(2).half(),  # non-ASCII names are UTF-8 in the header, as serde writes them
+    }
+
+
+@pytest.mark.parametrize("tensors", [_mixed_dtypes(), {}], ids=["mixed", "empty"])
+def test_streamed_layout_is_byte_identical_to_save_file(tmp_path, tensors):
+    """The header computed from shapes and dtypes alone, followed by the tensors in its order, is exactly
+    the file safetensors' own save_file writes (tensor order by dtype, then name; padding; metadata)."""
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    layout = safetensors_layout({n: TensorSpec(tuple(t.shape), t.dtype) for n, t in tensors.items()})
+    data = b"".join(
+        tensors[n].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for n in layout.names
+    )
+    assert layout.header + data == (tmp_path / "ref.safetensors").read_bytes()
+    assert layout.size == (tmp_path / "ref.safetensors").stat().st_size
+
+
+def test_export_of_mixed_dtypes_equals_save_file_of_the_cast_tensors(tmp_path):
+    """Each exported shard is byte for byte what save_file writes for the same (cast) tensors."""
+    tensors = _mixed_dtypes()
+    source = _component(tmp_path / "src", tensors)
+    export_component(source, tmp_path / "one", shard_size_mb=100)
+    export_component(source, tmp_path / "many", shard_size_mb=0.00004)  # 40 bytes: many shards
+    cast = {n: t.half() if t.is_floating_point() else t for n, t in tensors.items()}
+    save_file(cast, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    assert (tmp_path / "one" / "diffusion_pytorch_model.fp16.safetensors").read_bytes() == (
+        tmp_path / "ref.safetensors"
+    ).read_bytes()
+    index = json.loads((tmp_path / "many" / index_file_name("diffusion_pytorch_model")).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3
+    for shard in shards:
+        names = sorted(n for n, f in index["weight_map"].items() if f == shard)
+        save_file({n: cast[n] for n in names}, str(tmp_path / "part.safetensors"), metadata={"format": "pt"})
+        assert (tmp_path / "many" / shard).read_bytes() == (tmp_path / "part.safetensors").read_bytes(), shard
+    assert not list((tmp_path / "many").glob(".*"))  # no temporary files left
+
+
+def test_failed_transform_stops_the_threads_and_leaves_no_partial_shard(tmp_path):
+    source = _component(tmp_path / "src", _tensors())
+
+    def transform(name, tensor):
+        if name == "block.3.weight":
+            raise RuntimeError("boom")
+        return tensor
+
+    with pytest.raises(RuntimeError, match="boom"):
+        export_component(source, tmp_path / "out", shard_size_mb=100, transform=transform)
+    assert list((tmp_path / "out").glob("*.safetensors")) == []
+    assert list((tmp_path / "out").glob(".*.tmp")) == []
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name.startswith("fuseline-export")]
+
+
+def test_truncated_source_fails_with_its_name(tmp_path):
+    source = _component(tmp_path / "src", _tensors())
+    weights = source / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(StageError, match="truncated"):
+        export_component(source, tmp_path / "out", shard_size_mb=100)
+
+
+def test_buffer_pool_reuses_grows_and_wakes_waiters_on_close():
+    import threading
+
+    pool = BufferPool(2)
+    a = pool.acquire(10)
+    b = pool.acquire(100)
+    pool.release(a)
+    again = pool.acquire(8)
+    assert again is a  # the free buffer that fits is reused
+    pool.release(again)
+    bigger = pool.acquire(50)
+    assert bigger.numel() >= 50 and bigger is not a  # too small: replaced by a larger one
+    errors = []
+    waiter = threading.Thread(target=lambda: errors.append(_acquire_or_error(pool)))
+    waiter.start()  # both buffers are out: it waits
+    waiter.join(0.2)
+    assert waiter.is_alive()
+    pool.close()
+    waiter.join(5)
+    assert errors == ["closed"]
+    del b
+
+
+def _acquire_or_error(pool: BufferPool) -> str:
+    try:
+        pool.acquire(1)
+    except PoolClosed:
+        return "closed"
+    return "acquired"
 
 
 # Peak RSS of the export alone: ru_maxrss is inherited across fork/exec (it would report pytest's peak), so

@@ -152,3 +152,86 @@ def test_plain_lora_matches_peft_merge_bit_for_bit():
     ]
     ours = fuse_weight(base.weight.detach().clone(), [WeightUpdate(f, s) for f, s in adapters])
     assert torch.equal(ours, _peft_merged(base, adapters, dora=False))
+
+
+# --------------------------------------------------------------------------------------------------------
+# stages.merge.WeightFuser: the merge's in-place accumulation, against fuse_weight (the reference above)
+
+
+def _fp16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance of two fp16 tensors in units in the last place (bit patterns ordered as integers)."""
+
+    def ordered(x: torch.Tensor) -> torch.Tensor:
+        bits = x.contiguous().view(torch.int16).to(torch.int32)
+        return torch.where(bits < 0, -32768 - bits, bits)
+
+    return (ordered(a) - ordered(b)).abs()
+
+
+@pytest.mark.parametrize(
+    ("weight", "down", "up"),
+    [
+        ((96, 80), (8, 80), (96, 8)),
+        ((64, 32, 3, 3), (8, 32, 3, 3), (64, 8, 1, 1)),  # LoCon conv
+        ((64, 48), (8, 48, 1, 1), (64, 8, 1, 1)),  # kohya linear stored as 1x1 conv
+    ],
+)
+def test_weight_fuser_matches_fuse_weight_within_one_fp16_ulp(weight, down, up):
+    from stages.merge import WeightFuser
+
+    g = _gen(8)
+    base = (torch.randn(weight, generator=g) * 0.05).half()
+    updates = [
+        WeightUpdate(
+            LoraFactors(
+                (torch.randn(down, generator=g) * 0.1).half(),
+                (torch.randn(up, generator=g) * 0.1).half(),
+                4.0,
+            ),
+            scale,
+        )
+        for scale in (0.8, -0.5)
+    ]
+    before = base.clone()
+    ours = WeightFuser()(base, updates)
+    reference = fuse_weight(base, updates)
+    assert ours.dtype == torch.float32 and ours.shape == base.shape
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    assert torch.equal(base, before)
+    ulps = _fp16_ulps(ours.half(), reference.half())
+    assert int(ulps.max()) <= 1
+    assert not torch.equal(ours, base.float())
+
+
+def test_weight_fuser_reuses_its_buffer_and_results_do_not_leak_between_weights():
+    """The second weight is fused in the first one's buffer: a smaller one after a larger one must not see
+    the larger one's values, and a larger one grows the buffer."""
+    from stages.merge import WeightFuser
+
+    g = _gen(9)
+    fuser = WeightFuser()
+    shapes = [(32, 16), (8, 4), (40, 20)]
+    for shape in shapes:
+        base = torch.randn(shape, generator=g).half()
+        factors = LoraFactors(
+            torch.randn(2, shape[1], generator=g), torch.randn(shape[0], 2, generator=g), 2.0
+        )
+        update = [WeightUpdate(factors, 0.5)]
+        ours = fuser(base, update).clone()
+        torch.testing.assert_close(ours, fuse_weight(base, update), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_fuser_sends_dora_to_fuse_weight():
+    from stages.merge import WeightFuser
+
+    g = _gen(10)
+    base = torch.randn(5, 6, generator=g)
+    plain = LoraFactors(torch.randn(2, 6, generator=g), torch.randn(5, 2, generator=g), 2.0)
+    dora = LoraFactors(
+        torch.randn(2, 6, generator=g),
+        torch.randn(5, 2, generator=g),
+        2.0,
+        magnitude=torch.rand(5, generator=g) + 1,
+    )
+    updates = [WeightUpdate(plain, 0.7), WeightUpdate(dora, 0.4)]
+    assert torch.equal(WeightFuser()(base, updates), fuse_weight(base, updates))
