@@ -56,20 +56,20 @@ def test_a_failing_step_is_named_with_its_log(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_worker_is_stopped_when_a_request_fails(tmp_path: Path) -> None:
-    # An empty volume: the worker starts (and logs the missing default template), the request fails.
+def test_a_worker_failing_its_self_check_stops_the_demo_with_its_log(tmp_path: Path) -> None:
+    # An empty volume: the worker's start self-check finds no default template and the worker exits
+    # before serving (it would otherwise take jobs it cannot serve); the demo names the step and the log.
     runner = demo.Demo(tmp_path, [TEMPLATE])
     (tmp_path / "volume" / "models").mkdir(parents=True)
     with pytest.raises(demo.DemoFailed) as caught:
         runner.serve({})
     assert caught.value.step == "serve"
     assert caught.value.log == tmp_path / "logs" / "worker.log"
-    assert "[UNKNOWN_TEMPLATE]" in caught.value.message
-    answer = json.loads((tmp_path / f"answer-{TEMPLATE}.json").read_text())
-    assert answer["status"] == "FAILED"
-    assert "Uvicorn running" in caught.value.log.read_text()
-    assert runner.result.worker_pid is not None and not _alive(runner.result.worker_pid)
-    assert "Finished server process" in caught.value.log.read_text(), "the worker was not shut down cleanly"
+    assert "[UNKNOWN_TEMPLATE]" in caught.value.message and TEMPLATE in caught.value.message
+    assert not (tmp_path / f"answer-{TEMPLATE}.json").exists()
+    log = caught.value.log.read_text()
+    assert "self-check failed" in log and "Uvicorn running" not in log
+    assert runner.result.worker_pid is None or not _alive(runner.result.worker_pid)
 
 
 @pytest.mark.slow
@@ -113,8 +113,14 @@ def test_demo_end_to_end_then_rerun_reuses_everything(kit, tmp_path: Path) -> No
     assert (image.format, image.size) == ("PNG", (demo.SIZE, demo.SIZE))
     assert first.worker_pid is not None and not _alive(first.worker_pid)
     # The worker's own start-up sync read the same release and found the volume already at it.
-    worker_log = (out / "logs" / "worker.log").read_text()
-    assert any("sync:" in line and TEMPLATE in line and "present" in line for line in worker_log.splitlines())
+    # fuseline's records are one JSON object per line (not a terminal; runpod and uvicorn print their own
+    # plain lines in between): the sync.done event says so.
+    lines = (out / "logs" / "worker.log").read_text().splitlines()
+    events = [json.loads(line) for line in lines if line.startswith("{")]
+    (sync_done,) = [e for e in events if e["event"] == "sync.done"]
+    assert any(TEMPLATE in line and "present" in line for line in sync_done["message"].splitlines())
+    (start,) = [e for e in events if e["event"] == "worker.start"]
+    assert start["self_check"]["ok"], start
 
     # The verify stage's preview is copied next to the answer.
     preview = project / "artifacts" / "verify" / TEMPLATE / "preview.png"
