@@ -16,8 +16,9 @@ hardlink`), which changes where the workspace's bytes live, not what the cache h
 Measured, never predicted:
   cache      bytes of every object under .dvc/cache/files/md5 (each stored once by content)
   remote     bytes of every object under <remote>/files/md5 after `dvc push` (skipped with --no-push, for
-             full-size runs where a second copy of everything does not fit the disk: the push copies
-             exactly the cache's objects, which the --quick test checks object for object)
+             full-size runs where a second copy of everything does not fit the disk); the remote's
+             objects are compared with the cache's, object for object (md5 -> size): `remote_equals_cache`
+             in the JSON, which the --quick test asserts
   base       the converted checkpoint folder (artifacts/base/<checkpoint>, the convert stage's output, what
              DVC stores for the checkpoint): the sum of its distinct file contents. The downloaded single
              file is not in DVC at all (its fetch stage records a small receipt, the bytes stay in the
@@ -104,6 +105,20 @@ def _objects(store: Path) -> dict[str, int]:
     """md5 (with `.dir` for listings) -> bytes, for every object of a DVC cache or local remote."""
     root = store / "files" / "md5"
     return {p.parent.name + p.name: p.stat().st_size for p in root.glob("*/*") if p.is_file()}
+
+
+def compare_stores(cache: dict[str, int], remote: dict[str, int]) -> dict[str, Any]:
+    """Whether the remote holds exactly the cache's objects, each with the cache's size; the md5s that
+    differ (at most 10 of each kind) when it does not."""
+    missing = sorted(set(cache) - set(remote))
+    extra = sorted(set(remote) - set(cache))
+    size_differs = sorted(m for m in set(cache) & set(remote) if cache[m] != remote[m])
+    return {
+        "remote_equals_cache": not (missing or extra or size_differs),
+        "remote_missing": missing[:10],
+        "remote_extra": extra[:10],
+        "remote_size_differs": size_differs[:10],
+    }
 
 
 def _listing(cache: dict[str, int], project: Path, dir_md5: str) -> list[dict[str, str]]:
@@ -216,7 +231,7 @@ def run_benchmark(
         summary["stages_run"] = ran
         log(f"built {count} templates in {summary['repro_s']} s: {', '.join(ran)}")
         measured = attribute(project.root, templates)
-        measured["remote_bytes"] = measured["remote_objects"] = None
+        measured["remote_bytes"] = measured["remote_objects"] = measured["remote_equals_cache"] = None
         if push:
             t0 = time.monotonic()
             project.dvc("push", timeout=3600)
@@ -224,6 +239,9 @@ def run_benchmark(
             remote_objects = _objects(remote)
             measured["remote_bytes"] = sum(remote_objects.values())
             measured["remote_objects"] = len(remote_objects)
+            # Object for object (md5 -> size), not only the totals: equal sums could hide a missing object
+            # balanced by an extra one.
+            measured.update(compare_stores(_objects(project.root / ".dvc" / "cache"), remote_objects))
         measured["vae_stage_bytes"] = _folder_bytes(project.root / "artifacts" / "vae")
         models = project.root / "artifacts" / "models"
         measured["template_folder_bytes"] = {t: _folder_bytes(models / t) for t in templates}

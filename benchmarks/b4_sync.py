@@ -13,7 +13,9 @@ then runs in a fresh subprocess into a fresh, empty folder, against the same war
 
 Wall time is the subprocess's, measured from outside (what an operator waits for), so fuseline pays its
 Python start-up and imports; fuseline's own in-process time is reported as well, and each contender's CPU
-time (user + sys, from rusage), which other load on a shared machine does not inflate. The ratio is
+time (user + sys, from rusage), which is less noisy than the wall time on a shared machine but not
+independent of the load (s5cmd's system time went from 5.3 to 12.5 s across three runs of one command,
+docs/benchmark-runs/b4-sync-2026-11-28-before-after.json). The ratio is
 s5cmd wall / fuseline wall (target >= 0.9). Bytes are those the contender left on disk: fuseline's object
 store, s5cmd's destination; both must hold the same objects.
 
@@ -201,8 +203,8 @@ def run_one(
             f"s3://{bucket}/files/md5/*",
             f"{dest}/",
         ]
-    # CPU time of the child (user + sys), from the children's rusage: unlike the wall time, it does not grow
-    # when other processes share the cores, so it compares the contenders' work on a busy machine.
+    # CPU time of the child (user + sys), from the children's rusage: less noisy than the wall time when
+    # other processes share the cores (not independent of them: sys time grows under contention).
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)

@@ -43,6 +43,23 @@ def id_field(stage: str) -> str | None:
     return None
 
 
+def stage_name(stage: str, item_id: str) -> str:
+    """The stage's name in dvc.yaml: `merge@t1` for a foreach stage, plain `vae` for a shared one."""
+    return stage if stage in SHARED_STAGES else f"{stage}@{item_id}"
+
+
+def repair_advice(stage: str, item_id: str) -> str:
+    """How to get a damaged metrics file back. It is a cached output of its stage, so `dvc checkout` of that
+    one path restores it from the cache; `dvc repro` of that one stage (no `-f`, which would also re-run
+    every stage upstream of it) re-runs it only if the cache cannot."""
+    relative = (STATS_DIR / stage / f"{item_id}.json").as_posix()
+    name = stage_name(stage, item_id)
+    return (
+        f"restore it with `dvc checkout {relative}` (a cached output of stage `{name}`); if the cache lacks "
+        f"it, `dvc pull {relative}` or `dvc repro {name}`"
+    )
+
+
 def load_stats(root: str | os.PathLike[str] = ".") -> tuple[dict[str, dict[str, dict[str, Any]]], list[str]]:
     """({stage: {id: metrics}}, problems) from every metrics file under `root`; an unreadable file is a
     problem (named, with the fix), never a crash of the report."""
@@ -57,11 +74,16 @@ def load_stats(root: str | os.PathLike[str] = ".") -> tuple[dict[str, dict[str, 
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as exc:
-            problems.append(f"{path}: unreadable ({exc}); re-run its stage (`dvc repro -f {path.parent.name}"
-                            f"@{path.stem}`) or delete the file")  # fmt: skip
+            problems.append(f"{path}: unreadable ({exc}); {repair_advice(path.parent.name, path.stem)}")
             continue
         stats.setdefault(path.parent.name, {})[path.stem] = data
     return stats, problems
+
+
+# A verify stage writes its metrics file only when it passes, so a template without one was either never
+# verified or failed verification; the report cannot tell which, and says so (the stage's `stage.failed` log
+# line, under `dvc repro`, says why).
+NO_VERIFY_RESULT = "not verified (or failed: see the verify stage's log)"
 
 
 @dataclass
@@ -75,7 +97,7 @@ class TemplateReport:
     loras: list[dict[str, Any]] = field(default_factory=list)
     placed_keys: dict[str, int] = field(default_factory=dict)
     unplaced_keys: int | None = None
-    verify: str = "not verified"
+    verify: str = NO_VERIFY_RESULT
     preview: str | None = None
     in_catalog: bool = True
 
@@ -161,7 +183,7 @@ def build_report(root: str | os.PathLike[str] = ".") -> BuildReport:
         report.in_catalog = not catalog or template in catalog
         templates.append(report)
     shared = {
-        f"{stage}@{item_id}" if stage not in SHARED_STAGES else stage: float(entry["wall_ms"])
+        stage_name(stage, item_id): float(entry["wall_ms"])
         for stage in (*CHECKPOINT_STAGES, *SHARED_STAGES)
         for item_id, entry in sorted(stats.get(stage, {}).items())
         if isinstance(entry.get("wall_ms"), int | float)
@@ -207,7 +229,9 @@ def _placed_cell(t: TemplateReport) -> str:
 
 
 def render_table(report: BuildReport) -> Any:
-    """The report as a rich Table."""
+    """The report as a rich Table. Every cell is escaped: ids, file names and paths are data, and rich would
+    otherwise read `[red]` in a LoRA's file name as markup and drop it."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"fuseline build metrics ({report.root})", title_justify="left")
@@ -215,16 +239,17 @@ def render_table(report: BuildReport) -> Any:
         table.add_column(column, overflow="fold")
     for t in report.templates:
         loras = ", ".join(f"{_lora_name(lora['source'])} x{lora['scale']}" for lora in t.loras)
-        table.add_row(
+        cells = (
             t.template + ("" if t.in_catalog else " (not in catalog)"),
             t.checkpoint or "-",
             _size(t.model_bytes),
             _seconds(t.build_ms),
             f"{len(t.loras)}: {loras}" if t.loras else ("0" if t.built else "-"),
             _placed_cell(t),
-            t.verify if t.built or t.verify != "not verified" else "not built",
+            t.verify if t.built or t.verify != NO_VERIFY_RESULT else "not built",
             t.preview or "-",
         )
+        table.add_row(*(escape(cell) for cell in cells))
     return table
 
 
@@ -240,7 +265,9 @@ def render_text(report: BuildReport, console: Any = None) -> str:
     console.print(render_table(report))
     if report.shared_ms:
         shared = ", ".join(f"{name} {_seconds(ms)}" for name, ms in report.shared_ms.items())
-        console.print(f"Shared stages (not in a template's build time): {shared}", soft_wrap=True)
+        console.print(
+            f"Shared stages (not in a template's build time): {shared}", soft_wrap=True, markup=False
+        )
     for problem in report.problems:
         console.print(f"problem: {problem}", soft_wrap=True, markup=False, highlight=False)
     return buffer.getvalue()

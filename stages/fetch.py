@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             with measure_stage(*receipt_stage(args.receipt)):  # stage.* events, build metrics
                 path = write_receipt(load_project_catalog(args.catalog), args.receipt, args.cache)
         except StageError as exc:
-            print(f"error: fetch --receipt {args.receipt}: {exc}", file=sys.stderr)
+            # print() does not go through the logging redaction: redact here, as run_stage does.
+            print(redact(f"error: fetch --receipt {args.receipt}: {exc}"), file=sys.stderr)
             return 1
         print(path)
         return 0
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             place(path, Path(args.out))
     except StageError as exc:
-        print(f"error: fetch {args.source}: {exc}", file=sys.stderr)
+        print(redact(f"error: fetch {args.source}: {exc}"), file=sys.stderr)
         return 1
     print(path)
     return 0

@@ -142,7 +142,12 @@ def io_delta(before: dict[str, int] | None, after: dict[str, int] | None) -> dic
     imports, pipes and the terminal. `disk_read_bytes`/`disk_write_bytes` are read_bytes/write_bytes: what
     reached the storage layer (mmap page-ins included, page-cache hits not; writes counted when pages are
     dirtied), i.e. real disk traffic, near 0 for reads on a warm cache. Both are reported; neither is
-    estimated."""
+    estimated.
+
+    Scope: the kernel adds a child process's I/O counters to its parent's when the parent waits for it, so
+    these figures include every subprocess the stage ran and waited for (none of today's stages does; a
+    future one shelling out would have its children's bytes counted here). peak_rss_mb(), by contrast, is
+    the stage process alone (VmHWM): a child's memory is not in it."""
     names = {
         "bytes_read": "rchar",
         "bytes_written": "wchar",

@@ -37,6 +37,12 @@ def test_b3_storage_quick(tmp_path):
     assert not any(c.startswith("unreferenced") for c in measured["by_category"])
     assert measured["remote_bytes"] == measured["cache_bytes"] > 0
     assert measured["remote_objects"] == measured["cache_objects"]
+    # ... object for object: the same md5s, each with the same size.
+    assert measured["remote_equals_cache"] is True, (
+        measured["remote_missing"],
+        measured["remote_extra"],
+        measured["remote_size_differs"],
+    )
     # Stored once: were the non-UNet files (text encoders, VAE, ...) stored per template, the excess over
     # base + 2 x UNet would be at least one template's non-UNet bytes.
     non_unet = measured["template_folder_bytes"]["t1"] - unets["t1"]
@@ -47,3 +53,27 @@ def test_b3_storage_quick(tmp_path):
     assert ratios["target_met"] == (abs(measured["cache_bytes"] / expected - 1) <= 0.02)
     assert ratios["no_dedup_vs_cache"] > 1
     assert not list(tmp_path.glob("b3-work-*")), "the work folder (project, cache, remote) is removed"
+
+
+def test_compare_stores_checks_each_object_not_only_the_totals(tmp_path):
+    def store(name: str, objects: dict[str, bytes]):
+        for md5, data in objects.items():
+            path = tmp_path / name / "files" / "md5" / md5[:2] / md5[2:]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        return b3_storage._objects(tmp_path / name)
+
+    cache = store("cache", {"aa11": b"12345", "bb22": b"1", "cc33.dir": b"[]"})
+    assert b3_storage.compare_stores(
+        cache, store("same", {"aa11": b"12345", "bb22": b"1", "cc33.dir": b"[]"})
+    )["remote_equals_cache"]
+    # Same object count and total bytes, yet one object missing and another in its place.
+    swapped = store("swapped", {"aa11": b"12345", "dd44": b"1", "cc33.dir": b"[]"})
+    assert (len(swapped), sum(swapped.values())) == (len(cache), sum(cache.values()))
+    result = b3_storage.compare_stores(cache, swapped)
+    assert result["remote_equals_cache"] is False
+    assert (result["remote_missing"], result["remote_extra"]) == (["bb22"], ["dd44"])
+    # An object of the right name with the wrong size (a truncated upload).
+    truncated = store("truncated", {"aa11": b"1234", "bb22": b"1", "cc33.dir": b"[]"})
+    result = b3_storage.compare_stores(cache, truncated)
+    assert result["remote_equals_cache"] is False and result["remote_size_differs"] == ["aa11"]

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fuseline.cli import app
-from fuseline.report import STATS_DIR, build_report, render_text, stats_path
+from fuseline.report import NO_VERIFY_RESULT, STATS_DIR, build_report, render_text, stats_path
 from stages.runtime import stage_ids, write_stage_metrics
 
 runner = CliRunner()
@@ -68,7 +68,13 @@ def test_report_json_sums_each_template_own_stages(project):
     assert [lora["scale"] for lora in alpha["loras"]] == [0.8, 0.5]
     assert alpha["placed_keys"]["total"] == 18
     assert alpha["verify"] == "pass" and alpha["preview"] == "artifacts/verify/alpha/preview.png"
-    assert beta == {**beta, "built": False, "build_ms": None, "verify": "not verified", "checkpoint": "base"}
+    assert beta == {
+        **beta,
+        "built": False,
+        "build_ms": None,
+        "verify": NO_VERIFY_RESULT,
+        "checkpoint": "base",
+    }
     assert "abc123secret" not in result.output  # the stage redacted it when writing the file
 
 
@@ -98,7 +104,10 @@ def test_unreadable_metrics_and_removed_templates_are_reported_not_fatal(project
     stats_path("merge", "beta", project).write_text("{not json")
     write(project, "merge", "gone", 10.0, model_bytes=1)
     report = build_report(project)
-    assert any("merge/beta.json" in p and "dvc repro -f merge@beta" in p for p in report.problems)
+    (problem,) = [p for p in report.problems if "merge/beta.json" in p]
+    # A cached output: restored by checkout of that one path; never `repro -f` (it re-runs all upstream).
+    assert "`dvc checkout artifacts/stats/merge/beta.json`" in problem and "`dvc repro merge@beta`" in problem
+    assert "-f" not in problem
     gone = next(t for t in report.templates if t.template == "gone")
     assert gone.built and not gone.in_catalog
     text = render_text(report)
@@ -110,3 +119,30 @@ def test_report_works_without_a_catalog(project):
     report = build_report(project)
     assert [t.template for t in report.templates] == ["alpha"] and report.templates[0].in_catalog
     assert (project / STATS_DIR).is_dir()
+
+
+def test_repair_advice_names_shared_stages_without_an_id(project):
+    stats_path("vae", "vae", project).write_text("[]")  # JSON, but not an object
+    (problem,) = build_report(project).problems
+    assert "`dvc checkout artifacts/stats/vae/vae.json`" in problem and "`dvc repro vae`" in problem
+    assert "vae@" not in problem
+
+
+def test_table_cells_are_text_not_rich_markup(project):
+    # A LoRA file name, a template id and a preview path with square brackets, as a user may name them.
+    loras = {"0": {"source": "file:/data/style[red]x.safetensors", "scale": 1.0, "file_keys": 1,
+                   "placed_keys": {"unet": 1}, "unplaced_keys": 0}}  # fmt: skip
+    write(project, "merge", "odd[bold]", 10.0, checkpoint="base", model_bytes=1, loras=loras,
+          placed_keys={"unet": 1, "total": 1}, unplaced_keys=0)  # fmt: skip
+    text = render_text(build_report(project))
+    assert "style[red]x.safetensors x1.0" in text
+    assert "odd[bold] (not in catalog)" in text
+
+
+def test_a_built_template_without_verify_metrics_may_have_failed_and_says_so(project):
+    stats_path("verify", "alpha", project).unlink()  # what a failed verify leaves: no metrics file
+    report = build_report(project)
+    alpha = next(t for t in report.templates if t.template == "alpha")
+    assert alpha.built and alpha.verify == NO_VERIFY_RESULT
+    line = next(line for line in render_text(report).splitlines() if line.lstrip("│ ").startswith("alpha"))
+    assert "not verified (or failed: see the verify stage's log)" in line

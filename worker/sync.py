@@ -374,7 +374,9 @@ def _fetch_round(ctx: _Ctx, pending: dict[str, int]) -> tuple[int, dict[str, str
     futures_lock = threading.Lock()
     transferred = 0
     # md5 takes one core per object; more threads than cores would only contend with the downloads.
-    with ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="sync-md5") as hash_pool:
+    with ThreadPoolExecutor(
+        max(1, min(len(os.sched_getaffinity(0)), len(hashers))), thread_name_prefix="sync-md5"
+    ) as hash_pool:
 
         def submit(drain: Callable[[], None]) -> None:
             with futures_lock:

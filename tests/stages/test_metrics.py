@@ -22,6 +22,9 @@ from tests.fixtures.project import REPO, dvc_env, make_dvc_project
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYSECRETKEY"
 READ_MB, WRITE_MB = 3, 2
+# What the toy stage holds at once, every page written: far above an interpreter's own ~30-100 MiB, so a
+# peak above it is the stage's allocation, measured.
+ALLOC_MB = 200
 
 # A stage whose main reads and writes known amounts with plain I/O, logs the secret in a message, a field
 # and a metric, and fails when asked: run as its own process, as DVC runs a stage.
@@ -36,6 +39,8 @@ TOY_STAGE = textwrap.dedent(
         log = logging.getLogger("fuseline.stages.toy")
         data = Path("input.bin").read_bytes()
         Path("output.bin").write_bytes(data[: {write} * 2**20])
+        held = bytearray(b"x") * ({alloc} * 2**20)  # repeated, so every page is written (resident)
+        del held
         log.info("connecting with key %s", secret)
         from fuseline.logs import log_event
         log_event(log, "toy.used", "used a url", url=f"s3://bucket/x?X-Amz-Signature={{secret}}", n=len(data))
@@ -45,7 +50,7 @@ TOY_STAGE = textwrap.dedent(
 
     run_stage("merge", main, sys.argv[1:])
     """
-).format(write=WRITE_MB)
+).format(write=WRITE_MB, alloc=ALLOC_MB)
 
 
 def run_toy(tmp_path: Path, *, fail: bool = False) -> subprocess.CompletedProcess[str]:
@@ -84,7 +89,9 @@ def test_a_stage_run_logs_json_events_with_measurements_and_no_secret(tmp_path):
     # Measured, not guessed: the toy read READ_MB and wrote WRITE_MB with plain read()/write() calls.
     assert done["bytes_read"] >= READ_MB * 2**20 and done["bytes_written"] >= WRITE_MB * 2**20
     assert done["bytes_read"] < READ_MB * 2**20 + 64 * 2**20  # the interpreter's own imports, not more
-    assert 0 < done["wall_ms"] < 60_000 and done["peak_rss_mb"] > READ_MB
+    assert 0 < done["wall_ms"] < 60_000
+    # The toy held ALLOC_MB at once: the peak (VmHWM, reset when the stage starts) must include it.
+    assert ALLOC_MB < done["peak_rss_mb"] < ALLOC_MB + 300, done["peak_rss_mb"]
 
     metrics_file = stats_path("merge", "alpha", tmp_path)
     assert done["metrics"] == stats_path("merge", "alpha").as_posix()
@@ -106,6 +113,22 @@ def test_a_failed_stage_logs_its_code_and_writes_no_metrics(tmp_path):
     assert failed["code"] == "TOY_BROKEN" and failed["template"] == "alpha" and failed["wall_ms"] > 0
     assert failed["error"] == "cannot reach s3 with ***; fix the key"
     assert not (tmp_path / STATS_DIR).exists()
+
+
+def test_fetch_receipt_error_line_is_redacted_like_a_stage_error(tmp_path):
+    # `fetch --receipt` prints its own error line for people (print(), outside the logging redaction): a
+    # secret in it (here in the group a caller passed) must be masked as in the stage.failed event.
+    env = dict(os.environ, AWS_SECRET_ACCESS_KEY=SECRET, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.fetch", "--receipt", f"templates.{SECRET}", "--catalog", "none.json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert SECRET not in proc.stderr
+    assert "error: fetch --receipt templates.***: [CATALOG_INVALID]" in proc.stderr
 
 
 def test_metrics_file_is_replaced_atomically(tmp_path):
