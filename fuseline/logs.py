@@ -123,6 +123,19 @@ class _FuselineHandler(logging.StreamHandler):
     """Marks the handler setup_logging installed, so calling it again replaces it instead of adding one."""
 
 
+class _StderrHandler(_FuselineHandler):
+    """Writes to whatever sys.stderr is at the time of each record (as logging.lastResort does), not the
+    object it was when set up: a test runner or CLI harness that swaps and closes sys.stderr (click's
+    CliRunner) would otherwise leave a handler writing into a closed buffer."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> IO[str]:  # type: ignore[override]
+        return sys.stderr
+
+
 def resolve_format(env: Mapping[str, str], stream: IO[str]) -> str:
     raw = env.get("FUSELINE_LOG_FORMAT", "").strip().lower()
     if raw in ("json", "text"):
@@ -148,6 +161,7 @@ def setup_logging(
     A malformed FUSELINE_LOG_* variable is reported on stderr and the default used: a typo in a logging
     variable must not stop a build or a worker."""
     env = os.environ if env is None else env
+    follow_stderr = stream is None
     stream = sys.stderr if stream is None else stream
     problems = []
     try:
@@ -160,7 +174,7 @@ def setup_logging(
     except LogConfigError as exc:
         problems.append(str(exc))
         chosen = "json"
-    handler = _FuselineHandler(stream)
+    handler = _StderrHandler() if follow_stderr else _FuselineHandler(stream)
     handler.setFormatter(JsonFormatter() if chosen == "json" else TextFormatter())
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _FuselineHandler)]:

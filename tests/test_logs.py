@@ -97,3 +97,15 @@ def test_non_finite_numbers_become_null(restore_root):
     log_event(logging.getLogger("fuseline.test"), "x.nan", loss=float("nan"), peak=float("inf"), ok=1.5)
     record = json.loads(stream.getvalue())
     assert record["loss"] is None and record["peak"] is None and record["ok"] == 1.5
+
+
+def test_default_handler_follows_sys_stderr(restore_root, monkeypatch):
+    """A harness that swaps sys.stderr and closes the old one (click's CliRunner) must not break logging."""
+    first = io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    setup_logging(env={"FUSELINE_LOG_FORMAT": "json"})
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr("sys.stderr", second)
+    log_event(logging.getLogger("fuseline.test"), "x.after_swap", "still logged")
+    assert json.loads(second.getvalue())["event"] == "x.after_swap"

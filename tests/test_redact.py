@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import subprocess
 import sys
@@ -129,5 +130,7 @@ def test_fuseline_lock_redacts_what_the_sources_log_on_stderr(tmp_path):
         [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert "no such file" in proc.stdout
-    assert f"fuseline.sources: retrying with {MASK}" in proc.stderr
+    # stderr is a pipe, not a terminal: one JSON object per record (fuseline.logs).
+    (record,) = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    assert record["logger"] == "fuseline.sources" and record["message"] == f"retrying with {MASK}"
     assert "a-key-read-from-a-file-123" not in proc.stderr
