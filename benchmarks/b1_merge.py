@@ -36,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks import synth_sdxl
+from benchmarks import save_summary, synth_sdxl
 
 CONTENDERS = ("cp", "fuseline", "naive")
 LORA_SCALES = {"style": 0.8, "detail": 0.5}
@@ -453,10 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = run_benchmark(
         root, args.quick, contenders, args.profile, args.seed, max(1, args.repeats), args.shard_size_mb
     )
-    text = json.dumps(summary, indent=2, sort_keys=True)
-    print(text, flush=True)
-    if args.json_out:
-        args.json_out.write_text(text + "\n")
+    print(save_summary(summary, args.json_out), flush=True)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from benchmarks import save_summary
 from fuseline.testing.project import COPIED, REPO, RUNNING_STAGE, DvcProject, dvc_env, make_dvc_project
 
 DEFAULT_ROOT = Path("/tmp/fuseline-bench")
@@ -372,10 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reuse=args.reuse,
         log=lambda line: print(line, flush=True),
     )
-    text = json.dumps(summary, indent=2, sort_keys=True)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+    save_summary(summary, args.json_out)
     print(json.dumps(summary["ratios"], indent=2))
     return summary
 

@@ -47,7 +47,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks import synth_sdxl
+from benchmarks import save_summary, synth_sdxl
 from fuseline.testing.project import RUNNING_STAGE, DvcProject, make_dvc_project
 
 DEFAULT_ROOT = Path("/tmp/fuseline-bench")
@@ -292,10 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         push=not args.no_push,
         log=lambda line: print(line, flush=True),
     )
-    text = json.dumps(summary, indent=2, sort_keys=True)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+    save_summary(summary, args.json_out)
     print(json.dumps({"measured": summary["measured"], "ratios": summary["ratios"]}, indent=2))
     return summary
 

@@ -45,7 +45,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks import synth_sdxl
+from benchmarks import save_summary, synth_sdxl
 from fuseline.release import Release, ReleasedTemplate, release_key
 from fuseline.testing.servers import SeaweedS3
 
@@ -311,10 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
         log=lambda line: print(line, flush=True),
         baseline=args.baseline_sync.resolve() if args.baseline_sync else None,
     )
-    text = json.dumps(summary, indent=2, sort_keys=True)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+    save_summary(summary, args.json_out)
     print(json.dumps(summary["ratios"], indent=2))
     return summary
 

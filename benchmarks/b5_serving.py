@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import save_summary
+
 DEFAULT_ROOT = Path("/tmp/fuseline-bench")
 TARGET_RATIO = 1.05
 TEMPLATE = "b5-tiny"
@@ -352,10 +354,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         profile=args.profile,
         log=lambda line: print(line, flush=True),
     )
-    text = json.dumps(summary, indent=2, sort_keys=True)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+    save_summary(summary, args.json_out)
     print(
         json.dumps(
             {"median_ms": summary["median_ms"], **summary["ratios"], "image": summary["image"]}, indent=2
