@@ -33,6 +33,9 @@ from fuseline.redact import redact
 _FIELDS_ATTR = "fuseline_fields"
 _EVENT_ATTR = "fuseline_event"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Libraries whose INFO records are routine chatter ("Found credentials in environment variables.", one line
+# per connection): kept to WARNING unless FUSELINE_LOG_LEVEL=DEBUG asks for everything.
+QUIET_LIBRARIES = ("botocore", "boto3", "s3transfer", "urllib3", "aiobotocore", "httpx")
 
 
 class LogConfigError(ValueError):
@@ -181,6 +184,8 @@ def setup_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.NOTSET if level <= logging.DEBUG else logging.WARNING)
     for problem in problems:
         log_event(logging.getLogger("fuseline"), "log.config_invalid", problem, level=logging.WARNING)
     return handler

@@ -109,3 +109,16 @@ def test_default_handler_follows_sys_stderr(restore_root, monkeypatch):
     monkeypatch.setattr("sys.stderr", second)
     log_event(logging.getLogger("fuseline.test"), "x.after_swap", "still logged")
     assert json.loads(second.getvalue())["event"] == "x.after_swap"
+
+
+def test_library_chatter_is_kept_to_warnings_unless_debug(restore_root):
+    stream = io.StringIO()
+    setup_logging(stream, env={})
+    botocore = logging.getLogger("botocore.credentials")
+    botocore.info("Found credentials in environment variables.")
+    botocore.warning("retrying")
+    assert [json.loads(line)["message"] for line in stream.getvalue().splitlines()] == ["retrying"]
+    stream = io.StringIO()
+    setup_logging(stream, env={"FUSELINE_LOG_LEVEL": "DEBUG"})
+    botocore.info("Found credentials in environment variables.")
+    assert "Found credentials" in stream.getvalue()
