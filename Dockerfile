@@ -1,34 +1,43 @@
-# fuseline worker image: CUDA runtime + the locked worker dependencies + worker code. No model weights,
-# no DVC, no git: models come from the release onto the network volume at first start (worker.sync).
+# fuseline worker image: Python 3.11 + the hash-locked worker dependencies (torch with its own CUDA wheels)
+# + the worker code. No model weights, no DVC, no git: models come from the release onto the network volume
+# at first start (worker.sync). docs/image.md has the measured size and the reasons for the base.
 #
-# Build:  docker build -t <registry>/fuseline-worker:<tag> .
-# The install step uses requirements/worker.lock, the same file CI installs to run the worker tests
-# (tests/test_lock_parity.py fails when the two drift).
+# Build:  make image   (buildah; builds local stand-ins for the base where it cannot be pulled)
+#   or:   docker build -t <registry>/fuseline-worker:<tag> .
+# BASE_IMAGE is the only thing that differs between a build from the public base and one from the local
+# stand-in (tools/build_image.sh); every step below is the same in both.
 
-ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
+ARG BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 
-FROM ghcr.io/astral-sh/uv:0.13.8 AS uv
-
-FROM ${CUDA_IMAGE} AS builder
-COPY --from=uv /uv /usr/local/bin/uv
-# A uv-managed CPython 3.11 in a fixed prefix, copied as-is into the runtime stage together with the venv.
-ENV UV_PYTHON_INSTALL_DIR=/opt/python \
-    UV_COMPILE_BYTECODE=1 \
-    UV_LINK_MODE=copy \
-    UV_NO_CACHE=1
-RUN uv python install 3.11 && uv venv --python 3.11 /opt/venv
+# One venv, installed from requirements/worker.lock with every package pinned by version and hash (CUDA
+# wheels included), the same lock CI's CPU install is derived from (tests/test_locks.py). The pip cache is
+# a build cache mount, so a rebuild on the same machine downloads nothing. `pip-ca` is an optional build
+# secret: a CA bundle for builds behind a TLS-intercepting proxy; it never lands in the image.
 COPY requirements/worker.lock /tmp/worker.lock
-RUN uv pip install --python /opt/venv/bin/python -r /tmp/worker.lock
+RUN --mount=type=cache,target=/root/.cache/pip,sharing=locked \
+    --mount=type=secret,id=pip-ca,required=false \
+    if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+ && python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-input --disable-pip-version-check --require-hashes --only-binary=:all: \
+      -r /tmp/worker.lock \
+ && rm /tmp/worker.lock
 
-FROM ${CUDA_IMAGE}
-COPY --from=builder /opt/python /opt/python
-COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
-COPY fuseline/__init__.py fuseline/catalog.py fuseline/manifest.py fuseline/release.py fuseline/redact.py ./fuseline/
+# Exactly the code the worker imports (tests/worker/test_image_fileset.py imports every entry point from
+# this set in a clean interpreter). .dockerignore lets nothing else into the build context.
+COPY fuseline/__init__.py fuseline/catalog.py fuseline/logs.py fuseline/manifest.py fuseline/redact.py \
+     fuseline/release.py ./fuseline/
 COPY worker/ ./worker/
+
+# NVIDIA_* tell the NVIDIA container runtime to mount the host's driver and to refuse a host whose driver
+# cannot run CUDA 13.0, the build torch's wheels carry (what the nvidia/cuda bases set).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
     RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true \
-    FUSELINE_VOLUME=/runpod-volume
+    FUSELINE_VOLUME=/runpod-volume \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    NVIDIA_REQUIRE_CUDA="cuda>=13.0"
 CMD ["python", "-m", "worker.handler"]

@@ -7,16 +7,25 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 export HF_HUB_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+TORCH_VERSION := $(shell sed -n 's/^torch==\([^ ]*\).*/\1/p' requirements/worker.lock)
+TORCH_CPU_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/torch/)
 
-.PHONY: setup test lint demo lock clean
+.PHONY: setup test lint demo lock clean image image-smoke
 
 setup: $(VENV)/.installed
 
-# Re-installs only when a lock file or pyproject.toml changes; `make setup` is idempotent.
-$(VENV)/.installed: requirements/worker.lock requirements/build.lock pyproject.toml
+# Re-installs only when a lock file or pyproject.toml changes; `make setup` is idempotent. Every package is
+# pinned with its hashes. Where pip can find the CPU build of the locked torch release (a find-links
+# folder, as on CI machines), the worker set comes from worker-cpu.lock, which differs from the image's
+# worker.lock only by that torch build (tests/test_locks.py); elsewhere it is the image's own lock.
+$(VENV)/.installed: requirements/worker.lock requirements/worker-cpu.lock requirements/build.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "fuseline needs Python 3.11, found " + sys.version)'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements/worker.lock -r requirements/build.lock
+	rm -rf $(VENV)/.torch-probe; \
+	if $(PY) -m pip download --quiet --no-deps --no-index --dest $(VENV)/.torch-probe "torch==$(TORCH_VERSION)+cpu" >/dev/null 2>&1; \
+	then worker_lock=requirements/worker-cpu.lock; else worker_lock=requirements/worker.lock; fi; \
+	rm -rf $(VENV)/.torch-probe; echo "worker set: $$worker_lock"; \
+	$(PY) -m pip install --quiet --require-hashes -r $$worker_lock -r requirements/build.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -32,14 +41,20 @@ lint: setup
 demo: setup
 	$(PY) -m fuseline.demo
 
-# Recompute both lock files from requirements/*.in in two throw-away venvs (worker alone, then all).
-lock:
-	rm -rf /tmp/fuseline-lock && mkdir -p /tmp/fuseline-lock
-	$(PYTHON) -m venv /tmp/fuseline-lock/worker && /tmp/fuseline-lock/worker/bin/pip install -q -r requirements/worker.in
-	$(PYTHON) -m venv /tmp/fuseline-lock/all && /tmp/fuseline-lock/all/bin/pip install -q -r requirements/build.in
-	/tmp/fuseline-lock/worker/bin/pip freeze --all --exclude pip > /tmp/fuseline-lock/worker.txt
-	/tmp/fuseline-lock/all/bin/pip freeze --all --exclude pip > /tmp/fuseline-lock/all.txt
-	$(PYTHON) tools/write_locks.py /tmp/fuseline-lock/worker.txt /tmp/fuseline-lock/all.txt
+# The worker image, built with buildah from the Dockerfile (stand-in bases where the public ones cannot be
+# pulled): build/fuseline-worker.oci.tar + `localhost/fuseline-worker:dev` in buildah's local storage.
+image:
+	tools/build_image.sh
+
+# Run the built image as RunPod would: volume mounted, release on a local S3, RunPod's job loop (docs/image.md).
+image-smoke: setup
+	$(BIN)/pytest -m image tests/image -p no:cacheprovider -s
+
+# Recompute the three lock files from requirements/*.in with uv (tools/write_locks.py), for linux x86-64 /
+# CPython 3.11. TORCH_CPU_LINKS is where the CPU build of torch lies: pip's find-links here, PyTorch's
+# own wheel page elsewhere.
+lock: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) tools/write_locks.py --torch-cpu-links "$(TORCH_CPU_LINKS)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
