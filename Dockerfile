@@ -11,16 +11,20 @@ ARG BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
 # One venv, installed from requirements/worker.lock with every package pinned by version and hash (CUDA
-# wheels included), the same lock CI's CPU install is derived from (tests/test_locks.py). The pip cache is
-# a build cache mount, so a rebuild on the same machine downloads nothing. `pip-ca` is an optional build
-# secret: a CA bundle for builds behind a TLS-intercepting proxy; it never lands in the image.
+# wheels included), the same lock CI's CPU install is derived from (tests/test_locks.py). The wheels are
+# downloaded into a build cache mount first and installed from there, so a rebuild on the same machine
+# downloads nothing (pip's own HTTP cache is not enough: it keeps nothing when a proxy strips the cache
+# headers, as the egress proxy of fuseline's build machines does). `pip-ca` is an optional build secret: a
+# CA bundle for builds behind a TLS-intercepting proxy; it never lands in the image.
 COPY requirements/worker.lock /tmp/worker.lock
-RUN --mount=type=cache,target=/root/.cache/pip,sharing=locked \
+RUN --mount=type=cache,target=/var/cache/fuseline-wheels,sharing=locked \
     --mount=type=secret,id=pip-ca,required=false \
     if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
  && python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-input --disable-pip-version-check --require-hashes --only-binary=:all: \
-      -r /tmp/worker.lock \
+ && /opt/venv/bin/pip download --no-input --disable-pip-version-check --no-deps --require-hashes \
+      --only-binary=:all: --dest /var/cache/fuseline-wheels -r /tmp/worker.lock \
+ && /opt/venv/bin/pip install --no-input --disable-pip-version-check --no-cache-dir --require-hashes \
+      --only-binary=:all: --no-index --find-links /var/cache/fuseline-wheels -r /tmp/worker.lock \
  && rm /tmp/worker.lock
 
 WORKDIR /app

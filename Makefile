@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 TORCH_VERSION := $(shell sed -n 's/^torch==\([^ ]*\).*/\1/p' requirements/worker.lock)
 TORCH_CPU_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/torch/)
 
-.PHONY: setup test lint demo lock clean image image-smoke
+.PHONY: setup test lint demo lock clean image image-smoke image-push
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/shellcheck tools/*.sh .ci/run
 	if [ -f Dockerfile ]; then $(BIN)/hadolint Dockerfile; fi
 	if [ -d .github/workflows ]; then $(BIN)/actionlint -shellcheck $(BIN)/shellcheck; fi
 
@@ -49,6 +50,10 @@ image:
 # Run the built image as RunPod would: volume mounted, release on a local S3, RunPod's job loop (docs/image.md).
 image-smoke: setup
 	$(BIN)/pytest -m image tests/image -p no:cacheprovider -s
+
+# Push the built image: IMAGE_REPO=ghcr.io/<owner>/fuseline-worker IMAGE_TAGS="sha-<sha> main" (tools/push_image.sh).
+image-push:
+	tools/push_image.sh
 
 # Recompute the three lock files from requirements/*.in with uv (tools/write_locks.py), for linux x86-64 /
 # CPython 3.11. TORCH_CPU_LINKS is where the CPU build of torch lies: pip's find-links here, PyTorch's
