@@ -23,6 +23,7 @@ appear, and every message goes through fuseline.redact.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import ipaddress
 import socket
 import threading
@@ -30,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from fuseline.redact import redact
 from worker.errors import ImageFetchFailed, ImageInvalid
@@ -44,6 +45,8 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Bytes per read while streaming a body.
 _CHUNK = 64 * 1024
 _USER_AGENT = "fuseline-worker (image input)"
+# RFC 3986 reserved and unreserved characters, and "%" (already percent-encoded text stays as it is).
+_URL_SAFE = "/?@!$&'()*+,;=-._~:%"
 # NAT64's well-known prefix (RFC 6052): 64:ff9b::a.b.c.d reaches the IPv4 address a.b.c.d.
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
@@ -183,11 +186,19 @@ def _parse(url: str, field: str) -> _Hop:
     host = parts.hostname
     if not host:
         raise ImageFetchFailed(f"{where}: the URL has no host")
+    try:
+        host = host.encode("idna").decode("ascii")  # an internationalised name as DNS and Host carry it
+    except UnicodeError:
+        raise ImageFetchFailed(f"{where}: {host!r} is not a valid host name") from None
     default_port = 443 if scheme == "https" else 80
     port = port or default_port
     shown_host = f"[{host}]" if ":" in host else host
     host_header = shown_host if port == default_port else f"{shown_host}:{port}"
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    # Characters a URL may not carry raw (spaces, non-ASCII) percent-encoded, as browsers and requests do;
+    # what is already encoded stays as it is.
+    target = quote(parts.path or "/", safe=_URL_SAFE) + (
+        f"?{quote(parts.query, safe=_URL_SAFE)}" if parts.query else ""
+    )
     return _Hop(url, scheme, host, port, target, host_header)
 
 
@@ -314,7 +325,7 @@ def _send(
                 decode_content=False,
             )
             return _Open(conn, conn.getresponse(), watchdog)
-        except (Urllib3Error, OSError) as err:
+        except (Urllib3Error, OSError, http.client.HTTPException, ValueError) as err:
             watchdog.cancel()
             conn.close()
             last = err
@@ -414,7 +425,7 @@ def fetch_url(
             if deadline.passed:
                 raise TimeoutError("deadline passed")
             return FetchedBytes(data, response.headers.get("Content-Type"), redirects=len(seen))
-        except (Urllib3Error, OSError) as err:
+        except (Urllib3Error, OSError, http.client.HTTPException) as err:
             if deadline.passed:
                 raise ImageFetchFailed(
                     f"{where}: no complete answer within the {deadline.seconds:g} s fetch timeout"

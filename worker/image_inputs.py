@@ -33,7 +33,7 @@ import urllib.parse
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fuseline.redact import redact
 from worker.errors import ImageInvalid
@@ -343,6 +343,8 @@ def open_image(data: bytes, limits: ImageInputLimits, where: str) -> OpenedImage
         ) from None
     except MemoryError:
         raise
+    except UnidentifiedImageError:  # its message names a BytesIO object, nothing useful
+        raise ImageInvalid(f"{where}: the {label} header is invalid; re-export the file") from None
     except Exception as err:  # any parser failure on untrusted bytes is the file's fault
         raise ImageInvalid(f"{where}: not a readable {label} file ({err}); re-export it") from None
     width, height = image.size

@@ -69,6 +69,18 @@ def jpeg_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def webp_claiming(width: int, height: int) -> bytes:
+    """A small real lossless WebP whose VP8L header is rewritten to claim width x height (at most 16384)."""
+    data = bytearray(encoded(Image.new("RGB", (16, 16), (10, 20, 30)), "WEBP", lossless=True))
+    at = data.index(b"VP8L") + 8  # chunk name and size, then the 0x2f signature byte
+    assert data[at] == 0x2F
+    # Then 14 bits width - 1, 14 bits height - 1, alpha and version bits (little-endian bit order).
+    bits = int.from_bytes(data[at + 1 : at + 5], "little")
+    bits = (bits & ~((1 << 28) - 1)) | (width - 1) | ((height - 1) << 14)
+    data[at + 1 : at + 5] = bits.to_bytes(4, "little")
+    return bytes(data)
+
+
 def truncated_png(size: tuple[int, int] = (64, 64)) -> bytes:
     """A real PNG of noise cut in the middle of its pixel data (noise, so the data cannot be tiny)."""
     image = Image.frombytes("RGB", size, bytes((i * 7919) % 251 for i in range(size[0] * size[1] * 3)))

@@ -158,6 +158,23 @@ def test_the_connection_goes_to_the_checked_address(allowed_server: RangeHTTPSer
     assert request.headers["accept-encoding"] == "identity"
 
 
+def test_spaces_in_the_path_and_international_host_names_are_encoded(
+    allowed_server: RangeHTTPServer, tmp_path: Path
+) -> None:
+    (tmp_path / "allowed" / "a b ü.png").write_bytes(PNG)
+    asked: list[str] = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return [ALLOWED_HOST]
+
+    assert fetch(f"http://bücher.test:{allowed_server.port}/a b ü.png", resolver=resolver) == PNG
+    assert asked == ["xn--bcher-kva.test"]
+    [request] = allowed_server.requests
+    assert request.path == "/a%20b%20%C3%BC.png"
+    assert request.headers["host"] == f"xn--bcher-kva.test:{allowed_server.port}"
+
+
 def test_redirect_from_an_allowed_host_to_loopback_is_refused(
     allowed_server: RangeHTTPServer, loopback_server: RangeHTTPServer
 ) -> None:

@@ -19,7 +19,9 @@ from tests.worker.image_samples import (
     jpeg_claiming,
     jpeg_with_orientation,
     png_bomb_header_only,
+    png_header,
     truncated_png,
+    webp_claiming,
 )
 from worker.errors import ImageFetchFailed, ImageInvalid
 from worker.image_inputs import (
@@ -179,6 +181,20 @@ def test_webp_lossless_decodes_exactly() -> None:
     assert result.image.tobytes() == image.tobytes()
 
 
+def test_a_png_signature_with_a_broken_header_is_image_invalid() -> None:
+    bad_crc = bytearray(png_header(16, 16, b""))
+    bad_crc[29] ^= 0xFF  # the IHDR chunk's CRC
+    with pytest.raises(
+        ImageInvalid, match=r"image \(base64\): the PNG header is invalid; re-export the file"
+    ):
+        load(b64(bytes(bad_crc)))
+    for tail in (b"garbage", b"garbage" * 10):  # PIL fails these in two ways; both are the file's fault
+        with pytest.raises(
+            ImageInvalid, match=r"image \(base64\): (the PNG header is invalid|not a readable PNG)"
+        ):
+            load(b64(b"\x89PNG\r\n\x1a\n" + tail))
+
+
 def test_a_truncated_png_is_image_invalid() -> None:
     with pytest.raises(ImageInvalid, match=r"image \(base64\): the PNG file is truncated or corrupt"):
         load(b64(truncated_png()))
@@ -190,6 +206,7 @@ def test_a_truncated_png_is_image_invalid() -> None:
         (png_bomb_header_only(), "50000×50000"),
         (png_bomb_header_only(6000, 6000), "6000×6000"),
         (jpeg_claiming(60000, 60000), "60000×60000"),
+        (webp_claiming(8000, 8000), "8000×8000"),
     ],
 )
 def test_decompression_bombs_are_refused_from_the_header(data: bytes, size: str) -> None:
@@ -242,7 +259,8 @@ for text in inputs:
 after_bombs = peak_mb()
 load_image_input(control, ImageInputLimits(max_pixels=3000 * 3000), bounds)
 after_control = peak_mb()
-print(json.dumps({"refused": refused, "bombs_mb": after_bombs - before, "control_mb": after_control - after_bombs}))
+growth = {"bombs_mb": after_bombs - before, "control_mb": after_control - after_bombs}
+print(json.dumps({"refused": refused, **growth}))
 """
     out = subprocess.run(
         [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
