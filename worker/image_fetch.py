@@ -362,6 +362,7 @@ def fetch_url(
     allow_private: bool = False,
     allowed_networks: Sequence[IPNetwork] = (),
     resolver: Resolver | None = None,
+    ca_certs: str | None = None,
     field: str = "image",
 ) -> FetchedBytes:
     """GET `url` under the rules in this module's docstring; the body of the final 200 answer.
@@ -370,12 +371,13 @@ def fetch_url(
     `allowed_networks`: address ranges allowed even when private (an operator's internal image host);
     plain http:// is accepted when every address of a host is inside them. `resolver`: how host names
     become addresses (default: the system resolver); tests pass their own to name hosts without DNS.
-    `field` names the job field in messages."""
+    `ca_certs`: a PEM file of the certificate authorities HTTPS servers are checked against (default:
+    certifi's bundle, as requests uses). `field` names the job field in messages."""
     from urllib3.exceptions import HTTPError as Urllib3Error
 
     resolver = resolver or system_resolver
     deadline = _Deadline(timeout_s)
-    ca_certs = _ca_bundle()
+    ca_certs = ca_certs or _ca_bundle()
     seen: list[str] = []
     hop = _parse(url, field)
     while True:

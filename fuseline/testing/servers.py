@@ -658,14 +658,18 @@ class RangeHTTPServer:
             assert [r.status for r in srv.requests] == [429, 200]
     """
 
-    def __init__(self, root: Path | str, *, port: int = 0, host: str = LOCALHOST) -> None:
+    def __init__(
+        self, root: Path | str, *, port: int = 0, host: str = LOCALHOST, ssl_context: Any = None
+    ) -> None:
         """`host`: the loopback address to bind (any of 127.0.0.0/8 works on Linux without setup), for
-        tests that need two hosts with different addresses."""
+        tests that need two hosts with different addresses. `ssl_context`: a server-side
+        ssl.SSLContext to speak HTTPS with (e.g. from trustme)."""
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise NotADirectoryError(f"RangeHTTPServer root {self.root} is not a directory: create it first")
         self._port = port
         self.host = host
+        self.ssl_context = ssl_context
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
         self._routes: list[tuple[str, RouteHandler]] = []
@@ -679,6 +683,8 @@ class RangeHTTPServer:
         if self._httpd is not None:
             raise RuntimeError("RangeHTTPServer already started")
         self._httpd = _Server((self.host, self._port), _Handler)
+        if self.ssl_context is not None:
+            self._httpd.socket = self.ssl_context.wrap_socket(self._httpd.socket, server_side=True)
         self._httpd.owner = self
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -710,7 +716,8 @@ class RangeHTTPServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     def url(self, path: str = "") -> str:
         """Absolute URL for `path` (relative to root), percent-encoded."""

@@ -175,6 +175,50 @@ def test_spaces_in_the_path_and_international_host_names_are_encoded(
     assert request.headers["host"] == f"xn--bcher-kva.test:{allowed_server.port}"
 
 
+@pytest.fixture(scope="module")
+def test_ca():
+    import trustme
+
+    return trustme.CA()
+
+
+def https_server(http_server, tmp_path: Path, ca, name: str) -> RangeHTTPServer:
+    """An HTTPS server on the allowed address whose certificate (from `ca`) names `name`."""
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(name).configure_cert(context)
+    root = tmp_path / f"tls-{name}"
+    root.mkdir()
+    (root / "a.png").write_bytes(PNG)
+    return http_server(root, host=ALLOWED_HOST, ssl_context=context)
+
+
+def test_https_checks_the_certificate_for_the_host_name_on_the_pinned_address(
+    http_server, tmp_path: Path, test_ca
+) -> None:
+    """The socket goes to the checked IP; TLS still sends the name (SNI) and verifies the certificate
+    against it: a certificate for another name is refused, and so is an unknown authority."""
+    ca_file = tmp_path / "ca.pem"
+    test_ca.cert_pem.write_to_path(str(ca_file))
+    good = https_server(http_server, tmp_path, test_ca, "images.test")
+    other = https_server(http_server, tmp_path, test_ca, "other.test")
+
+    def resolver(host: str, port: int) -> list[str]:
+        return [ALLOWED_HOST]
+
+    assert fetch(f"https://images.test:{good.port}/a.png", resolver=resolver, ca_certs=str(ca_file)) == PNG
+    [request] = good.requests
+    assert request.headers["host"] == f"images.test:{good.port}"
+    with pytest.raises(
+        ImageFetchFailed,
+        match=r"cannot connect \(CertificateError: hostname 'images.test' doesn't match 'other.test'\)",
+    ):
+        fetch(f"https://images.test:{other.port}/a.png", resolver=resolver, ca_certs=str(ca_file))
+    with pytest.raises(ImageFetchFailed, match=r"cannot connect \(.*CERTIFICATE_VERIFY_FAILED"):
+        fetch(f"https://images.test:{good.port}/a.png", resolver=resolver)  # certifi does not know the CA
+
+
 def test_redirect_from_an_allowed_host_to_loopback_is_refused(
     allowed_server: RangeHTTPServer, loopback_server: RangeHTTPServer
 ) -> None:
