@@ -168,8 +168,8 @@ class _Hop:
     host_header: str
 
 
-def _parse(url: str, field: str) -> _Hop:
-    where = f"{field} {describe_url(url)}"
+def _parse(url: str, field_name: str) -> _Hop:
+    where = f"{field_name} {describe_url(url)}"
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -209,11 +209,11 @@ def _checked_addresses(
     allowed_networks: Sequence[IPNetwork],
     resolver: Resolver,
     deadline: _Deadline,
-    field: str,
+    field_name: str,
 ) -> list[str]:
     """The addresses to connect to for `hop`, each allowed; refuses the hop when any is not (a name
     with one public and one private address is refused: which one a connect picks is not ours to say)."""
-    where = f"{field} {describe_url(hop.url)}"
+    where = f"{field_name} {describe_url(hop.url)}"
     try:
         literal: IPAddress | None = ipaddress.ip_address(hop.host)
     except ValueError:
@@ -363,7 +363,7 @@ def fetch_url(
     allowed_networks: Sequence[IPNetwork] = (),
     resolver: Resolver | None = None,
     ca_certs: str | None = None,
-    field: str = "image",
+    field_name: str = "image",
 ) -> FetchedBytes:
     """GET `url` under the rules in this module's docstring; the body of the final 200 answer.
 
@@ -372,23 +372,23 @@ def fetch_url(
     plain http:// is accepted when every address of a host is inside them. `resolver`: how host names
     become addresses (default: the system resolver); tests pass their own to name hosts without DNS.
     `ca_certs`: a PEM file of the certificate authorities HTTPS servers are checked against (default:
-    certifi's bundle, as requests uses). `field` names the job field in messages."""
+    certifi's bundle, as requests uses). `field_name` names the job field in messages."""
     from urllib3.exceptions import HTTPError as Urllib3Error
 
     resolver = resolver or system_resolver
     deadline = _Deadline(timeout_s)
     ca_certs = ca_certs or _ca_bundle()
     seen: list[str] = []
-    hop = _parse(url, field)
+    hop = _parse(url, field_name)
     while True:
-        where = f"{field} {describe_url(hop.url)}"
+        where = f"{field_name} {describe_url(hop.url)}"
         addresses = _checked_addresses(
             hop,
             allow_private=allow_private,
             allowed_networks=allowed_networks,
             resolver=resolver,
             deadline=deadline,
-            field=field,
+            field_name=field_name,
         )
         sent = _send(hop, addresses, deadline, ca_certs, where)
         response = sent.response
@@ -407,10 +407,10 @@ def fetch_url(
                     )
                 if len(seen) > max_redirects:
                     raise ImageFetchFailed(
-                        f"{field} {describe_url(url)}: more than {max_redirects} redirects (the last to "
+                        f"{field_name} {describe_url(url)}: more than {max_redirects} redirects (the last to "
                         f"{describe_url(next_url)}); give the image's final URL"
                     )
-                hop = _parse(next_url, field)
+                hop = _parse(next_url, field_name)
                 continue
             if status != 200:
                 reason = response.reason or ""
@@ -446,7 +446,7 @@ def fetch_s3_object(
     client: Any | None = None,
     read_timeout_s: int = 30,
     allowed_buckets: frozenset[str] | None = None,
-    field: str = "image",
+    field_name: str = "image",
 ) -> FetchedBytes:
     """The object `s3://bucket/key`, read with the worker's own S3 client and credentials.
 
@@ -456,7 +456,7 @@ def fetch_s3_object(
     its size, before its body is read."""
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-    where = f"{field} {uri}"
+    where = f"{field_name} {uri}"
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     if not bucket or not key:
         raise ImageFetchFailed(f"{where}: an S3 image must be written s3://<bucket>/<key>")

@@ -30,7 +30,7 @@ import ipaddress
 import math
 import re
 import urllib.parse
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -137,7 +137,7 @@ class ImageInputReport:
     size_rule: str  # "requested" | "width" | "height" | "input" (see choose_size)
     crop: tuple[float, float, float, float]  # region of the oriented input scaled to `size` (l, t, r, b)
     resized: bool
-    warnings: tuple[str, ...] = field(default=())
+    warnings: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -234,7 +234,7 @@ def read_image_source(
             allow_private=limits.allow_private_urls,
             allowed_networks=limits.allowed_networks,
             resolver=resolver,
-            field=field_name,
+            field_name=field_name,
         )
         where = f"{field_name} ({describe_url(text)})"
         return ImageSource(fetched.data, "url", _media_type(fetched.content_type), where, fetched.redirects)
@@ -245,7 +245,7 @@ def read_image_source(
             client=s3_client,
             read_timeout_s=max(1, math.ceil(limits.fetch_timeout_s)),
             allowed_buckets=limits.s3_buckets,
-            field=field_name,
+            field_name=field_name,
         )
         return ImageSource(fetched.data, "s3", _media_type(fetched.content_type), f"{field_name} ({text})")
     raise ImageInvalid(
