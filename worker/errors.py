@@ -10,7 +10,11 @@ ERROR_CODES: dict[str, str] = {
     "templates present.",
     "MODEL_INVALID": "The template's model folder is incomplete, its fuseline.json is missing or names "
     "another template or spec hash, or diffusers could not load it.",
-    "IMAGE_INVALID": "Generation produced NaN/Inf values or a black frame, also after the fp32 VAE retry.",
+    "IMAGE_INVALID": "An input image (image, mask) is not an acceptable PNG/JPEG/WebP (bad base64, another "
+    "format, corrupt, over the byte or pixel limit), or generation produced NaN/Inf values or a black frame, "
+    "also after the fp32 VAE retry.",
+    "IMAGE_FETCH_FAILED": "An input image given by URL or s3:// could not be fetched: refused address or "
+    "scheme, network error, timeout, HTTP or S3 error (the message carries the status).",
     "OUT_OF_MEMORY": "The GPU ran out of memory, also after freeing cached pipelines and retrying once.",
     "CONFIG_INVALID": "A FUSELINE_* environment variable of the worker is malformed (a deployment problem).",
     "INTERNAL_ERROR": "An unexpected failure inside the worker; the message carries the exception.",
@@ -50,6 +54,10 @@ class ModelInvalid(WorkerError):
 
 class ImageInvalid(WorkerError):
     code = "IMAGE_INVALID"
+
+
+class ImageFetchFailed(WorkerError):
+    code = "IMAGE_FETCH_FAILED"
 
 
 class OutOfMemory(WorkerError):
@@ -118,6 +126,7 @@ ERROR_TYPES: tuple[type[WorkerError], ...] = (
     UnknownTemplate,
     ModelInvalid,
     ImageInvalid,
+    ImageFetchFailed,
     OutOfMemory,
     ConfigInvalid,
     InternalError,

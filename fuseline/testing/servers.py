@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -419,11 +419,16 @@ class RecordedRequest:
 
 @dataclass
 class Response:
-    """What a route handler returns. A body is sent as-is (no Range handling); HEAD drops it."""
+    """What a route handler returns. A body is sent as-is (no Range handling); HEAD drops it.
+
+    `chunks` instead of `body`: the body goes out with `Transfer-Encoding: chunked` and no Content-Length,
+    each chunk written and flushed as the iterable yields it (a generator that sleeps between chunks is a
+    slow server; one that never ends is a body without a size)."""
 
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
+    chunks: Iterable[bytes] | None = None
 
     @classmethod
     def redirect(cls, location: str, status: int = 302) -> Response:
@@ -571,6 +576,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         file: tuple[Path, int, int] | None = None,
     ) -> None:
         owner = self.server.owner
+        if resp.chunks is not None:
+            self._send_chunked(probe, resp)
+            return
         length = file[2] if file else len(resp.body)
         send_body = self.command != "HEAD" and length > 0
         cut = owner._take_fault(self._url_path, kinds=("cut",)) if send_body else None
@@ -599,6 +607,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else:
             self._write(resp.body, budget)
 
+    def _send_chunked(self, probe: RecordedRequest, resp: Response) -> None:
+        self.server.owner._record(dataclasses.replace(probe, status=resp.status))
+        self.send_response(resp.status)
+        for key, value in resp.headers.items():
+            self.send_header(key, value)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        assert resp.chunks is not None
+        try:
+            for chunk in resp.chunks:
+                if chunk:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:  # the client hung up mid-body (what clients with a byte cap or deadline do)
+            self.close_connection = True
+
     def _write(self, chunk: bytes, budget: int | None) -> bool:
         """Write `chunk`, or only `budget` bytes of it and then drop the connection (returns False)."""
         if budget is None or len(chunk) < budget:
@@ -621,8 +648,8 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 class RangeHTTPServer:
-    """Threaded HTTP file server on 127.0.0.1 serving `root`, with Range support, a request log,
-    custom routes and fault injection.
+    """Threaded HTTP file server on loopback (127.0.0.1 unless `host` says otherwise) serving `root`, with
+    Range support, a request log, custom routes and fault injection.
 
     Usage:
         with RangeHTTPServer(tmp_path) as srv:
@@ -631,11 +658,18 @@ class RangeHTTPServer:
             assert [r.status for r in srv.requests] == [429, 200]
     """
 
-    def __init__(self, root: Path | str, *, port: int = 0) -> None:
+    def __init__(
+        self, root: Path | str, *, port: int = 0, host: str = LOCALHOST, ssl_context: Any = None
+    ) -> None:
+        """`host`: the loopback address to bind (any of 127.0.0.0/8 works on Linux without setup), for
+        tests that need two hosts with different addresses. `ssl_context`: a server-side
+        ssl.SSLContext to speak HTTPS with (e.g. from trustme)."""
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise NotADirectoryError(f"RangeHTTPServer root {self.root} is not a directory: create it first")
         self._port = port
+        self.host = host
+        self.ssl_context = ssl_context
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
         self._routes: list[tuple[str, RouteHandler]] = []
@@ -648,7 +682,9 @@ class RangeHTTPServer:
     def start(self) -> RangeHTTPServer:
         if self._httpd is not None:
             raise RuntimeError("RangeHTTPServer already started")
-        self._httpd = _Server((LOCALHOST, self._port), _Handler)
+        self._httpd = _Server((self.host, self._port), _Handler)
+        if self.ssl_context is not None:
+            self._httpd.socket = self.ssl_context.wrap_socket(self._httpd.socket, server_side=True)
         self._httpd.owner = self
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -680,7 +716,8 @@ class RangeHTTPServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://{LOCALHOST}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     def url(self, path: str = "") -> str:
         """Absolute URL for `path` (relative to root), percent-encoded."""

@@ -41,6 +41,9 @@ SERVING_MODULES = (
     "upload",
     "fallback",
     "telemetry",
+    "image_fetch",
+    "image_inputs",
+    "masks",
 )
 
 
