@@ -109,7 +109,7 @@ class WeightFuser:
     faster per weight, docs/benchmarks.md). The result differs from PEFT's `W + (up @ down) * s` only in fp32
     rounding inside the product, which after the cast to fp16 changes about 3 values in 100,000 by one ulp
     (tests/stages/test_merge_oracle.py allows one ulp). DoRA updates (a norm of each adapter's own delta)
-    go through `fuse_weight` unchanged.
+    and LyCORIS updates (no low-rank pair to accumulate) go through `fuse_weight` unchanged.
 
     The returned tensor is a view of the buffer: it is valid until the next call (the export casts it to
     fp16 before asking for the next weight).
@@ -123,9 +123,9 @@ class WeightFuser:
     def __call__(self, base: Any, updates: Sequence[Any]) -> Any:
         import torch
 
-        from stages.fuse import fuse_weight, scaling
+        from stages.fuse import LoraFactors, fuse_weight, scaling
 
-        if any(update.factors.magnitude is not None for update in updates):
+        if any(not isinstance(u.factors, LoraFactors) or u.factors.magnitude is not None for u in updates):
             return fuse_weight(base, updates)
         if self._work.numel() < base.numel():
             self._work = torch.empty(base.numel(), dtype=torch.float32)
