@@ -109,12 +109,14 @@ SHOW_KEYS = 10
 @dataclass(frozen=True)
 class LoraInput:
     """A LoRA of a template: the file, its strength, and the name errors and the manifest use (the catalog
-    source). A given sha256 is checked against the file."""
+    source). A given sha256 is checked against the file. `block_weights`: 12 or 20 per-block strengths
+    (fuseline/block_weights.py), or None for the same strength everywhere."""
 
     path: Path
     scale: float
     name: str
     sha256: str | None = None
+    block_weights: tuple[float, ...] | None = None
 
 
 @dataclass
