@@ -253,9 +253,10 @@ def load_lycoris_network(pipe, path: Path, case: LycorisCase):
 
     LyCORIS's file loader (`create_network_from_weights`) builds each module from the file's tensors alone.
     It cannot rebuild three of its own layouts (a Tucker LoKr: it takes the rank from the wrong side of
-    w2_a; LoKr with both halves low-rank: it guesses the factorisation wrong; DoRA with wd_on_out=False: it
-    always builds the magnitude per output), so for those cases (`loader_reads_it=False`) the network is
-    created as it was for writing and the file is loaded into it with LyCORIS's `load_weights`.
+    w2_a; LoKr with both halves low-rank: it builds the module with other factor shapes than the file's;
+    DoRA with wd_on_out=False: it always builds the magnitude per output), so for those cases
+    (`loader_reads_it=False`) the network is created as it was for writing and the file is loaded into it
+    with LyCORIS's `load_weights`.
     """
     from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
 

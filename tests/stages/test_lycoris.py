@@ -262,7 +262,8 @@ def test_dora_magnitude_on_the_wrong_axis_is_a_problem():
 def test_dora_strength_is_inside_the_norm_as_peft_has_it():
     """fuseline's DoRA convention at a strength s other than 1: m / ||W + s*D|| * (W + s*D) (PEFT's, for
     PEFT- and kohya-format DoRA alike). LyCORIS computes (W + D) * (s * (m / ||W + D|| - 1) + 1) and
-    ComfyUI W + s * (m / ||W + D|| * (W + D) - W); all three agree at s = 1 only (docs/templates.md)."""
+    ComfyUI interpolates, W + s * (W1 - W) with W1 its weight at strength 1; fuseline and LyCORIS agree at
+    s = 1 (docs/templates.md)."""
     g = _gen(11)
     w = torch.randn(4, 6, generator=g)
     down, up = torch.randn(2, 6, generator=g), torch.randn(4, 2, generator=g)
