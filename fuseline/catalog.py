@@ -28,6 +28,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from fuseline import block_weights
 from fuseline.redact import SECRET_QUERY_PARAMS
 
 __all__ = [
@@ -453,6 +454,10 @@ class Checkpoint(Source):
         return value
 
 
+BLOCK_WEIGHT_LIMIT = 4.0
+_BLOCK_WEIGHT_ITEMS = {"type": "number", "minimum": -BLOCK_WEIGHT_LIMIT, "maximum": BLOCK_WEIGHT_LIMIT}
+
+
 class LoraSpec(Source):
     """A LoRA fused into the template's checkpoint."""
 
@@ -463,6 +468,71 @@ class LoraSpec(Source):
         allow_inf_nan=False,
         description="Strength of the LoRA, a finite number from -4 to 4 (1.0 = as trained).",
     )
+    block_weights: list[float] | str | None = Field(
+        default=None,
+        # Left out of the spec when absent, so that adding the field changed no template's spec hash.
+        exclude_if=lambda value: value is None,
+        description="Per-block strength (A1111 LoRA Block Weight convention for SDXL): 12 numbers (BASE, "
+        "IN04, IN05, IN07, IN08, MID, OUT00-OUT05), 20 numbers (BASE, IN00-IN08, MID, OUT00-OUT08), or a "
+        f"preset ({', '.join(block_weights.PRESETS)}). Each multiplies scale for the modules of its block; "
+        "blocks a 12-value list leaves out get 0. Absent: every module at scale.",
+        json_schema_extra={
+            "anyOf": [
+                {"type": "array", "items": _BLOCK_WEIGHT_ITEMS, "minItems": count, "maxItems": count}
+                for count in block_weights.LAYOUTS
+            ]
+            + [{"enum": list(block_weights.PRESETS)}, {"type": "null"}]
+        },
+    )
+
+    @field_validator("block_weights", mode="before")
+    @classmethod
+    def _block_weights_known(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        layouts = " or ".join(
+            f"{count} numbers ({text})" for count, text in block_weights.LAYOUT_TEXT.items()
+        )
+        presets = ", ".join(block_weights.PRESETS)
+        if isinstance(value, str):
+            if value not in block_weights.PRESETS:
+                close = difflib.get_close_matches(value, list(block_weights.PRESETS), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise _fail(
+                    "block_weights_preset_unknown",
+                    f"unknown block weight preset {value!r}",
+                    f"{hint}use one of {presets}, or a list of {layouts}",
+                )
+            return value
+        if not isinstance(value, list):
+            raise _fail(
+                "block_weights_type",
+                f"block_weights must be a list of numbers or a preset name, got {_show(value)}",
+                f"use a list of {layouts}, or one of {presets}",
+            )
+        if len(value) not in block_weights.LAYOUTS:
+            sd1 = ", the extension's SD 1.x layout" if len(value) in block_weights.SD1_COUNTS else ""
+            raise _fail(
+                "block_weights_count",
+                f"block_weights has {len(value)} values{sd1}; SDXL takes 12 or 20",
+                f"use {layouts}",
+            )
+        for index, item in enumerate(value):
+            number = isinstance(item, int | float) and not isinstance(item, bool)
+            if not number or not -BLOCK_WEIGHT_LIMIT <= item <= BLOCK_WEIGHT_LIMIT:
+                raise _fail(
+                    "block_weights_value",
+                    f"block weight {index} ({block_weights.LAYOUTS[len(value)][index]}) must be a finite "
+                    f"number from {-BLOCK_WEIGHT_LIMIT:g} to {BLOCK_WEIGHT_LIMIT:g}, got {_show(item)}",
+                    "use a number such as 0.5 (NaN, Infinity and true are not numbers)",
+                    at=(index,),
+                )
+        return [float(item) for item in value]
+
+    @property
+    def resolved_block_weights(self) -> tuple[float, ...] | None:
+        """The block weights as numbers (a preset's values for a preset name), or None when absent."""
+        return None if self.block_weights is None else block_weights.resolve(self.block_weights)
 
 
 class Defaults(BaseModel):

@@ -47,6 +47,13 @@ class LoraRef(_Frozen):
         description="Keys of the LoRA file placed on each component (unet, text_encoder, text_encoder_2); "
         "together they are every key of the file."
     )
+    block_weights: list[float] | None = Field(
+        default=None,
+        # Absent from the file when unused, so manifests of LoRAs without block weights stay byte-identical.
+        exclude_if=lambda value: value is None,
+        description="The per-block strengths fused (12 or 20 values in the A1111 LoRA Block Weight order, "
+        "a preset resolved to its values); absent: one strength for every module.",
+    )
 
 
 class ModelManifest(_Frozen):

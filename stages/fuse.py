@@ -3,11 +3,16 @@
 One base weight W receives the updates of every LoRA of a template that targets it, in template order:
 
     plain LoRA   W <- W + s * (alpha / r) * up @ down                  (conv factors flattened, then reshaped)
-    DoRA         W <- m / ||W0 + d|| * (W + d),  d = s * (alpha / r) * up @ down
+    LyCORIS      W <- W + s * D            (D: the LoHa/LoKr/Tucker LoCon update, stages/lycoris.py)
+    DoRA         W <- m / ||W0 + d|| * (W + d),  d = s * (alpha / r) * up @ down  (or s * D)
 
-everything in fp32 (the caller casts the result to fp16 once). The DoRA norm is taken per output channel
-over the *unmerged* base weight W0 plus this adapter's own delta, which is how PEFT merges several adapters
-(`_unmerged_base_weight` in peft.tuners.lora.layer); diffusers' `fuse_lora` is PEFT's merge.
+everything in fp32 (the caller casts the result to fp16 once). s is the LoRA's strength (its scale, times
+its block weight for the module). The DoRA norm is taken per output channel (per input channel for a
+LyCORIS magnitude stored that way, `wd_on_out=False`) over the *unmerged* base weight W0 plus this
+adapter's own delta, which is how PEFT merges several adapters (`_unmerged_base_weight` in
+peft.tuners.lora.layer); diffusers' `fuse_lora` is PEFT's merge. The strength is inside the norm, as PEFT
+has it, for PEFT- and kohya-format DoRA alike (LyCORIS and ComfyUI scale DoRA differently at strengths
+other than 1; docs/templates.md compares them).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from stages.lycoris import LycorisFactors
+
 
 @dataclass(frozen=True)
 class LoraFactors:
@@ -25,7 +32,9 @@ class LoraFactors:
 
     `down` is (r, in) for a linear layer or (r, in, kh, kw) for a conv (LoCon); `up` is (out, r) or
     (out, r, 1, 1). `magnitude` is DoRA's per-output-channel magnitude vector (`out` values, any shape).
-    `rslora` divides alpha by sqrt(r) instead of r (PEFT's `use_rslora`).
+    `rslora` divides alpha by sqrt(r) instead of r (PEFT's `use_rslora`). `magnitude_per_input`: the
+    magnitude holds one value per input channel (a kohya-format `dora_scale` written with LyCORIS's
+    `wd_on_out=False`).
     """
 
     down: torch.Tensor
@@ -33,6 +42,7 @@ class LoraFactors:
     alpha: float
     magnitude: torch.Tensor | None = None
     rslora: bool = False
+    magnitude_per_input: bool = False
 
     @property
     def rank(self) -> int:
@@ -41,9 +51,9 @@ class LoraFactors:
 
 @dataclass(frozen=True)
 class WeightUpdate:
-    """A LoRA's factors with the strength the template gives that LoRA."""
+    """A LoRA's factors with the strength the template gives that LoRA (for this module)."""
 
-    factors: LoraFactors
+    factors: LoraFactors | LycorisFactors
     scale: float
 
 
@@ -64,7 +74,7 @@ def factor_shape_problem(factors: LoraFactors, weight_shape: Sequence[int]) -> s
     in_numel = math.prod(shape[1:])
     expected_down = (rank, *shape[1:]) if down.ndim == len(shape) else (rank, in_numel)
     if up.ndim > 2 and math.prod(up.shape[2:]) != 1:
-        return f"up factor {list(up.shape)} has a spatial kernel (LyCORIS Tucker variants are not supported)"
+        return f"up factor {list(up.shape)} has a spatial kernel (a LoCon keeps it in down or in lora_mid)"
     if tuple(up.shape[:2]) != (shape[0], rank):
         expected_up = [shape[0], rank]
         return f"up factor {list(up.shape)} does not fit base weight {list(shape)} (expected {expected_up})"
@@ -75,8 +85,18 @@ def factor_shape_problem(factors: LoraFactors, weight_shape: Sequence[int]) -> s
         )
     if down.ndim != len(shape) and math.prod(down.shape[1:]) != in_numel:
         return f"down factor {list(down.shape)} does not fit base weight {list(shape)}"
-    if factors.magnitude is not None and factors.magnitude.numel() != shape[0]:
-        return f"DoRA magnitude has {factors.magnitude.numel()} values, the base weight has {shape[0]} rows"
+    return magnitude_problem(factors, shape)
+
+
+def magnitude_problem(factors: LoraFactors | LycorisFactors, weight_shape: Sequence[int]) -> str | None:
+    """Why the factors' DoRA magnitude does not fit a weight of `weight_shape`, or None."""
+    magnitude = factors.magnitude
+    if magnitude is None:
+        return None
+    axis, what = (1, "columns") if factors.magnitude_per_input else (0, "rows")
+    if magnitude.numel() != weight_shape[axis]:
+        found = f"DoRA magnitude has {magnitude.numel()} values"
+        return f"{found}, the base weight has {weight_shape[axis]} {what}"
     return None
 
 
@@ -87,8 +107,18 @@ def lora_delta(factors: LoraFactors, scale: float, weight_shape: Sequence[int]) 
     return (up @ down).reshape(tuple(weight_shape)) * scaling(factors, scale)
 
 
-def dora_norm(weight: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each output channel (row of a matrix, filter of a conv), as a (out, 1, ...) column."""
+def update_delta(update: WeightUpdate, weight_shape: Sequence[int]) -> torch.Tensor:
+    """The update's delta at its strength, in fp32, shaped like the base weight."""
+    if isinstance(update.factors, LoraFactors):
+        return lora_delta(update.factors, update.scale, weight_shape)
+    return update.factors.delta(weight_shape) * update.scale
+
+
+def dora_norm(weight: torch.Tensor, per_input: bool = False) -> torch.Tensor:
+    """L2 norm of each output channel (row of a matrix, filter of a conv), as a (out, 1, ...) column; with
+    `per_input`, of each input channel (over outputs and kernel taps), as a (1, in, 1, ...) row."""
+    if per_input:
+        return torch.linalg.vector_norm(weight, dim=(0, *range(2, weight.ndim)), keepdim=True)
     norm = torch.linalg.vector_norm(weight, dim=tuple(range(1, weight.ndim)))
     return norm.view(-1, *([1] * (weight.ndim - 1)))
 
@@ -98,12 +128,12 @@ def fuse_weight(base: torch.Tensor, updates: Sequence[WeightUpdate]) -> torch.Te
     original = base.to(torch.float32)
     fused = original
     for update in updates:
-        delta = lora_delta(update.factors, update.scale, original.shape)
+        delta = update_delta(update, original.shape)
         magnitude = update.factors.magnitude
         if magnitude is None:
             fused = fused + delta
         else:
-            norm = dora_norm(original + delta)
+            norm = dora_norm(original + delta, per_input=update.factors.magnitude_per_input)
             factor = magnitude.to(torch.float32).reshape(norm.shape) / norm
             fused = factor * (fused + delta)
     return fused

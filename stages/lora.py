@@ -1,4 +1,4 @@
-"""Read one LoRA file (kohya/A1111, LoCon, PEFT/diffusers, DoRA) into per-base-tensor LoRA factors.
+"""Read one LoRA file (kohya/A1111, LoCon, PEFT/diffusers, DoRA, LyCORIS) into per-base-tensor factors.
 
 Key names are not mapped by hand: diffusers' `StableDiffusionXLPipeline.lora_state_dict` (defined on
 `StableDiffusionXLLoraLoaderMixin`) turns kohya names (original SGM layout or diffusers-style) into diffusers
@@ -6,6 +6,11 @@ module names, and diffusers' own state-dict converters turn those into PEFT modu
 `load_lora_weights` does. What is left to us is small and lives in the tables below: which component a key
 belongs to, which role a key suffix plays, and the `text_model.` prefix that transformers 5 dropped from
 CLIPTextModel.
+
+LyCORIS modules in kohya naming (LoHa `hada_*`, LoKr `lokr_*`, LoCon with a Tucker core `lora_mid`, and
+kohya-format DoRA `dora_scale`), which diffusers cannot load, are taken out of the file before diffusers
+sees it and replaced by empty stand-in `lora_down`/`lora_up` keys under the same module name, so that
+diffusers still names their modules; their own tensors become stages/lycoris.py factors.
 
 Placement is strict: every key of the file must land on a base tensor of the right shape, or the whole
 LoRA is refused with the offending keys listed. A silently skipped key is a wrong model.
@@ -24,7 +29,8 @@ from typing import Any
 
 import torch
 
-from stages.fuse import LoraFactors, factor_shape_problem
+from stages.fuse import LoraFactors, factor_shape_problem, magnitude_problem
+from stages.lycoris import LohaFactors, LokrFactors, LycorisFactors, TuckerLoconFactors, alpha_scale
 from stages.runtime import StageError
 from stages.sources.local import sha256_file
 
@@ -50,24 +56,46 @@ ROLE_SUFFIXES: tuple[tuple[str, str], ...] = (
 # `text_model.` prefix that CLIPTextModelWithProjection (and older checkpoints and LoRAs) keep.
 TEXT_MODEL_PREFIX = "text_model."
 
-# Formats recognised by their keys and refused by name (diffusers cannot fuse them into SDXL either).
+# Formats recognised by their keys and refused by name (no SDXL loader to prove a merge of them against).
 REFUSED_FORMATS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"\.hada_(w|t)\d"), "LyCORIS LoHa (hada_w1_a/hada_w2_b...)"),
-    (re.compile(r"\.lokr_(w|t)\d"), "LyCORIS LoKr (lokr_w1/lokr_w2...)"),
-    (re.compile(r"\.lora_mid\.weight$"), "LyCORIS LoCon with a Tucker core (lora_mid)"),
-    (re.compile(r"\.(oft_blocks|oft_diag|oft_r)"), "LyCORIS/PEFT OFT"),
+    (re.compile(r"\.(oft_blocks|oft_diag|oft_r)"), "LyCORIS/PEFT OFT or BOFT"),
     (re.compile(r"\.(on_input|weight_ia3)$"), "IA3"),
     (re.compile(r"\.(diff|diff_b)$"), "LyCORIS full weight difference (diff)"),
     (re.compile(r"\.(w_norm|b_norm)$"), "LyCORIS norm layers"),
-    # diffusers' SDXL loader drops `dora_scale` with a warning and fuses the rest as a plain LoRA (a wrong
-    # model, and no oracle to prove our own DoRA merge of this layout against). PEFT-format DoRA is merged.
-    (re.compile(r"\.dora_scale$"), "kohya-format DoRA (dora_scale); PEFT-format DoRA is supported"),
+    (re.compile(r"\.(a1|a2|b1|b2)\.weight$"), "LyCORIS GLoRA (a1/a2/b1/b2)"),
+)
+REFUSED_FIX = (
+    "use a LoRA, LoCon, LoHa, LoKr or DoRA release of it, or extract a LoRA from a checkpoint it was merged "
+    "into (kohya sd-scripts networks/extract_lora_from_models.py)"
 )
 
 SUPPORTED_FORMATS = (
     "kohya/A1111 LoRA and LoCon (lora_down/lora_up/alpha, original or diffusers-style names), "
-    "PEFT/diffusers LoRA and DoRA (lora_A/lora_B/lora_magnitude_vector, alpha from the adapter metadata)"
+    "PEFT/diffusers LoRA and DoRA (lora_A/lora_B/lora_magnitude_vector, alpha from the adapter metadata), "
+    "LyCORIS in kohya naming: LoHa (hada_*), LoKr (lokr_*), LoCon with a Tucker core (lora_mid), "
+    "kohya-format DoRA (dora_scale)"
 )
+
+# LyCORIS in kohya naming: `<module>.<suffix>` -> the tensor's role in stages/lycoris.py (or LoraFactors).
+# A module is read here (not by diffusers) when one of its keys has a suffix starting with a marker.
+LYCORIS_ROLES: dict[str, str] = {
+    "hada_w1_a": "w1_a", "hada_w1_b": "w1_b", "hada_w2_a": "w2_a", "hada_w2_b": "w2_b",
+    "hada_t1": "t1", "hada_t2": "t2",
+    "lokr_w1": "w1", "lokr_w1_a": "w1_a", "lokr_w1_b": "w1_b",
+    "lokr_w2": "w2", "lokr_w2_a": "w2_a", "lokr_w2_b": "w2_b", "lokr_t2": "t2",
+    "lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid",
+    "dora_scale": "magnitude", "alpha": "alpha",
+}  # fmt: skip
+LYCORIS_MARKERS: dict[str, str] = {
+    "hada_": "LoHa", "lokr_": "LoKr", "lora_mid.": "LoCon", "dora_scale": "LoCon"
+}  # fmt: skip
+# The roles each kind may have (required, optional), besides alpha and a DoRA magnitude.
+LYCORIS_KINDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "LoHa": (frozenset({"w1_a", "w1_b", "w2_a", "w2_b"}), frozenset({"t1", "t2"})),
+    "LoKr": (frozenset(), frozenset({"w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2"})),
+    "LoCon": (frozenset({"down", "up"}), frozenset({"mid"})),
+}
+KOHYA_PREFIXES: tuple[str, ...] = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 PICKLE_MAGIC: tuple[bytes, ...] = (b"PK\x03\x04", b"\x80")
 MAX_HEADER_BYTES = 100_000_000
@@ -81,12 +109,14 @@ SHOW_KEYS = 10
 @dataclass(frozen=True)
 class LoraInput:
     """A LoRA of a template: the file, its strength, and the name errors and the manifest use (the catalog
-    source). A given sha256 is checked against the file."""
+    source). A given sha256 is checked against the file. `block_weights`: 12 or 20 per-block strengths
+    (fuseline/block_weights.py), or None for the same strength everywhere."""
 
     path: Path
     scale: float
     name: str
     sha256: str | None = None
+    block_weights: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -95,7 +125,7 @@ class LoadedLora:
     path: Path
     sha256: str
     # (component, base tensor name) -> factors
-    factors: dict[tuple[str, str], LoraFactors]
+    factors: dict[tuple[str, str], LoraFactors | LycorisFactors]
     # component -> keys of the file placed on it (their sum is every key of the file)
     placed_keys: dict[str, int]
     file_keys: int = 0
@@ -107,6 +137,15 @@ class _Module:
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _LycorisModule:
+    """A LyCORIS module of the file: its kind, its tensors by role, and its keys."""
+
+    kind: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -179,6 +218,105 @@ def refused_format(keys: list[str]) -> tuple[str, str] | None:
             if pattern.search(key):
                 return name, key
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LyCORIS modules (kohya naming)
+
+
+def _lycoris_kind(suffix: str) -> str | None:
+    return next((kind for marker, kind in LYCORIS_MARKERS.items() if suffix.startswith(marker)), None)
+
+
+def split_lycoris(
+    state_dict: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[int, _LycorisModule], list[str]]:
+    """Take the LyCORIS modules out of a kohya-named state dict.
+
+    Returns the state dict for diffusers (LyCORIS keys replaced by an empty `lora_down`/`lora_up` pair per
+    module, so that diffusers names the module), the modules by the id() of their stand-in down tensor (it
+    comes out of the conversion under the module's PEFT name), and the keys that cannot be read.
+    """
+    kinds: dict[str, set[str]] = {}
+    for key in state_dict:
+        name, _, suffix = key.partition(".")
+        if (kind := _lycoris_kind(suffix)) is not None:
+            kinds.setdefault(name, set()).add(kind)
+    if not kinds:
+        return state_dict, {}, []
+    remaining: dict[str, torch.Tensor] = {}
+    grouped: dict[str, dict[str, torch.Tensor]] = {name: {} for name in kinds}
+    for key, tensor in state_dict.items():
+        name = key.partition(".")[0]
+        grouped.get(name, remaining)[key] = tensor
+    modules: dict[int, _LycorisModule] = {}
+    problems: list[str] = []
+    for name, tensors in sorted(grouped.items()):
+        # A LoCon marker (lora_mid, dora_scale) alongside hada_/lokr_ keys is a DoHa/DoKr magnitude.
+        found = sorted(kinds[name] - {"LoCon"}) or ["LoCon"]
+        first = min(tensors)
+        if len(found) > 1:
+            problems.append(f"{first}: mixes LyCORIS kinds ({' and '.join(found)}) in one module")
+            continue
+        if not name.startswith(KOHYA_PREFIXES):
+            problems.append(
+                f"{first}: a LyCORIS module outside kohya naming ({', '.join(KOHYA_PREFIXES)}), which is "
+                "the naming fuseline reads LyCORIS files in"
+            )
+            continue
+        module = _LycorisModule(kind=found[0])
+        for key, tensor in sorted(tensors.items()):
+            role = LYCORIS_ROLES.get(key.partition(".")[2])
+            if role is None:
+                problems.append(f"{key}: not a {module.kind} tensor this merge knows")
+                continue
+            module.tensors[role] = tensor
+            module.keys.append(key)
+        down, up = torch.empty(0), torch.empty(0)
+        remaining[f"{name}.lora_down.weight"], remaining[f"{name}.lora_up.weight"] = down, up
+        modules[id(down)] = module
+    return remaining, modules, problems
+
+
+def _magnitude_per_input(magnitude: torch.Tensor, weight_shape: tuple[int, ...]) -> bool:
+    """A (1, in, 1, ...) `dora_scale` (LyCORIS's wd_on_out=False) rather than (out, 1, ...)."""
+    shape = magnitude.shape
+    return magnitude.ndim >= 2 and shape[0] != weight_shape[0] and shape[1] == weight_shape[1]
+
+
+def lycoris_factors(
+    module: _LycorisModule, weight_shape: tuple[int, ...]
+) -> tuple[LoraFactors | LycorisFactors | None, str | None]:
+    """(factors, None) for a LyCORIS module that fits a base weight of `weight_shape`, else (None, why)."""
+    tensors = dict(module.tensors)
+    alpha_tensor, magnitude = tensors.pop("alpha", None), tensors.pop("magnitude", None)
+    required, optional = LYCORIS_KINDS[module.kind]
+    if missing := sorted(required - set(tensors)):
+        return None, f"{module.kind} module without its {', '.join(missing)} tensor(s)"
+    if stray := sorted(set(tensors) - required - optional):
+        return None, f"{module.kind} module with tensors of another kind ({', '.join(stray)})"
+    if alpha_tensor is not None and alpha_tensor.numel() != 1:
+        return None, f"alpha has {alpha_tensor.numel()} values, expected one"
+    alpha = None if alpha_tensor is None else float(alpha_tensor.item())
+    dora = {"magnitude": magnitude, "magnitude_per_input": False}
+    if magnitude is not None:
+        dora["magnitude_per_input"] = _magnitude_per_input(magnitude, weight_shape)
+    factors: LoraFactors | LycorisFactors
+    if module.kind == "LoHa":
+        factors = LohaFactors(alpha=alpha, **tensors, **dora)
+    elif module.kind == "LoKr":
+        factors = LokrFactors(alpha=alpha, **tensors, **dora)
+    elif "mid" in tensors:
+        factors = TuckerLoconFactors(alpha=alpha, **tensors, **dora)
+    else:
+        # kohya-format DoRA on a LoRA/LoCon module: alpha read as LyCORIS reads it (missing or 0: rank).
+        rank = int(tensors["down"].shape[0])
+        factors = LoraFactors(alpha=alpha_scale(alpha, rank) * rank, **tensors, **dora)
+    if isinstance(factors, LoraFactors):
+        problem = factor_shape_problem(factors, weight_shape)
+    else:
+        problem = factors.shape_problem(weight_shape) or magnitude_problem(factors, weight_shape)
+    return (None, problem) if problem else (factors, None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -326,8 +464,8 @@ def read_lora(
         raise _fail(
             "LORA_FORMAT_UNSUPPORTED",
             name,
-            f"{path} is {refused[0]} (key {refused[1]}), which fuseline does not merge; "
-            f"supported: {SUPPORTED_FORMATS}",
+            f"{path} is {refused[0]} (key {refused[1]}), which fuseline does not merge; fix: {REFUSED_FIX}. "
+            f"Supported: {SUPPORTED_FORMATS}",
         )
     sha256 = sha256_file(path)
     if lora.sha256 is not None and sha256 != lora.sha256.lower():
@@ -344,9 +482,9 @@ def read_lora(
         ) from exc
     file_keys = len(state_dict)
 
+    state_dict, lycoris_modules, problems = split_lycoris(state_dict)
     converted, kohya_alphas = _to_diffusers_names(state_dict, unet_config, name)
-    problems: list[str] = []
-    factors: dict[tuple[str, str], LoraFactors] = {}
+    factors: dict[tuple[str, str], LoraFactors | LycorisFactors] = {}
     placed: dict[str, int] = dict.fromkeys(COMPONENTS, 0)
     consumed_alphas: set[str] = set()
 
@@ -381,6 +519,22 @@ def read_lora(
             entry.sources[role] = source_key
 
         for module, entry in sorted(modules.items()):
+            lycoris = lycoris_modules.get(id(entry.tensors.get("down")))
+            if lycoris is not None:
+                target = _base_tensor(component, module, shapes)
+                if target is None:
+                    problems.append(f"{lycoris.keys[0]}: the base {component} has no tensor {module}.weight")
+                    continue
+                candidate, problem = lycoris_factors(lycoris, shapes[target])
+                if problem is not None:
+                    base = f"{component}/{target} {list(shapes[target])}"
+                    problems.append(f"{lycoris.keys[0]}: {problem}; base {base}")
+                elif (component, target) in factors:
+                    problems.append(f"{lycoris.keys[0]}: a second update of {component}/{target}")
+                else:
+                    factors[(component, target)] = candidate
+                    placed[component] += len(lycoris.keys)
+                continue
             first_key = entry.sources.get("down") or next(iter(entry.sources.values()))
             if "up_bias" in entry.tensors:
                 problems.append(f"{entry.sources['up_bias']}: LoRA biases (lora_bias) are not supported")

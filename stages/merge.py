@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from fuseline import __version__
+from fuseline import __version__, block_weights
 from fuseline.catalog import Defaults
 from fuseline.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
 from stages.fetch import read_receipt
@@ -109,7 +109,7 @@ class WeightFuser:
     faster per weight, docs/benchmarks.md). The result differs from PEFT's `W + (up @ down) * s` only in fp32
     rounding inside the product, which after the cast to fp16 changes about 3 values in 100,000 by one ulp
     (tests/stages/test_merge_oracle.py allows one ulp). DoRA updates (a norm of each adapter's own delta)
-    go through `fuse_weight` unchanged.
+    and LyCORIS updates (no low-rank pair to accumulate) go through `fuse_weight` unchanged.
 
     The returned tensor is a view of the buffer: it is valid until the next call (the export casts it to
     fp16 before asking for the next weight).
@@ -123,9 +123,9 @@ class WeightFuser:
     def __call__(self, base: Any, updates: Sequence[Any]) -> Any:
         import torch
 
-        from stages.fuse import fuse_weight, scaling
+        from stages.fuse import LoraFactors, fuse_weight, scaling
 
-        if any(update.factors.magnitude is not None for update in updates):
+        if any(not isinstance(u.factors, LoraFactors) or u.factors.magnitude is not None for u in updates):
             return fuse_weight(base, updates)
         if self._work.numel() < base.numel():
             self._work = torch.empty(base.numel(), dtype=torch.float32)
@@ -192,8 +192,9 @@ def merge_template(
     loaded: list[LoadedLora] = [read_lora(lora, shapes, unet_config) for lora in loras]
     updates: dict[tuple[str, str], list[WeightUpdate]] = {}
     for lora, spec in zip(loaded, loras, strict=True):
+        strength = _module_strengths(spec, unet_config)
         for target, factors in lora.factors.items():
-            updates.setdefault(target, []).append(WeightUpdate(factors=factors, scale=float(spec.scale)))
+            updates.setdefault(target, []).append(WeightUpdate(factors=factors, scale=strength(*target)))
 
     fused: dict[str, int] = dict.fromkeys(COMPONENTS, 0)
     fuse = WeightFuser()
@@ -234,6 +235,7 @@ def merge_template(
                     sha256=lora.sha256,
                     scale=float(spec.scale),
                     placed_keys=lora.placed_keys,
+                    block_weights=None if spec.block_weights is None else list(spec.block_weights),
                 )
                 for lora, spec in zip(loaded, loras, strict=True)
             ],
@@ -252,6 +254,25 @@ def merge_template(
     return MergeResult(manifest=manifest, fused_tensors=fused, files=files)
 
 
+def _module_strengths(spec: LoraInput, unet_config: Any) -> Callable[[str, str], float]:
+    """(component, base tensor) -> the LoRA's strength there: its scale, times its block weight."""
+    scale = float(spec.scale)
+    if spec.block_weights is None:
+        return lambda component, tensor: scale
+    layers_per_block = unet_config.get("layers_per_block")
+    if not isinstance(layers_per_block, int) or len(unet_config.get("down_block_types", ())) != 3:
+        raise StageError(
+            "BLOCK_WEIGHTS_UNSUPPORTED",
+            f"LoRA {spec.name}: block weights follow the SDXL UNet's blocks (3 down blocks, one "
+            f"layers_per_block); this base has down_block_types {unet_config.get('down_block_types')} and "
+            f"layers_per_block {layers_per_block!r}; remove block_weights from this LoRA",
+        )
+    weights = block_weights.weights_by_block(spec.block_weights)
+    return lambda component, tensor: (
+        scale * block_weights.module_weight(weights, component, tensor, layers_per_block)
+    )
+
+
 def _lora_inputs(catalog: Any, template_id: str) -> list[LoraInput]:
     """The template's LoRAs as local files: `file:` in place, others from the download cache by the
     sha256 of the catalog pin or of the fetch-loras receipt (fetched again on a cache miss)."""
@@ -261,7 +282,15 @@ def _lora_inputs(catalog: Any, template_id: str) -> list[LoraInput]:
     for index, lora in enumerate(catalog.templates[template_id].loras):
         where = f"{group}.loras[{index}]"
         path = materialize(catalog, lora, where, receipt=receipt)
-        inputs.append(LoraInput(path=path, scale=lora.scale, name=lora.source, sha256=lora.sha256))
+        inputs.append(
+            LoraInput(
+                path=path,
+                scale=lora.scale,
+                name=lora.source,
+                sha256=lora.sha256,
+                block_weights=lora.resolved_block_weights,
+            )
+        )
     return inputs
 
 

@@ -313,6 +313,8 @@ def test_spec_hash_int_and_float_spellings_agree():
         lambda d: d["checkpoints"]["sdxl-base"].__setitem__("prediction", "v_prediction"),
         lambda d: d["vae"].__setitem__("source", f"hf:madebyollin/sdxl-vae-fp16-fix@{REV}"),
         lambda d: d["templates"]["cinematic"]["loras"].append({"source": "file:extra.safetensors"}),
+        lambda d: d["templates"]["cinematic"]["loras"][0].__setitem__("block_weights", "SDXL-ALL"),
+        lambda d: d["templates"]["cinematic"]["loras"][0].__setitem__("block_weights", [1] * 20),
     ],
 )
 def test_spec_hash_changes_when_the_build_changes(edit):
@@ -320,6 +322,34 @@ def test_spec_hash_changes_when_the_build_changes(edit):
     before = parse_catalog(dumps(data)).spec_hash("cinematic")
     edit(data)
     assert parse_catalog(dumps(data)).spec_hash("cinematic") != before
+
+
+def test_a_lora_without_block_weights_keeps_its_spec_hash():
+    """The field is left out of the spec when absent (or null), so templates built before it existed keep
+    their spec hash, and their exports stay byte-identical (the hash is in fuseline.json)."""
+    data = example()
+    spec = parse_catalog(dumps(data)).template_spec("cinematic")
+    assert "block_weights" not in spec["template"]["loras"][0]
+    before = parse_catalog(dumps(data)).spec_hash("cinematic")
+    data["templates"]["cinematic"]["loras"][0]["block_weights"] = None
+    assert parse_catalog(dumps(data)).spec_hash("cinematic") == before
+
+
+@pytest.mark.parametrize(
+    ("value", "stored", "resolved"),
+    [
+        ([1, 0, 0, 0, 0, 0.5, 1, 1, 1, 1, 1, 1], [1.0, 0, 0, 0, 0, 0.5, 1, 1, 1, 1, 1, 1], None),
+        ([0.5] * 20, [0.5] * 20, None),
+        ("SDXL-MIDALL", "SDXL-MIDALL", (1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0)),
+    ],
+)
+def test_block_weights_take_twelve_or_twenty_numbers_or_a_preset(value, stored, resolved):
+    data = example()
+    data["templates"]["cinematic"]["loras"][0]["block_weights"] = value
+    lora = parse_catalog(dumps(data)).templates["cinematic"].loras[0]
+    assert lora.block_weights == stored
+    assert lora.resolved_block_weights == (resolved or tuple(float(v) for v in stored))
+    jsonschema.Draft202012Validator(json.loads(SCHEMA_FILE.read_text())).validate(data)
 
 
 def test_spec_hash_ignores_other_templates():
@@ -445,6 +475,9 @@ def test_schema_is_valid_and_accepts_the_example():
         lambda d: d["templates"]["cinematic"]["loras"][0].__setitem__("scale", True),
         lambda d: d["templates"]["cinematic"]["loras"][0].__setitem__("sha256", "abc"),
         lambda d: d["templates"]["cinematic"].__setitem__("lora", []),
+        lambda d: d["templates"]["cinematic"]["loras"][0].__setitem__("block_weights", [1] * 13),
+        lambda d: d["templates"]["cinematic"]["loras"][0].__setitem__("block_weights", [1] * 11 + [5]),
+        lambda d: d["templates"]["cinematic"]["loras"][0].__setitem__("block_weights", "SDXL-all"),
         lambda d: d["vae"].__setitem__("source", "hf:madebyollin/sdxl-vae-fp16-fix@main"),
         lambda d: d.__setitem__("version", 2),
         lambda d: d.__setitem__("templates", {}),

@@ -128,6 +128,37 @@ REJECTED: list[tuple[str, Callable[[dict], None], str, str]] = [
     ("scale-string", lambda d: lora(d).__setitem__("scale", "0.8"), "loras[0].scale", 'got "0.8"'),
     ("scale-high", lambda d: lora(d).__setitem__("scale", 4.01), "loras[0].scale", "from -4 to 4, got 4.01"),
     ("scale-low", lambda d: lora(d).__setitem__("scale", -5), "loras[0].scale", "from -4 to 4, got -5"),
+    # LoRA block weights
+    (
+        "block-weights-count",
+        lambda d: lora(d).__setitem__("block_weights", [1] * 13),
+        "templates.cinematic.loras[0].block_weights",
+        "block_weights has 13 values; SDXL takes 12 or 20",
+    ),
+    (
+        "block-weights-sd1",
+        lambda d: lora(d).__setitem__("block_weights", [1] * 17),
+        "loras[0].block_weights",
+        "the extension's SD 1.x layout",
+    ),
+    (
+        "block-weights-preset",
+        lambda d: lora(d).__setitem__("block_weights", "SDXL-OUTAL"),
+        "templates.cinematic.loras[0].block_weights",
+        "unknown block weight preset 'SDXL-OUTAL'",
+    ),
+    (
+        "block-weights-value",
+        lambda d: lora(d).__setitem__("block_weights", [1] * 5 + [float("nan")] + [1] * 6),
+        "templates.cinematic.loras[0].block_weights[5]",
+        "block weight 5 (MID) must be a finite number",
+    ),
+    (
+        "block-weights-type",
+        lambda d: lora(d).__setitem__("block_weights", {"IN04": 1}),
+        "loras[0].block_weights",
+        "a list of numbers or a preset name",
+    ),
     # sha256
     ("sha-short", lambda d: lora(d).__setitem__("sha256", "abc123"), "loras[0].sha256", "64 hex digits"),
     ("sha-nonhex", lambda d: ckpt(d).__setitem__("sha256", "z" * 64), "sdxl-base.sha256", "64 hex digits"),

@@ -11,7 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fuseline.testing.loras import SPECS, kit_lora_factors, read_metadata
+from fuseline.testing.lycoris import CASES as LYCORIS_CASES
+from fuseline.testing.lycoris import load_lycoris_network, lycoris_targets
+from stages.fuse import LoraFactors
 from stages.lora import COMPONENTS, LoraInput, read_lora, refused_format
+from stages.lycoris import LohaFactors, LokrFactors, TuckerLoconFactors
 from stages.merge import read_base_layout
 from stages.runtime import StageError
 
@@ -122,18 +126,20 @@ def test_pickle_is_refused(layout, tmp_path):
 @pytest.mark.parametrize(
     ("key", "fmt"),
     [
-        ("lora_unet_down_blocks_1_attentions_0_proj_in.hada_w1_a", "LoHa"),
-        ("lora_unet_down_blocks_1_attentions_0_proj_in.lokr_w1", "LoKr"),
-        ("lora_unet_down_blocks_1_resnets_0_conv1.lora_mid.weight", "Tucker"),
-        ("lora_unet_down_blocks_1_attentions_0_proj_in.dora_scale", "kohya-format DoRA"),
+        ("lora_unet_down_blocks_1_attentions_0_proj_in.oft_blocks", "OFT"),
+        ("lora_unet_down_blocks_1_attentions_0_proj_in.a1.weight", "GLoRA"),
+        ("lora_unet_down_blocks_1_attentions_0_proj_in.on_input", "IA3"),
+        ("lora_unet_down_blocks_1_attentions_0_proj_in.diff", "full weight difference"),
+        ("lora_unet_down_blocks_1_attentions_0_norm.w_norm", "norm layers"),
     ],
 )
-def test_lycoris_formats_are_refused_naming_the_format(layout, tmp_path, key, fmt):
+def test_unsupported_lycoris_formats_are_refused_naming_the_format_and_the_fix(layout, tmp_path, key, fmt):
     path = tmp_path / "lycoris.safetensors"
     save_file({key: torch.zeros(2, 2), "lora_unet_x.alpha": torch.tensor(1.0)}, str(path))
     with pytest.raises(StageError, match=fmt) as err:
         _read(path, layout)
     assert err.value.code == "LORA_FORMAT_UNSUPPORTED" and key in str(err.value)
+    assert "extract a LoRA" in str(err.value) and "LoHa (hada_*)" in str(err.value)
 
 
 def test_refused_format_ignores_plain_lora_keys():
@@ -202,3 +208,104 @@ def test_keys_dropped_by_the_conversion_are_caught(kit, layout, tmp_path):
     with pytest.raises(StageError, match=f"{len(state)} keys in the file") as err:
         _read(path, layout)
     assert err.value.code == "LORA_UNACCOUNTED"
+
+
+# --------------------------------------------------------------------------------------------------------
+# LyCORIS files (made by the LyCORIS library, fuseline.testing.lycoris)
+
+LYCORIS_KINDS = {
+    "loha": LohaFactors,
+    "loha_tucker": LohaFactors,
+    "loha_dora": LohaFactors,
+    "lokr": LokrFactors,
+    "lokr_tucker": LokrFactors,
+    "lokr_full": LokrFactors,
+    "lokr_both": LokrFactors,
+}
+
+
+@pytest.mark.parametrize("name", list(LYCORIS_CASES))
+def test_lycoris_file_is_placed_completely_on_the_modules_lycoris_targets(
+    name, kit_pipeline, lycoris_loras, layout
+):
+    """Every key of the file is placed, on exactly the layers LyCORIS's own loader attaches modules to."""
+    path = lycoris_loras[name]
+    loaded = _read(path, layout)
+    assert loaded.file_keys == sum(loaded.placed_keys.values()) == len(load_file(str(path)))
+    network, models = load_lycoris_network(kit_pipeline, path, LYCORIS_CASES[name])
+    expected = {(t.component, t.module) for t in lycoris_targets(network, models)}
+    placed = {(c, t.removesuffix(".weight").removeprefix("text_model.")) for c, t in loaded.factors}
+    assert placed == {(c, m.removeprefix("text_model.")) for c, m in expected}
+    assert all(loaded.placed_keys[c] > 0 for c in COMPONENTS)
+    kinds = {type(f) for f in loaded.factors.values()}
+    if name in LYCORIS_KINDS:
+        assert kinds == {LYCORIS_KINDS[name]}
+    elif name == "locon_tucker":  # Tucker cores on 3x3 convs; linear and 1x1 modules are plain LoCon
+        assert kinds == {TuckerLoconFactors, LoraFactors}
+        assert all(
+            isinstance(f, TuckerLoconFactors) == (len(layout[0][c][t]) == 4 and layout[0][c][t][2] == 3)
+            for (c, t), f in loaded.factors.items()
+        )
+    else:  # kohya-format DoRA: LoRA factors with a magnitude on the axis the file keeps it on
+        assert kinds == {LoraFactors}
+        assert all(f.magnitude is not None for f in loaded.factors.values())
+        assert {f.magnitude_per_input for f in loaded.factors.values()} == {name == "dora_in"}
+    spatial = {
+        key
+        for key in loaded.factors
+        if len(layout[0][key[0]][key[1]]) == 4 and layout[0][key[0]][key[1]][2] > 1
+    }
+    if name == "loha_tucker":  # LyCORIS gives a core to each kernel larger than 1x1
+        assert {key for key, f in loaded.factors.items() if f.t1 is not None} == spatial
+    if name == "lokr_tucker":  # ... unless the kernel's half is a full matrix
+        cores = {key for key, f in loaded.factors.items() if f.t2 is not None}
+        assert cores and cores <= spatial
+
+
+def _save_lycoris(tmp_path: Path, state: dict[str, torch.Tensor]) -> Path:
+    path = tmp_path / "lycoris.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (lambda sd, m: sd.pop(f"{m}.hada_w2_b"), "without its w2_b"),
+        (lambda sd, m: sd.__setitem__(f"{m}.hada_w3_a", torch.zeros(2, 2)), "hada_w3_a: not a LoHa tensor"),
+        (lambda sd, m: sd.__setitem__(f"{m}.lokr_w1", torch.zeros(2, 2)), "mixes LyCORIS kinds"),
+        (lambda sd, m: sd.__setitem__(f"{m}.hada_w1_a", torch.zeros(3, 4)), "LoHa factors do not fit"),
+        (lambda sd, m: sd.__setitem__(f"{m}.dora_scale", torch.ones(7, 1)), "DoRA magnitude has 7 values"),
+        (lambda sd, m: sd.__setitem__(f"{m}.alpha", torch.ones(2)), "alpha has 2 values"),
+    ],
+)
+def test_broken_lycoris_module_fails_the_lora_naming_its_key(
+    lycoris_loras, layout, tmp_path, change, fragment
+):
+    state = load_file(str(lycoris_loras["loha"]))
+    module = "lora_unet_down_blocks_1_attentions_0_proj_in"
+    assert f"{module}.hada_w1_a" in state
+    change(state, module)
+    with pytest.raises(StageError) as err:
+        _read(_save_lycoris(tmp_path, state), layout, name="file:broken")
+    assert err.value.code == "LORA_PLACEMENT" and "file:broken" in str(err.value)
+    assert fragment in str(err.value) and module in str(err.value)
+
+
+def test_lycoris_module_outside_kohya_naming_is_refused(lycoris_loras, layout, tmp_path):
+    state = load_file(str(lycoris_loras["loha"]))
+    module = "lora_unet_down_blocks_1_attentions_0_proj_in"
+    for key in [k for k in state if k.startswith(f"{module}.")]:
+        state[key.replace("lora_unet_", "lycoris_", 1)] = state.pop(key)
+    with pytest.raises(StageError, match="outside kohya naming") as err:
+        _read(_save_lycoris(tmp_path, state), layout)
+    assert "lycoris_down_blocks_1_attentions_0_proj_in" in str(err.value)
+
+
+def test_lycoris_module_for_a_layer_the_base_lacks_is_refused(lycoris_loras, layout, tmp_path):
+    state = load_file(str(lycoris_loras["loha"]))
+    module = "lora_unet_down_blocks_1_attentions_0_proj_in"
+    for key in [k for k in state if k.startswith(f"{module}.")]:
+        state[key.replace("attentions_0", "attentions_7")] = state.pop(key)
+    with pytest.raises(StageError, match=r"has no tensor down_blocks\.1\.attentions\.7\.proj_in\.weight"):
+        _read(_save_lycoris(tmp_path, state), layout)
