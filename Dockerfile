@@ -30,7 +30,7 @@ RUN --mount=type=cache,target=/var/cache/fuseline-wheels,sharing=locked \
 WORKDIR /app
 # Exactly the code the worker imports (tests/worker/test_image_fileset.py imports every entry point from
 # this set in a clean interpreter). .dockerignore lets nothing else into the build context.
-COPY fuseline/__init__.py fuseline/catalog.py fuseline/logs.py fuseline/manifest.py fuseline/redact.py \
+COPY fuseline/__init__.py fuseline/block_weights.py fuseline/catalog.py fuseline/logs.py fuseline/manifest.py fuseline/redact.py \
      fuseline/release.py ./fuseline/
 COPY worker/ ./worker/
 
