@@ -24,7 +24,8 @@ FROM ${CUDA_IMAGE}
 COPY --from=builder /opt/python /opt/python
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
-COPY fuseline/__init__.py fuseline/catalog.py fuseline/manifest.py fuseline/release.py fuseline/redact.py ./fuseline/
+COPY fuseline/__init__.py ./fuseline/
+COPY fuseline/core/ ./fuseline/core/
 COPY worker/ ./worker/
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

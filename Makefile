@@ -30,7 +30,7 @@ lint: setup
 	if [ -d .github/workflows ]; then $(BIN)/actionlint -shellcheck $(BIN)/shellcheck; fi
 
 demo: setup
-	$(PY) -m fuseline.demo
+	$(PY) -m testkit.demo
 
 # Recompute both lock files from requirements/*.in in two throw-away venvs (worker alone, then all).
 lock:

@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import save_summary, synth_sdxl
-from fuseline.release import Release, ReleasedTemplate, release_key
-from fuseline.testing.servers import SeaweedS3
+from fuseline.core.release import Release, ReleasedTemplate, release_key
+from testkit.servers import SeaweedS3
 
 DEFAULT_ROOT = Path("/tmp/fuseline-bench")
 TEMPLATE = "sdxl-synth"

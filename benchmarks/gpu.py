@@ -255,8 +255,8 @@ def _configs(quick: bool) -> dict[str, Any]:
     from transformers import CLIPTextConfig, CLIPTokenizer
 
     if quick:
-        from fuseline.testing import models as kit
-        from fuseline.testing.tokenizers import build_tokenizers
+        from testkit import models as kit
+        from testkit.tokenizers import build_tokenizers
 
         tokenizer, tokenizer_2 = build_tokenizers()
         return {

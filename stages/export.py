@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-from stages.runtime import StageError
+from fuseline.core.safetensors_io import SafetensorsError, TensorEntry, read_header
+from stages.errors import StageError
 
 VARIANT = "fp16"
 EXPORT_DTYPE = torch.float16
@@ -192,39 +193,33 @@ class TensorFile:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_RDONLY)
         try:
-            head = os.pread(self._fd, 8, 0)
-            if len(head) != 8:
-                raise StageError("BASE_INVALID", f"{self.path} is not a safetensors file (too short)")
-            (header_len,) = struct.unpack("<Q", head)
-            header = json.loads(os.pread(self._fd, header_len, 8))
-        except BaseException:
-            os.close(self._fd)
-            raise
-        header.pop("__metadata__", None)
-        self._entries: dict[str, dict[str, Any]] = header
-        self._data_start = 8 + header_len
+            header = read_header(self.path)
+        except SafetensorsError as exc:
+            raise StageError("BASE_INVALID", f"{exc.message}; re-run the convert stage") from None
+        self._entries: dict[str, TensorEntry] = header.tensors
+        self._data_start = header.data_start
+        self._fd = os.open(self.path, os.O_RDONLY)
 
     def keys(self) -> list[str]:
         return list(self._entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._entries[name]["shape"])
+        return self._entries[name].shape
 
     def spec(self, name: str) -> TensorSpec:
         entry = self._entries[name]
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        dtype = SAFETENSORS_DTYPES.get(entry.dtype)
         if dtype is None:
             raise StageError(
-                "BASE_INVALID", f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}"
+                "BASE_INVALID", f"{self.path}: tensor {name} has unsupported dtype {entry.dtype}"
             )
-        return TensorSpec(shape=tuple(entry["shape"]), dtype=dtype)
+        return TensorSpec(shape=entry.shape, dtype=dtype)
 
     def read_into(self, name: str, buffer: torch.Tensor) -> torch.Tensor:
         """The tensor `name`, read into the start of `buffer` (a 1-D uint8 tensor, large enough)."""
         spec = self.spec(name)
-        start, end = self._entries[name]["data_offsets"]
+        start, end = self._entries[name].start, self._entries[name].end
         size = end - start
         if size != spec.nbytes:
             raise StageError(
@@ -256,17 +251,6 @@ class TensorFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def iter_tensors(weights: WeightFiles) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) in sorted name order, one tensor in memory at a time."""
-    with ExitStack() as stack:
-        handles: dict[Path, TensorFile] = {}
-        for name in sorted(weights.tensor_files):
-            path = weights.tensor_files[name]
-            if path not in handles:
-                handles[path] = stack.enter_context(TensorFile(path))
-            yield name, handles[path].get_tensor(name)
 
 
 def shard_file_name(stem: str, index: int, total: int) -> str:

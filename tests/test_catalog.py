@@ -12,20 +12,11 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from fuseline.catalog import (
-    ID_PATTERN,
-    SOURCE_PATTERN,
-    Catalog,
-    CatalogError,
-    ParsedSource,
-    Problem,
-    SourceError,
-    catalog_json_schema,
-    format_path,
-    load_catalog,
-    parse_catalog,
-    parse_source,
-)
+from fuseline.core.catalog.loading import load_catalog, parse_catalog
+from fuseline.core.catalog.model import ID_PATTERN, Catalog, catalog_json_schema
+from fuseline.core.catalog.problems import CatalogError, Problem, format_path
+from fuseline.core.catalog.sources import SOURCE_PATTERN, ParsedSource, parse_source
+from fuseline.core.catalog.sources import SourceStringError as SourceError
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "templates.json"
@@ -231,7 +222,7 @@ def test_model_validate_checks_references_too():
 
 def test_catalog_module_imports_no_heavy_packages():
     code = (
-        "import sys, fuseline.catalog\n"
+        "import sys, fuseline.core.catalog.loading\n"
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'dvc', 'typer', 'rich', 'numpy') "
         "if m in sys.modules]\n"
         "assert not heavy, heavy\n"
@@ -401,8 +392,8 @@ def test_warnings_do_not_raise():
     data["checkpoints"]["spare"] = {"source": "civitai:42"}
     catalog = parse_catalog(dumps(data))
     assert {(w.path, w.code) for w in catalog.warnings} == {
-        ("checkpoints.spare", "checkpoint_unused"),
-        ("checkpoints.spare.sha256", "sha256_missing"),
+        ("checkpoints.spare", "CHECKPOINT_UNUSED"),
+        ("checkpoints.spare.sha256", "SHA256_MISSING"),
     }
     assert all(w.severity == "warning" for w in catalog.warnings)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fuseline.catalog import load_catalog
 from fuseline.cli import app
-from fuseline.testing.civitai import CivitaiServer, safetensors_bytes
+from fuseline.core.catalog.loading import load_catalog
+from testkit.civitai import CivitaiServer, safetensors_bytes
 
 runner = CliRunner()
 

@@ -386,7 +386,7 @@ def test_no_command_shows_help():
 
 def test_terminal_output_uses_rich_and_keeps_the_text(monkeypatch, capsys):
     from fuseline import cli
-    from fuseline.catalog import Problem
+    from fuseline.core.catalog.problems import Problem
 
     monkeypatch.setenv("COLUMNS", "300")
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)

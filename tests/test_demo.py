@@ -1,4 +1,4 @@
-"""`make demo` (fuseline.demo) on one template: real dvc repro, publish, sync, worker API; then a rerun that
+"""`make demo` (testkit.demo) on one template: real dvc repro, publish, sync, worker API; then a rerun that
 reuses everything; and the failure path (the step is named, the log kept, the worker stopped)."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from fuseline import demo
-from fuseline.catalog import load_catalog
-from fuseline.release import Release
+from testkit import demo
+from fuseline.core.catalog.loading import load_catalog
+from fuseline.core.release import Release
 
 TEMPLATE = "dusk"
 

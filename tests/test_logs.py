@@ -1,4 +1,4 @@
-"""fuseline.logs: one JSON object per line off a terminal, text on one, secrets redacted everywhere."""
+"""fuseline.core.logs: one JSON object per line off a terminal, text on one, secrets redacted everywhere."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from fuseline.logs import log_event, resolve_format, setup_logging
+from fuseline.core.logs import log_event, resolve_format, setup_logging
 
 SECRET = "fake-aws-secret-value-0123456789"
 
@@ -71,7 +71,7 @@ def test_text_on_a_terminal_and_level_from_env(restore_root):
 def test_setup_twice_keeps_one_handler(restore_root):
     setup_logging(io.StringIO(), env={})
     setup_logging(io.StringIO(), env={})
-    from fuseline.logs import _FuselineHandler
+    from fuseline.core.logs import _FuselineHandler
 
     assert sum(isinstance(h, _FuselineHandler) for h in logging.getLogger().handlers) == 1
 

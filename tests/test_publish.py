@@ -22,16 +22,37 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from fuseline import publish as pub
-from fuseline.cli_publish import register
-from fuseline.release import Release, ReleasedTemplate, history_key, object_key, release_key
-from fuseline.testing.servers import free_port
+from fuseline.cli.publish import register
+from fuseline.core.release import Release, ReleasedTemplate, history_key, object_key, release_key
+from fuseline.publish.errors import PublishError
+from fuseline.publish.gc import find_local_garbage
+from fuseline.publish.project import (
+    changed_templates,
+    git_commit,
+    print_changed_templates,
+    read_lock,
+    run_dvc,
+    stale_templates,
+    unverified_templates,
+)
+from fuseline.publish.releases import (
+    _free_timestamp,
+    current_releases,
+    missing_objects,
+    publish,
+    read_release,
+    release_history,
+    rollback,
+    write_release,
+)
+from fuseline.publish.stores import LocalStore, ObjectStore, RemoteConfig, S3Store, read_remote_config
+from testkit.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
-def put_folder(store: pub.ObjectStore, files: dict[str, bytes]) -> str:
+def put_folder(store: ObjectStore, files: dict[str, bytes]) -> str:
     """Store a folder in DVC's remote layout (one object per file, plus the `.dir` listing); its hash."""
     listing = []
     for relpath, data in sorted(files.items()):
@@ -61,62 +82,62 @@ def release_of(channel: str, created: str, **dirs: str) -> Release:
 
 
 def test_release_history_and_rollback_on_a_local_store(tmp_path):
-    store = pub.LocalStore(tmp_path / "remote")
+    store = LocalStore(tmp_path / "remote")
     old = put_folder(store, {"unet/w.safetensors": b"old weights", "fuseline.json": b"{}"})
     new = put_folder(store, {"unet/w.safetensors": b"new weights", "fuseline.json": b"{}"})
     first = release_of("main", "20260101T000000Z", alpha=old)
     second = release_of("main", "20260102T000000Z", alpha=new)
     other = release_of("staging", "20260103T000000Z", alpha=new)
     for release in (first, second, other):
-        pub.write_release(store, release)
+        write_release(store, release)
 
-    assert pub.read_release(store, "main") == second
-    assert [r.created for r in pub.release_history(store, "main")] == [first.created, second.created]
-    assert len(pub.release_history(store)) == 3
-    assert set(pub.current_releases(store)) == {"main", "staging"}
+    assert read_release(store, "main") == second
+    assert [r.created for r in release_history(store, "main")] == [first.created, second.created]
+    assert len(release_history(store)) == 3
+    assert set(current_releases(store)) == {"main", "staging"}
 
-    assert pub.rollback(store, "main", first.created) == first
-    assert pub.read_release(store, "main") == first
+    assert rollback(store, "main", first.created) == first
+    assert read_release(store, "main") == first
     # History is not rewritten by a rollback, and other channels are untouched.
     assert store.read(history_key("main", second.created)) == second.to_json().encode()
-    assert pub.read_release(store, "staging") == other
+    assert read_release(store, "staging") == other
 
 
 def test_rollback_refuses_unknown_timestamps_and_releases_with_missing_objects(tmp_path):
-    store = pub.LocalStore(tmp_path / "remote")
+    store = LocalStore(tmp_path / "remote")
     good = put_folder(store, {"a.bin": b"a"})
     gone = put_folder(store, {"b.bin": b"b", "c.bin": b"c"})
-    pub.write_release(store, release_of("main", "20260101T000000Z", alpha=gone))
-    pub.write_release(store, release_of("main", "20260102T000000Z", alpha=good))
+    write_release(store, release_of("main", "20260101T000000Z", alpha=gone))
+    write_release(store, release_of("main", "20260102T000000Z", alpha=good))
     store.delete([object_key(hashlib.md5(b"c").hexdigest())])
 
-    with pytest.raises(pub.PublishError, match=r"no release '20250101T000000Z'.*20260101T000000Z") as exc:
-        pub.rollback(store, "main", "20250101T000000Z")
-    assert exc.value.code == "no_such_release"
-    with pytest.raises(pub.PublishError, match="lacks 1 objects") as exc:
-        pub.rollback(store, "main", "20260101T000000Z")
-    assert exc.value.code == "incomplete_release"
-    assert pub.read_release(store, "main").created == "20260102T000000Z"
+    with pytest.raises(PublishError, match=r"no release '20250101T000000Z'.*20260101T000000Z") as exc:
+        rollback(store, "main", "20250101T000000Z")
+    assert exc.value.code == "NO_SUCH_RELEASE"
+    with pytest.raises(PublishError, match="lacks 1 objects") as exc:
+        rollback(store, "main", "20260101T000000Z")
+    assert exc.value.code == "INCOMPLETE_RELEASE"
+    assert read_release(store, "main").created == "20260102T000000Z"
 
 
 def test_missing_objects_names_each_absent_listing_and_file(tmp_path):
-    store = pub.LocalStore(tmp_path / "remote")
+    store = LocalStore(tmp_path / "remote")
     complete = put_folder(store, {"x": b"x", "y": b"y"})
     partial = put_folder(store, {"x": b"x", "z": b"z"})
     store.delete([object_key(hashlib.md5(b"z").hexdigest())])
     absent = "0" * 32 + ".dir"
-    assert pub.missing_objects(store, [complete]) == []
-    assert pub.missing_objects(store, [complete, partial, absent]) == sorted(
+    assert missing_objects(store, [complete]) == []
+    assert missing_objects(store, [complete, partial, absent]) == sorted(
         [object_key(hashlib.md5(b"z").hexdigest()), object_key(absent)]
     )
 
 
 def test_history_copies_are_never_overwritten_within_one_second(tmp_path):
-    store = pub.LocalStore(tmp_path / "remote")
+    store = LocalStore(tmp_path / "remote")
     now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
-    first = pub._free_timestamp(store, "main", now)
-    pub.write_release(store, release_of("main", first))
-    second = pub._free_timestamp(store, "main", now)
+    first = _free_timestamp(store, "main", now)
+    write_release(store, release_of("main", first))
+    second = _free_timestamp(store, "main", now)
     assert (first, second) == ("20260101T120000Z", "20260101T120001Z")
 
 
@@ -127,10 +148,10 @@ def test_release_list_and_rollback_commands(tmp_path):
     (project / ".dvc/config").write_text(
         f"[core]\n    no_scm = True\n    remote = local\n['remote \"local\"']\n    url = {remote}\n"
     )
-    store = pub.LocalStore(remote)
+    store = LocalStore(remote)
     folder = put_folder(store, {"a": b"a"})
-    pub.write_release(store, release_of("main", "20260101T000000Z", alpha=folder))
-    pub.write_release(store, release_of("main", "20260102T000000Z", alpha=folder))
+    write_release(store, release_of("main", "20260101T000000Z", alpha=folder))
+    write_release(store, release_of("main", "20260102T000000Z", alpha=folder))
     app = typer.Typer()
     register(app)
     runner = CliRunner()
@@ -146,30 +167,30 @@ def test_release_list_and_rollback_commands(tmp_path):
         ["release", "rollback", "--channel", "main", "--to", "20260101T000000Z", "--project", str(project)],
     )
     assert rolled.exit_code == 0, rolled.output
-    assert pub.read_release(store, "main").created == "20260101T000000Z"
+    assert read_release(store, "main").created == "20260101T000000Z"
     bad = runner.invoke(app, ["release", "rollback", "-c", "main", "--to", "nope", "--project", str(project)])
     assert bad.exit_code == 1
-    assert "error [no_such_release]" in bad.output
+    assert "error [NO_SUCH_RELEASE]" in bad.output
 
 
 def test_a_corrupt_release_file_is_an_error_naming_its_key(tmp_path):
-    store = pub.LocalStore(tmp_path / "remote")
+    store = LocalStore(tmp_path / "remote")
     folder = put_folder(store, {"a": b"a"})
-    pub.write_release(store, release_of("main", "20260101T000000Z", alpha=folder))
+    write_release(store, release_of("main", "20260101T000000Z", alpha=folder))
     store.write(history_key("main", "20260102T000000Z"), b'{"channel": "main"}')  # truncated upload
-    with pytest.raises(pub.PublishError, match=r"releases/main/20260102T000000Z\.json: not a valid") as exc:
-        pub.release_history(store, "main")
-    assert exc.value.code == "bad_release" and "delete it from the remote" in str(exc.value)
+    with pytest.raises(PublishError, match=r"releases/main/20260102T000000Z\.json: not a valid") as exc:
+        release_history(store, "main")
+    assert exc.value.code == "BAD_RELEASE" and "delete it from the remote" in str(exc.value)
     store.write(release_key("main"), b"not json")
-    with pytest.raises(pub.PublishError, match=r"releases/main\.json: not a valid.*rollback") as exc:
-        pub.current_releases(store)
-    assert exc.value.code == "bad_release" and "\n" not in str(exc.value)
+    with pytest.raises(PublishError, match=r"releases/main\.json: not a valid.*rollback") as exc:
+        current_releases(store)
+    assert exc.value.code == "BAD_RELEASE" and "\n" not in str(exc.value)
 
 
 def test_channel_names_are_checked():
-    with pytest.raises(pub.PublishError, match="lowercase letters") as exc:
-        pub.rollback(pub.LocalStore(Path("/nonexistent")), "../etc", "x")
-    assert exc.value.code == "bad_channel"
+    with pytest.raises(PublishError, match="lowercase letters") as exc:
+        rollback(LocalStore(Path("/nonexistent")), "../etc", "x")
+    assert exc.value.code == "BAD_CHANNEL"
 
 
 # ------------------------------------------------------------------- a merge whose check failed
@@ -211,41 +232,41 @@ def tiny_project(tmp_path: Path) -> Path:
 def test_print_changed_templates_prints_the_json_list_ci_reads(tmp_path, capsys):
     project = tiny_project(tmp_path)
     (project / "ok").write_text("")
-    assert pub.run_dvc(project, "repro").returncode == 0
-    pub.print_changed_templates(project)
+    assert run_dvc(project, "repro").returncode == 0
+    print_changed_templates(project)
     assert json.loads(capsys.readouterr().out) == []
     (project / "dvc.yaml").write_text(TINY_PIPELINE.replace("echo w >", "echo w2 >"))
-    pub.print_changed_templates(project)
+    print_changed_templates(project)
     assert json.loads(capsys.readouterr().out) == ["alpha"]
 
 
 def test_publish_refuses_a_template_whose_verify_failed(tmp_path):
     project = tiny_project(tmp_path)
-    failed = pub.run_dvc(project, "repro")
+    failed = run_dvc(project, "repro")
     assert failed.returncode != 0  # verify@alpha failed, yet DVC has locked merge@alpha
-    assert "merge@alpha" in pub.read_lock(project)["stages"]
-    assert pub.stale_templates(project, ["alpha"]) == []
+    assert "merge@alpha" in read_lock(project)["stages"]
+    assert stale_templates(project, ["alpha"]) == []
 
-    with pytest.raises(pub.PublishError, match=r"alpha not verified.*dvc repro verify@alpha") as exc:
-        pub.publish(project, do_push=False)
-    assert exc.value.code == "unverified"
+    with pytest.raises(PublishError, match=r"alpha not verified.*dvc repro verify@alpha") as exc:
+        publish(project, do_push=False)
+    assert exc.value.code == "UNVERIFIED"
     assert not (tmp_path / "remote" / "releases").exists()
 
     (project / "ok").write_text("")
-    assert pub.run_dvc(project, "repro").returncode == 0
-    assert pub.unverified_templates(project, ["alpha"]) == []
+    assert run_dvc(project, "repro").returncode == 0
+    assert unverified_templates(project, ["alpha"]) == []
     # A verify entry that no longer matches the model (rebuilt after the check) is refused too.
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     lock["stages"]["verify@alpha"]["deps"][0]["md5"] = "0" * 32 + ".dir"
     (project / "dvc.lock").write_text(yaml.safe_dump(lock))
-    assert pub.unverified_templates(project, ["alpha"]) == ["alpha"]
+    assert unverified_templates(project, ["alpha"]) == ["alpha"]
 
 
 # ----------------------------------------------------------------------------- S3 errors, one line
 
 
-def s3_remote(bucket: str, endpoint: str, **options: str) -> pub.RemoteConfig:
-    return pub.RemoteConfig(
+def s3_remote(bucket: str, endpoint: str, **options: str) -> RemoteConfig:
+    return RemoteConfig(
         name="s3", url=f"s3://{bucket}/fuseline", options={"endpointurl": endpoint, **options}
     )
 
@@ -263,11 +284,11 @@ def test_wrong_credentials_give_one_line_without_the_secret(s3_server, s3_bucket
     secret = "wrong-secret-" + "q" * 20
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGKEY")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    store = pub.S3Store(s3_remote(s3_bucket, s3_server.endpoint_url))
-    with pytest.raises(pub.PublishError) as exc:
+    store = S3Store(s3_remote(s3_bucket, s3_server.endpoint_url))
+    with pytest.raises(PublishError) as exc:
         store.check()
     message = str(exc.value)
-    assert exc.value.code == "bad_credentials"
+    assert exc.value.code == "BAD_CREDENTIALS"
     assert "\n" not in message and secret not in message
     assert "AWS_SECRET_ACCESS_KEY" in message and "dvc remote modify --local s3" in message
 
@@ -277,10 +298,10 @@ def test_missing_bucket_names_it_and_the_fix(s3_server, clean_aws_env, monkeypat
     for name, value in s3_server.env().items():
         if name.startswith("AWS_ACCESS") or name.startswith("AWS_SECRET"):
             monkeypatch.setenv(name, value)
-    store = pub.S3Store(s3_remote("no-such-bucket-here", s3_server.endpoint_url))
-    with pytest.raises(pub.PublishError) as exc:
+    store = S3Store(s3_remote("no-such-bucket-here", s3_server.endpoint_url))
+    with pytest.raises(PublishError) as exc:
         store.check()
-    assert exc.value.code == "no_bucket"
+    assert exc.value.code == "NO_BUCKET"
     assert "'no-such-bucket-here' does not exist" in str(exc.value)
     assert "dvc remote modify s3 url" in str(exc.value) and "\n" not in str(exc.value)
     assert s3_server.secret_key not in str(exc.value)
@@ -290,10 +311,10 @@ def test_unreachable_endpoint_names_it_and_the_fix(clean_aws_env, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-used-secret")
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    store = pub.S3Store(s3_remote("models", endpoint))
-    with pytest.raises(pub.PublishError) as exc:
+    store = S3Store(s3_remote("models", endpoint))
+    with pytest.raises(PublishError) as exc:
         store.check()
-    assert exc.value.code == "unreachable"
+    assert exc.value.code == "UNREACHABLE"
     assert endpoint in str(exc.value) and "endpointurl" in str(exc.value) and "\n" not in str(exc.value)
     assert "not-used-secret" not in str(exc.value)
 
@@ -302,15 +323,15 @@ def test_unreachable_endpoint_names_it_and_the_fix(clean_aws_env, monkeypatch):
 def test_s3_store_round_trip_under_a_prefix(s3_server, s3_bucket, clean_aws_env, monkeypatch):
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
-    store = pub.S3Store(pub.RemoteConfig(name="s3", url=f"s3://{s3_bucket}/team/models"))  # endpoint from env
+    store = S3Store(RemoteConfig(name="s3", url=f"s3://{s3_bucket}/team/models"))  # endpoint from env
     folder = put_folder(store, {"a.bin": b"a", "sub/b.bin": b"b"})
-    pub.write_release(store, release_of("main", "20260101T000000Z", alpha=folder))
+    write_release(store, release_of("main", "20260101T000000Z", alpha=folder))
     keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_bucket)["Contents"]]
     assert all(k.startswith("team/models/") for k in keys) and len(keys) == 5
-    assert pub.missing_objects(store, [folder]) == []
-    assert pub.read_release(store, "main").templates["alpha"].dir_md5 == folder
+    assert missing_objects(store, [folder]) == []
+    assert read_release(store, "main").templates["alpha"].dir_md5 == folder
     store.delete([object_key(hashlib.md5(b"a").hexdigest())])
-    assert pub.missing_objects(store, [folder]) == [object_key(hashlib.md5(b"a").hexdigest())]
+    assert missing_objects(store, [folder]) == [object_key(hashlib.md5(b"a").hexdigest())]
     assert store.read(release_key("nope")) is None
 
 
@@ -344,12 +365,12 @@ def test_s3_delete_reports_the_keys_the_remote_refused(clean_aws_env, monkeypatc
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PartialDeleteHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        store = pub.S3Store(s3_remote("models", f"http://127.0.0.1:{server.server_port}"))
-        with pytest.raises(pub.PublishError, match=r"could not delete 2 objects: fuseline/files/") as exc:
+        store = S3Store(s3_remote("models", f"http://127.0.0.1:{server.server_port}"))
+        with pytest.raises(PublishError, match=r"could not delete 2 objects: fuseline/files/") as exc:
             store.delete(["files/md5/aa/b", "files/md5/cc/d"])
     finally:
         server.shutdown()
-    assert exc.value.code == "delete_failed" and "AccessDenied" in str(exc.value)
+    assert exc.value.code == "DELETE_FAILED" and "AccessDenied" in str(exc.value)
 
 
 # ---------------------------------------------------------------------- what CI's matrix would build
@@ -374,21 +395,21 @@ def test_changed_templates_ignores_outputs_missing_in_a_fresh_clone():
         "verify@alpha": [{"changed deps": {"artifacts/models/alpha": "deleted"}}],
         "convert@tiny": [{"changed outs": {"artifacts/base/tiny": "deleted"}}],
     }
-    assert pub.changed_templates(fresh_clone, CATALOG, PRODUCED) == []
+    assert changed_templates(fresh_clone, CATALOG, PRODUCED) == []
 
 
 def test_changed_templates_follows_params_code_and_upstream_stages():
     status = {"merge@beta": [{"changed deps": {"params.yaml": {"merge": "modified"}}}]}
-    assert pub.changed_templates(status, CATALOG, PRODUCED) == ["beta"]
+    assert changed_templates(status, CATALOG, PRODUCED) == ["beta"]
     status = {"merge@alpha": [{"changed params": {"templates.json": {"templates.alpha": "modified"}}}]}
-    assert pub.changed_templates(status, CATALOG, PRODUCED) == ["alpha"]
+    assert changed_templates(status, CATALOG, PRODUCED) == ["alpha"]
     status = {"merge@gamma": [{"changed deps": {"stages/merge.py": "modified"}}]}
-    assert pub.changed_templates(status, CATALOG, PRODUCED) == ["gamma"]
+    assert changed_templates(status, CATALOG, PRODUCED) == ["gamma"]
     status = {"convert@tiny": [{"changed deps": {"stages/convert.py": "modified"}}]}
-    assert pub.changed_templates(status, CATALOG, PRODUCED) == ["alpha", "beta"]
-    assert pub.changed_templates({"vae": ["always changed"]}, CATALOG, PRODUCED) == ["alpha", "beta", "gamma"]
+    assert changed_templates(status, CATALOG, PRODUCED) == ["alpha", "beta"]
+    assert changed_templates({"vae": ["always changed"]}, CATALOG, PRODUCED) == ["alpha", "beta", "gamma"]
     # A stage of a template no longer in the catalog builds nothing.
-    assert pub.changed_templates({"merge@old": ["changed command"]}, CATALOG, PRODUCED) == []
+    assert changed_templates({"merge@old": ["changed command"]}, CATALOG, PRODUCED) == []
 
 
 # ------------------------------------------------------------------------------------- workflows
@@ -463,20 +484,20 @@ def test_committed_dvc_config_has_the_remotes_and_no_secrets(tmp_path):
     (project / ".dvc").mkdir(parents=True)
     shutil.copy(REPO / ".dvc" / "config", project / ".dvc" / "config")
     subprocess.run(["git", "init", "-q", str(project)], check=True)
-    local = pub.read_remote_config(project)
+    local = read_remote_config(project)
     assert local.name == "local" and not local.is_s3
     # A fresh clone can publish with no setup: the default remote is a folder inside the clone.
     assert Path(local.url) == project / ".dvc-remote"
     assert "/.dvc-remote/" in (REPO / ".gitignore").read_text().splitlines()
-    s3 = pub.read_remote_config(project, "s3")
+    s3 = read_remote_config(project, "s3")
     assert s3.is_s3 and s3.url.startswith("s3://")
-    with pytest.raises(pub.PublishError, match=r"no remote named 'r2' \(known: local, s3;") as exc:
-        pub.read_remote_config(project, "r2")
-    assert exc.value.code == "unknown_remote" and "\n" not in str(exc.value)
+    with pytest.raises(PublishError, match=r"no remote named 'r2' \(known: local, s3;") as exc:
+        read_remote_config(project, "r2")
+    assert exc.value.code == "UNKNOWN_REMOTE" and "\n" not in str(exc.value)
 
 
 def test_git_commit_is_head_or_none(tmp_path):
-    assert pub.git_commit(tmp_path) is None
+    assert git_commit(tmp_path) is None
     run = {"cwd": tmp_path, "check": True, "capture_output": True}
     subprocess.run(["git", "init", "-q"], **run)
     (tmp_path / "f").write_text("x")
@@ -485,7 +506,7 @@ def test_git_commit_is_head_or_none(tmp_path):
         ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "x"], **run
     )
     head = subprocess.run(["git", "rev-parse", "HEAD"], text=True, **run).stdout.strip()
-    assert pub.git_commit(tmp_path) == head and len(head) == 40
+    assert git_commit(tmp_path) == head and len(head) == 40
 
 
 def test_gc_refuses_without_a_pipeline_instead_of_emptying_the_lock(tmp_path):
@@ -493,9 +514,9 @@ def test_gc_refuses_without_a_pipeline_instead_of_emptying_the_lock(tmp_path):
     (tmp_path / ".dvc/config").write_text("[core]\n    no_scm = True\n")
     lock = "schema: '2.0'\nstages:\n  merge@alpha:\n    cmd: python -m stages.merge alpha\n"
     (tmp_path / "dvc.lock").write_text(lock)
-    with pytest.raises(pub.PublishError, match=r"dvc\.yaml: not found") as exc:
-        pub.find_local_garbage(tmp_path)
-    assert exc.value.code == "no_pipeline"
+    with pytest.raises(PublishError, match=r"dvc\.yaml: not found") as exc:
+        find_local_garbage(tmp_path)
+    assert exc.value.code == "NO_PIPELINE"
     assert (tmp_path / "dvc.lock").read_text() == lock
 
 

@@ -24,9 +24,11 @@ import typer
 from configobj import ConfigObj
 from typer.testing import CliRunner
 
-from fuseline import publish as pub
-from fuseline.cli_publish import register
-from fuseline.release import Release, object_key, release_key
+from fuseline.cli.publish import register
+from fuseline.core.release import Release, object_key, release_key
+from fuseline.publish.project import project_changed_templates
+from fuseline.publish.releases import dir_listing, missing_objects, release_history
+from fuseline.publish.stores import LocalStore, S3Store, read_remote_config
 from tests.fixtures.project import REPO, DvcProject, dvc_env, make_dvc_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
@@ -164,7 +166,7 @@ def invoke(project: DvcProject, monkeypatch, *args: str):
             monkeypatch.setenv(name, value)
     result = CliRunner().invoke(cli(), [*args, "--project", str(project.root)])
     # CliRunner interleaves stderr into `output`; the command's log records go there as JSON lines
-    # (fuseline.logs, not a terminal). Keep the command's own text, which is what these tests check.
+    # (fuseline.core.logs, not a terminal). Keep the command's own text, which is what these tests check.
     text = "".join(line for line in result.output.splitlines(keepends=True) if not line.startswith('{"ts": '))
     return SimpleNamespace(exit_code=result.exit_code, output=text, exception=result.exception)
 
@@ -228,8 +230,8 @@ def test_publish_to_the_embedded_local_remote_needs_no_setup(build, monkeypatch)
     assert result.exit_code == 0, result.output
     remote = project.root / ".dvc-remote"
     release = Release.from_json((remote / "releases/main.json").read_bytes())
-    store = pub.LocalStore(remote)
-    assert pub.missing_objects(store, [t.dir_md5 for t in release.templates.values()]) == []
+    store = LocalStore(remote)
+    assert missing_objects(store, [t.dir_md5 for t in release.templates.values()]) == []
 
 
 def test_interrupted_push_keeps_the_old_release_and_a_rerun_completes(build, s3_server, monkeypatch):
@@ -246,12 +248,12 @@ def test_interrupted_push_keeps_the_old_release_and_a_rerun_completes(build, s3_
     point_s3_remote(new, bucket)
     # 1. A push cut halfway: gamma's folder reached the remote without its own files (push it, then
     #    remove the objects no other template shares).
-    store = pub.S3Store(pub.read_remote_config(new.root, "s3"))
+    store = S3Store(read_remote_config(new.root, "s3"))
     new.dvc("push", "-r", "s3", "artifacts/models/gamma")
 
     def objects_of(template: str) -> set[str]:
         dir_md5 = model_out(new.lock(), template)["md5"]
-        return {object_key(e["md5"]) for e in pub.dir_listing(store, dir_md5)}
+        return {object_key(e["md5"]) for e in dir_listing(store, dir_md5)}
 
     gamma_dir = object_key(model_out(new.lock(), "gamma")["md5"])
     unique = sorted(objects_of("gamma") - objects_of("alpha") - objects_of("beta"))
@@ -260,7 +262,7 @@ def test_interrupted_push_keeps_the_old_release_and_a_rerun_completes(build, s3_
     s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": "fuseline/" + k} for k in unique]})
     result = invoke(new, monkeypatch, "publish", "-r", "s3", "--no-push")
     assert result.exit_code == 1
-    assert "error [incomplete_push]" in result.output and "current release is untouched" in result.output
+    assert "error [INCOMPLETE_PUSH]" in result.output and "current release is untouched" in result.output
     assert f"delete {gamma_dir} from the remote" in result.output
     assert read(s3, bucket, "releases/main.json") == old_bytes
     # 1b. What an interrupted push leaves (DVC sends a folder's listing after its files): some files, no
@@ -270,12 +272,12 @@ def test_interrupted_push_keeps_the_old_release_and_a_rerun_completes(build, s3_
         body = (new.root / ".dvc/cache" / key).read_bytes()
         s3.put_object(Bucket=bucket, Key="fuseline/" + key, Body=body)
     result = invoke(new, monkeypatch, "publish", "-r", "s3", "--no-push")
-    assert result.exit_code == 1 and "error [incomplete_push]" in result.output
+    assert result.exit_code == 1 and "error [INCOMPLETE_PUSH]" in result.output
     assert read(s3, bucket, "releases/main.json") == old_bytes
 
     # 2. A publish killed (SIGKILL) while its `dvc push` runs.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fuseline.cli_publish", "publish", "-r", "s3", "--project", str(new.root)],
+        [sys.executable, "-m", "fuseline.cli", "publish", "-r", "s3", "--project", str(new.root)],
         env={**new.env, **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}},
         cwd=REPO,
         start_new_session=True,
@@ -295,7 +297,7 @@ def test_interrupted_push_keeps_the_old_release_and_a_rerun_completes(build, s3_
     assert result.exit_code == 0, result.output
     current = Release.from_json(read(s3, bucket, "releases/main.json"))
     assert sorted(current.templates) == list(TEMPLATES)
-    assert pub.missing_objects(store, [t.dir_md5 for t in current.templates.values()]) == []
+    assert missing_objects(store, [t.dir_md5 for t in current.templates.values()]) == []
 
     # Rollback restores the previous manifest, byte for byte; the list marks it current.
     previous = Release.from_json(old_bytes)
@@ -321,8 +323,8 @@ def test_interrupted_push_keeps_the_old_release_and_a_rerun_completes(build, s3_
     done = invoke(new, monkeypatch, "gc", "--remote", "s3", "--yes")
     assert done.exit_code == 0, done.output
     assert {o["Key"] for o in _list_all(s3, bucket)} == before - {"fuseline/" + object_key(orphan_md5)}
-    for release in pub.release_history(store):
-        assert pub.missing_objects(store, [t.dir_md5 for t in release.templates.values()]) == []
+    for release in release_history(store):
+        assert missing_objects(store, [t.dir_md5 for t in release.templates.values()]) == []
 
 
 def read(s3, bucket: str, key: str) -> bytes:
@@ -378,6 +380,6 @@ def test_changed_templates_in_a_fresh_clone_is_only_the_edited_one(build):
     project = build.copy_of_c("plan")
     shutil.rmtree(project.root / "artifacts")  # a CI checkout has dvc.lock but no outputs
     shutil.rmtree(project.root / ".dvc" / "cache")
-    assert pub.project_changed_templates(project.root) == []
+    assert project_changed_templates(project.root) == []
     project.edit_catalog(lambda c: c["templates"]["beta"]["loras"][0].update(scale=0.25))
-    assert pub.project_changed_templates(project.root) == ["beta"]
+    assert project_changed_templates(project.root) == ["beta"]

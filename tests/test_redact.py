@@ -1,4 +1,4 @@
-"""fuseline.redact: secrets out of text, log records and tracebacks."""
+"""fuseline.core.redact: secrets out of text, log records and tracebacks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fuseline.redact import MASK, RedactingFilter, install_redaction, redact, register_secret
+from fuseline.core.redact import MASK, RedactingFilter, install_redaction, redact, register_secret
 
 KEY = "civ_9f8e7d6c5b4a39281706f5e4d3c2b1a0"
 FAKE_HF = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz012345"
@@ -118,7 +118,7 @@ def test_fuseline_lock_redacts_what_the_sources_log_on_stderr(tmp_path):
     script = (
         "import logging\n"
         "from fuseline.cli import app\n"
-        "from fuseline.redact import register_secret\n"
+        "from fuseline.core.redact import register_secret\n"
         "try:\n"
         "    app(['lock', 'missing.json'])\n"
         "except SystemExit:\n"
@@ -130,7 +130,7 @@ def test_fuseline_lock_redacts_what_the_sources_log_on_stderr(tmp_path):
         [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert "no such file" in proc.stdout
-    # stderr is a pipe, not a terminal: one JSON object per record (fuseline.logs).
+    # stderr is a pipe, not a terminal: one JSON object per record (fuseline.core.logs).
     (record,) = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
     assert record["logger"] == "fuseline.sources" and record["message"] == f"retrying with {MASK}"
     assert "a-key-read-from-a-file-123" not in proc.stderr

@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fuseline.cli import app
-from fuseline.report import NO_VERIFY_RESULT, STATS_DIR, build_report, render_text, stats_path
+from fuseline.cli.report import NO_VERIFY_RESULT, build_report, render_text
+from fuseline.core.build_metrics import STATS_DIR, stats_path
 from stages.runtime import stage_ids, write_stage_metrics
 
 runner = CliRunner()
@@ -64,7 +65,7 @@ def test_report_json_sums_each_template_own_stages(project):
     assert alpha["build_ms"] == 100.0 + 20_000.0 + 5000.0
     assert alpha["stage_ms"] == {"fetch-loras": 100.0, "merge": 20_000.0, "verify": 5000.0}
     assert data["shared_stage_ms"] == {"fetch-checkpoint@base": 50.0, "convert@base": 9000.0, "vae": 3000.0}
-    assert alpha["model_bytes"] == 6_900_000_000 and alpha["unplaced_keys"] == 0
+    assert alpha["model_bytes"] == 6_900_000_000 and "unplaced_keys" not in alpha
     assert [lora["scale"] for lora in alpha["loras"]] == [0.8, 0.5]
     assert alpha["placed_keys"]["total"] == 18
     assert alpha["verify"] == "pass" and alpha["preview"] == "artifacts/verify/alpha/preview.png"

@@ -32,9 +32,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fuseline.catalog import ID_PATTERN, Defaults
-from fuseline.logs import log_event
-from fuseline.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
+from fuseline.core.catalog.model import ID_PATTERN, Defaults
+from fuseline.core.logs import log_event
+from fuseline.core.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
 from worker.errors import ModelInvalid, UnknownTemplate, WorkerError, unrecoverable_device_error
 from worker.pipelines import (
     WEIGHTED_COMPONENTS,
@@ -116,7 +116,7 @@ def recipe_path(volume: Path, template_id: str) -> Path:
 
 
 def recipe_from_release(template_id: str, released) -> Recipe:
-    """The recipe of a `fuseline.release.ReleasedTemplate` (it carries no defaults: the global ones apply)."""
+    """The recipe of a `fuseline.core.release.ReleasedTemplate` (it carries no defaults: the global ones apply)."""
     return Recipe(
         template=template_id,
         spec_hash=released.spec_hash,

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fuseline.logs import log_event, setup_logging
+from fuseline.core.logs import log_event, setup_logging
 from worker.errors import CudaError, InvalidInput, OutOfMemory, WorkerError, unrecoverable_device_error
 from worker.fallback import (
     degraded_warning,

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from fuseline.catalog import ID_PATTERN, Defaults
+from fuseline.core.catalog.model import ID_PATTERN, Defaults
 from worker.errors import InvalidInput, ModelInvalid, UploadNotConfigured
 from worker.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 from worker.settings import MAX_SIZE, WorkerSettings

@@ -18,8 +18,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from fuseline.catalog import Defaults
-from fuseline.manifest import MANIFEST_NAME, ManifestError, ModelManifest
+from fuseline.core.catalog.model import Defaults
+from fuseline.core.manifest import MANIFEST_NAME, ManifestError, ModelManifest
 from worker.errors import ModelInvalid, UnknownTemplate, unrecoverable_device_error
 from worker.settings import WorkerSettings
 from worker.speed import apply_speed_options

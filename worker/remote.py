@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from fuseline.release import Release, object_key
+from fuseline.core.release import Release, object_key
 
 
 class SyncError(Exception):

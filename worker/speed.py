@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fuseline.logs import log_event
+from fuseline.core.logs import log_event
 from worker.errors import ConfigInvalid
 
 log = logging.getLogger("fuseline.worker")

@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fuseline.release import Release, ReleasedTemplate, object_key
+from fuseline.core.release import Release, ReleasedTemplate, object_key
 from worker.locks import DEFAULT_STALE_AFTER, LockLost, LockTimeout, VolumeLock
 from worker.remote import (
     ReleaseInvalid,
@@ -542,7 +542,7 @@ def _write_recipe(volume: Volume, template: str, released: ReleasedTemplate) -> 
     a sync failure. Returns the warning, None when written."""
     import logging
 
-    from fuseline.logs import log_event
+    from fuseline.core.logs import log_event
     from worker.fallback import recipe_from_release, write_recipe  # lazy: the CLI needs no pipeline code
 
     try:

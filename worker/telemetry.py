@@ -2,7 +2,7 @@
 and process counters (event names and fields: docs/operations.md "Worker logs").
 
 Operators of a serverless endpoint see a worker only through its logs, so each of these is one structured
-event (fuseline.logs): `worker.start` once, `job.done`/`job.failed` per job, `worker.counters` every
+event (fuseline.core.logs): `worker.start` once, `job.done`/`job.failed` per job, `worker.counters` every
 FUSELINE_COUNTERS_EVERY jobs and at exit. Nothing here imports torch at module level: pipelines.py and
 generate.py report into it from hot paths.
 """
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fuseline.logs import log_event
+from fuseline.core.logs import log_event
 from worker.errors import ModelInvalid, WorkerError
 
 if TYPE_CHECKING:

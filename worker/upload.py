@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fuseline.redact import redact
+from fuseline.core.redact import redact
 from worker.errors import UploadFailed, UploadNotConfigured
 from worker.remote import S3ConfigError, make_s3_client
 from worker.settings import WorkerSettings

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from fuseline.release import MD5_PATTERN
+from fuseline.core.release import MD5_PATTERN
 from worker.remote import SyncError
 
 MARKER_NAME = ".fuseline-sync.json"

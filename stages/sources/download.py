@@ -30,7 +30,8 @@ from typing import Any
 
 import requests
 
-from fuseline.redact import redact
+from fuseline.core.redact import redact
+from stages.settings import BuildSettings
 from stages.sources.errors import SourceError
 
 log = logging.getLogger("fuseline.sources")
@@ -59,13 +60,14 @@ class RetryPolicy:
     read_timeout: float = 60.0
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> RetryPolicy:
-        """Defaults, with FUSELINE_DOWNLOAD_RETRY_SECONDS / FUSELINE_DOWNLOAD_ATTEMPTS applied."""
-        values: dict[str, Any] = {}
-        if os.environ.get("FUSELINE_DOWNLOAD_RETRY_SECONDS"):
-            values["total_seconds"] = float(os.environ["FUSELINE_DOWNLOAD_RETRY_SECONDS"])
-        if os.environ.get("FUSELINE_DOWNLOAD_ATTEMPTS"):
-            values["max_attempts"] = int(os.environ["FUSELINE_DOWNLOAD_ATTEMPTS"])
+    def from_settings(cls, settings: BuildSettings | None = None, **overrides: Any) -> RetryPolicy:
+        """Defaults, with FUSELINE_DOWNLOAD_RETRY_SECONDS / FUSELINE_DOWNLOAD_ATTEMPTS from the build settings
+        (read from the environment when none are given)."""
+        settings = settings or BuildSettings.from_env()
+        values: dict[str, Any] = {
+            "total_seconds": settings.download_retry_seconds,
+            "max_attempts": settings.download_attempts,
+        }
         values.update(overrides)
         return cls(**values)
 
@@ -241,7 +243,7 @@ def download(
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    policy = policy or RetryPolicy.from_env()
+    policy = policy or RetryPolicy.from_settings()
     label = label or dest.name
     make_url = url if callable(url) else (lambda: url)
 
@@ -538,7 +540,7 @@ def request_json(
     sleep: Callable[[float], None] = time.sleep,
 ) -> Any:
     """GET a JSON API resource with the same retry rules as downloads (429/5xx/connection errors)."""
-    policy = policy or RetryPolicy.from_env()
+    policy = policy or RetryPolicy.from_settings()
     own = session is None
     session = session or new_session()
     started = time.monotonic()

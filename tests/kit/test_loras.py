@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fuseline.testing.loras import LORA_NAMES, SPECS, adapter_metadata, kit_lora_factors, lora_targets
-from fuseline.testing.models import Kit
+from testkit.loras import LORA_NAMES, SPECS, adapter_metadata, kit_lora_factors, lora_targets
+from testkit.models import Kit
 
 PLACEABLE = [name for name in LORA_NAMES if name != "sd15"]
 

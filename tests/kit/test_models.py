@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fuseline.testing.models import MARKER_NAME, Kit, build_kit
+from testkit.models import MARKER_NAME, Kit, build_kit
 
 COMPONENT_CONFIGS = (
     "model_index.json",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from fuseline.testing.servers import RangeHTTPServer, Response, SeaweedS3, SeaweedStartError
+from testkit.servers import RangeHTTPServer, Response, SeaweedS3, SeaweedStartError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -357,7 +357,7 @@ def test_s3_server_process_is_gone_after_stop() -> None:
 def test_s3_server_dies_with_a_crashed_parent(tmp_path: Path) -> None:
     # The parent starts a server, reports it, then dies by SIGKILL (no atexit, no finally).
     script = (
-        "import json, os, signal; from fuseline.testing.servers import SeaweedS3;"
+        "import json, os, signal; from testkit.servers import SeaweedS3;"
         "s = SeaweedS3().start();"
         "print(json.dumps([s.pid, str(s.workdir), s.ports]), flush=True);"
         "os.kill(os.getpid(), signal.SIGKILL)"

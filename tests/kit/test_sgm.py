@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fuseline.testing.models import Kit
-from fuseline.testing.sgm import (
+from testkit.models import Kit
+from testkit.sgm import (
     TEXT_ENCODER_2_PREFIX,
     UnmappedKeyError,
     open_clip_to_sgm,

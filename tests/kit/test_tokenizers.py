@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import CLIPTokenizer
 
-from fuseline.testing.models import Kit
+from testkit.models import Kit
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from stages.errors import StageError
 from stages.export import (
     BufferPool,
     PoolClosed,
@@ -22,7 +23,6 @@ from stages.export import (
     shard_file_name,
     tensor_shapes,
 )
-from stages.runtime import StageError
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fuseline.testing.loras import SPECS, kit_lora_factors, read_metadata
+from stages.errors import StageError
 from stages.lora import COMPONENTS, LoraInput, read_lora, refused_format
 from stages.merge import read_base_layout
-from stages.runtime import StageError
+from testkit.loras import SPECS, kit_lora_factors, read_metadata
 
 SUPPORTED = ["kohya_sgm", "kohya_diffusers", "kohya_te", "locon", "peft", "dora"]
 # Keys per adapted module in the file: kohya down/up/alpha; PEFT lora_A/lora_B (+ DoRA magnitude).

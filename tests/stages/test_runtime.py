@@ -5,12 +5,14 @@ import sys
 
 import pytest
 
-from stages.runtime import StageError, atomic_output_dir, load_params, run_stage
+from fuseline.core.files import atomic_dir
+from stages.errors import StageError
+from stages.runtime import load_params, run_stage
 
 
 def test_atomic_output_dir_renames_into_place_on_success(tmp_path):
     final = tmp_path / "models" / "a"
-    with atomic_output_dir(final) as tmp:
+    with atomic_dir(final) as tmp:
         (tmp / "w.safetensors").write_bytes(b"x")
         assert not final.exists()
     assert (final / "w.safetensors").read_bytes() == b"x"
@@ -21,7 +23,7 @@ def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
     final = tmp_path / "models" / "a"
     final.mkdir(parents=True)
     (final / "old").write_text("stale")
-    with pytest.raises(RuntimeError), atomic_output_dir(final) as tmp:
+    with pytest.raises(RuntimeError), atomic_dir(final) as tmp:
         (tmp / "half").write_text("partial")
         raise RuntimeError("boom")
     assert list(final.parent.iterdir()) == []

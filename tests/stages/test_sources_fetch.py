@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from fuseline.catalog import load_catalog, parse_source
-from fuseline.testing.civitai import CivitaiServer, safetensors_bytes
-from fuseline.testing.servers import Response
+from fuseline.core.catalog.loading import load_catalog
+from fuseline.core.catalog.sources import parse_source
+from stages.errors import StageError
 from stages.fetch import fetch_source, place
-from stages.runtime import StageError
 from stages.sources.cache import DownloadCache
 from stages.sources.download import RetryPolicy, download
 from stages.sources.resolve import _fetch_remote
+from testkit.civitai import CivitaiServer, safetensors_bytes
+from testkit.servers import Response
 
 REPO = Path(__file__).resolve().parents[2]
 

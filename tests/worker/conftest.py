@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from fuseline.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
-from fuseline.testing.models import Kit
+from fuseline.core.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
+from testkit.models import Kit
 
 TEMPLATE = "tiny"
 # Spec hashes are opaque to the worker; these only need to differ per template.

@@ -22,8 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fuseline.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
-from fuseline.release import LoraSummary, Release, ReleasedTemplate, release_key
+from fuseline.core.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
+from fuseline.core.release import LoraSummary, Release, ReleasedTemplate, release_key
 from tests.worker.conftest import SMALL, TEST_ENV
 from worker.errors import ModelInvalid, UnknownTemplate
 from worker.fallback import (
@@ -449,7 +449,7 @@ def test_a_merged_folder_installed_while_the_fallback_loads_makes_the_entry_stal
 ) -> None:
     """The merged folder's marker is taken before the merged load is tried: a sync that installs the
     folder while the (slow) fallback loads leaves an entry found stale at the next job."""
-    from fuseline.logs import event_fields
+    from fuseline.core.logs import event_fields
     from worker.fallback import load_runtime_loras, load_serving, merged_became_available, merged_marker
     from worker.handler import resolve_template
 
@@ -473,7 +473,7 @@ def test_a_merged_folder_installed_while_the_fallback_loads_makes_the_entry_stal
 def test_a_template_only_the_fallback_serves_is_a_template_of_the_worker(fallback_worker, caplog) -> None:
     """Recipe and sources present, no merged folder: listed as present, checked at start (degraded, not
     a problem), named among the available templates of an UNKNOWN_TEMPLATE error."""
-    from fuseline.logs import event_fields
+    from fuseline.core.logs import event_fields
     from worker.pipelines import available_templates
     from worker.telemetry import self_check
 
@@ -503,7 +503,7 @@ def test_a_release_entry_the_recipe_refuses_is_a_warning_not_a_sync_failure(
     template itself syncs: no failure counted, no start problem, one warning event naming the template."""
     from dataclasses import replace
 
-    from fuseline.logs import event_fields
+    from fuseline.core.logs import event_fields
     from tests.worker.conftest import TEMPLATE as TINY
     from tests.worker.test_observability import publish_local
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fuseline.catalog import Defaults
+from fuseline.core.catalog.model import Defaults
 from worker.errors import ConfigInvalid, InvalidInput, ModelInvalid
 from worker.inputs import MAX_SEED, OutputOptions, parse_input, resolve_parameters
 from worker.settings import DEFAULT_MAX_PIXELS, WorkerSettings, load_settings

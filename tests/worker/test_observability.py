@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import worker.handler
-from fuseline.logs import setup_logging
-from fuseline.redact import redact
+from fuseline.core.logs import setup_logging
+from fuseline.core.redact import redact
 from tests.worker.conftest import SMALL, TEMPLATE
 from tests.worker.test_entrypoint import worker_env
 from worker.handler import SELF_CHECK_FAILED, Worker, handler
@@ -184,8 +184,8 @@ def test_self_check_without_default_checks_each_preloaded_folder(settings, volum
 def publish_local(volume: Path, template: str, remote: Path) -> str:
     """`template`'s folder pushed to a local DVC remote as `dvc push` lays it out (files/md5/<2>/<30>, the
     folder listing as `<md5 of its JSON>.dir`), and a release naming it; returns the release's path."""
-    from fuseline.manifest import ModelManifest
-    from fuseline.release import Release, ReleasedTemplate, object_key, release_key
+    from fuseline.core.manifest import ModelManifest
+    from fuseline.core.release import Release, ReleasedTemplate, object_key, release_key
 
     folder = volume / "models" / template
     listing, size = [], 0
@@ -344,7 +344,7 @@ def test_counters_every_is_a_setting() -> None:
 def test_on_runpod_a_failed_self_check_goes_through_the_fitness_hook(volume: Path, tmp_path: Path) -> None:
     """The real job loop (RunPod's queue played by RunpodQueue): the SDK's fitness hook reports the reason
     to RunPod as unhealthy and ends the worker before it takes the queued job."""
-    from fuseline.testing.runpod_queue import RunpodQueue
+    from testkit.runpod_queue import RunpodQueue
 
     broken = corrupt_volume(volume, tmp_path / "volume")
     with RunpodQueue() as queue:

@@ -98,7 +98,7 @@ def test_compile_warms_the_default_template_at_its_default_size(settings, volume
     compiles for 64 px only)."""
     import torch
 
-    from fuseline.logs import event_fields
+    from fuseline.core.logs import event_fields
     from tests.worker.conftest import copy_template, make_manifest, write_manifest
     from worker.handler import Worker
 

@@ -17,7 +17,7 @@ import pytest
 # Before the import below: its asserts (assert_complete, ...) get pytest's detailed messages too.
 pytest.register_assert_rewrite("tests.worker.sync_fixtures")
 
-from fuseline.release import object_key  # noqa: E402
+from fuseline.core.release import object_key
 from tests.worker.sync_fixtures import (  # noqa: E402
     BIG,
     PART,
@@ -363,7 +363,7 @@ def test_synced_folder_loads_in_the_worker(kit, tmp_path: Path) -> None:
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from fuseline.manifest import CheckpointRef, ModelManifest, VaeRef
+    from fuseline.core.manifest import CheckpointRef, ModelManifest, VaeRef
     from tests.worker.sync_fixtures import DVC, released_entry
     from worker.handler import Worker
     from worker.pipelines import load_template
@@ -514,7 +514,7 @@ def test_done_parts_without_journal_keeps_the_partial_bytes(tmp_path: Path) -> N
 def test_release_rejects_template_ids_that_are_not_catalog_ids() -> None:
     from pydantic import ValidationError
 
-    from fuseline.release import Release, ReleasedTemplate
+    from fuseline.core.release import Release, ReleasedTemplate
 
     entry = ReleasedTemplate(
         dir_md5="0" * 32 + ".dir", path="m", size=1, nfiles=1, spec_hash="s", checkpoint="file:x"

@@ -15,8 +15,8 @@ import pytest
 import requests
 from PIL import Image
 
-from fuseline.redact import redact
-from fuseline.testing.servers import SeaweedS3, free_port
+from fuseline.core.redact import redact
+from testkit.servers import SeaweedS3, free_port
 from tests.worker.conftest import SMALL, TEMPLATE
 from worker.errors import ConfigInvalid, UploadFailed, UploadNotConfigured
 from worker.handler import Worker, get_worker, handler

@@ -5,7 +5,7 @@
   config/           the same layout without weights (usable as `from_single_file(config=...)`)
   sdxl-tiny.safetensors   the same weights in the original SGM/LDM single-file key layout
   vae/              a second tiny AutoencoderKL (other seed): stand-in for the fp16-fix VAE
-  loras/<name>.safetensors   LoRA files in the formats fuseline must handle (see fuseline.testing.loras)
+  loras/<name>.safetensors   LoRA files in the formats fuseline must handle (see testkit.loras)
 and writes its marker file last, so an interrupted build is never taken for a complete one.
 """
 
@@ -117,7 +117,7 @@ class Kit:
 
 
 def kit_paths(root: Path) -> Kit:
-    from fuseline.testing.loras import LORA_NAMES
+    from testkit.loras import LORA_NAMES
 
     root = Path(root)
     return Kit(
@@ -133,7 +133,7 @@ def kit_paths(root: Path) -> Kit:
 def _text_encoder_config(base: dict[str, Any]):
     from transformers import CLIPTextConfig
 
-    from fuseline.testing import tokenizers
+    from testkit import tokenizers
 
     return CLIPTextConfig(
         **base,
@@ -158,7 +158,7 @@ def build_pipeline():
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from fuseline.testing.tokenizers import build_tokenizers
+    from testkit.tokenizers import build_tokenizers
 
     torch.manual_seed(SEEDS["unet"])
     unet = UNet2DConditionModel(**UNET_CONFIG).eval()
@@ -224,8 +224,8 @@ def build_kit(root: Path) -> Kit:
 
 
 def _build(kit: Kit) -> None:
-    from fuseline.testing.loras import write_loras
-    from fuseline.testing.sgm import write_single_file
+    from testkit.loras import write_loras
+    from testkit.sgm import write_single_file
 
     (kit.root / MARKER_NAME).unlink(missing_ok=True)
     for stale in (kit.diffusers_dir, kit.config_dir, kit.vae_dir, kit.root / "loras"):

@@ -88,7 +88,7 @@ class UnmappedKeyError(KeyError):
 
 def _unmapped(component: str, key: str) -> UnmappedKeyError:
     return UnmappedKeyError(
-        f"{component}: no SGM name for diffusers key {key!r}; add it to the tables in fuseline/testing/sgm.py"
+        f"{component}: no SGM name for diffusers key {key!r}; add it to the tables in testkit/sgm.py"
     )
 
 
@@ -269,7 +269,7 @@ def pipeline_to_sgm(pipe) -> dict[str, torch.Tensor]:
         clash = state.keys() & part.keys()
         if clash:
             raise ValueError(
-                f"SGM names produced twice: {sorted(clash)[:5]}; fix the tables in fuseline/testing/sgm.py"
+                f"SGM names produced twice: {sorted(clash)[:5]}; fix the tables in testkit/sgm.py"
             )
         state.update(part)
     return state

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fuseline.catalog import Defaults
+from fuseline.core.catalog.model import Defaults
 
 MANIFEST_NAME = "fuseline.json"
 MANIFEST_FORMAT = 1

@@ -1,63 +1,40 @@
-"""Build metrics: where each stage's metrics file lives, and `fuseline report`, a per-template summary.
+"""`fuseline report`: a per-template summary of the build metrics (size, build time, LoRAs, placed keys,
+verify result) read from the metrics files of the last build (fuseline/core/build_metrics.py says where).
 
-Every stage run (stages.runtime.measure_stage) writes `artifacts/stats/<stage>/<id>.json`: wall time, peak
-RSS, bytes read and written, plus what the stage adds (merge: LoRA keys placed per component and per LoRA,
-model size; verify: result, timings, preview). dvc.yaml declares them as `metrics:` (cached and pushed like
-the models, so the run-cache restores them on any machine), and `dvc metrics show` / `dvc metrics diff`
-compare builds across commits (docs/operations.md "Logs and build metrics").
-
-Standard library only at import time: the stages import the layout from here, and `fuseline report`
-needs no DVC, torch or catalog to read a few JSON files (typer and rich are imported by the command).
+Every stage run (stages.runtime.measure_stage) writes its file: wall time, peak RSS, bytes read and written,
+plus what the stage adds (merge: LoRA keys placed per component and per LoRA, model size; verify: result,
+timings, preview). dvc.yaml declares them as `metrics:` (cached and pushed like the models, so the
+run-cache restores them on any machine), and `dvc metrics show` / `dvc metrics diff` compare builds across
+commits (docs/operations.md "Logs and build metrics"). The report needs no DVC, torch or catalog model to
+read a few JSON files.
 """
 
-# No `from __future__ import annotations`: typer reads the command's annotations, which name typer, imported
-# only inside register() so that the stages importing this module do not pay for it.
+from __future__ import annotations
+
+import io
 import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fuseline.redact import redact
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
-# Under artifacts/ with the other build products (DVC outputs, so git ignores them).
-STATS_DIR = Path("artifacts/stats")
-# Stages whose id is a template, or a checkpoint; the others (vae, fetch-vae) serve the whole catalog.
-TEMPLATE_STAGES = ("fetch-loras", "merge", "verify")
-CHECKPOINT_STAGES = ("fetch-checkpoint", "convert")
-SHARED_STAGES = ("fetch-vae", "vae")
-
-
-def stats_path(stage: str, item_id: str, root: str | os.PathLike[str] = ".") -> Path:
-    """Where the metrics of `stage@item_id` live (dvc.yaml declares the same path)."""
-    return Path(root) / STATS_DIR / stage / f"{item_id}.json"
-
-
-def id_field(stage: str) -> str | None:
-    """The name the stage's id also goes by in logs and metrics: `template`, `checkpoint` or None."""
-    if stage in TEMPLATE_STAGES:
-        return "template"
-    if stage in CHECKPOINT_STAGES:
-        return "checkpoint"
-    return None
-
-
-def stage_name(stage: str, item_id: str) -> str:
-    """The stage's name in dvc.yaml: `merge@t1` for a foreach stage, plain `vae` for a shared one."""
-    return stage if stage in SHARED_STAGES else f"{stage}@{item_id}"
-
-
-def repair_advice(stage: str, item_id: str) -> str:
-    """How to get a damaged metrics file back. It is a cached output of its stage, so `dvc checkout` of that
-    one path restores it from the cache; `dvc repro` of that one stage (no `-f`, which would also re-run
-    every stage upstream of it) re-runs it only if the cache cannot."""
-    relative = (STATS_DIR / stage / f"{item_id}.json").as_posix()
-    name = stage_name(stage, item_id)
-    return (
-        f"restore it with `dvc checkout {relative}` (a cached output of stage `{name}`); if the cache lacks "
-        f"it, `dvc pull {relative}` or `dvc repro {name}`"
-    )
+from fuseline.core.build_metrics import (
+    CHECKPOINT_STAGES,
+    SHARED_STAGES,
+    STATS_DIR,
+    TEMPLATE_STAGES,
+    repair_advice,
+    stage_name,
+)
+from fuseline.core.catalog.loading import load_catalog
+from fuseline.core.catalog.problems import CatalogError
+from fuseline.core.redact import redact
 
 
 def load_stats(root: str | os.PathLike[str] = ".") -> tuple[dict[str, dict[str, dict[str, Any]]], list[str]]:
@@ -96,7 +73,6 @@ class TemplateReport:
     stage_ms: dict[str, float] = field(default_factory=dict)
     loras: list[dict[str, Any]] = field(default_factory=list)
     placed_keys: dict[str, int] = field(default_factory=dict)
-    unplaced_keys: int | None = None
     verify: str = NO_VERIFY_RESULT
     preview: str | None = None
     in_catalog: bool = True
@@ -127,8 +103,6 @@ def _catalog_templates(root: Path, problems: list[str]) -> dict[str, str]:
     path = root / "templates.json"
     if not path.is_file():
         return {}
-    from fuseline.catalog import CatalogError, load_catalog
-
     try:
         catalog = load_catalog(path)
     except CatalogError as exc:
@@ -156,11 +130,8 @@ def _template_report(
         # DVC drops lists from metrics, so the stage writes LoRAs as {"0": ..., "1": ...} in fusing order.
         for key in sorted(loras, key=lambda k: int(k) if str(k).isdigit() else 0):
             lora = loras[key]
-            report.loras.append(
-                {k: lora.get(k) for k in ("source", "scale", "file_keys", "placed_keys", "unplaced_keys")}
-            )
+            report.loras.append({k: lora.get(k) for k in ("source", "scale", "file_keys", "placed_keys")})
         report.placed_keys = dict(merge.get("placed_keys") or {})
-        report.unplaced_keys = merge.get("unplaced_keys")
     verify = stats.get("verify", {}).get(template)
     if verify is not None:
         report.verify = str(verify.get("result", "unknown"))
@@ -224,16 +195,12 @@ def _placed_cell(t: TemplateReport) -> str:
         c for c in t.placed_keys if c not in COMPONENT_ORDER and c != "total"
     )
     parts = ", ".join(f"{c} {t.placed_keys[c]}" for c in order if t.placed_keys[c])
-    cell = f"{t.placed_keys.get('total', 0)} ({parts or 'none'})"
-    return cell + (f", {t.unplaced_keys} UNPLACED" if t.unplaced_keys else "")
+    return f"{t.placed_keys.get('total', 0)} ({parts or 'none'})"
 
 
 def render_table(report: BuildReport) -> Any:
     """The report as a rich Table. Every cell is escaped: ids, file names and paths are data, and rich would
     otherwise read `[red]` in a LoRA's file name as markup and drop it."""
-    from rich.markup import escape
-    from rich.table import Table
-
     table = Table(title=f"fuseline build metrics ({report.root})", title_justify="left")
     for column in ("Template", "Checkpoint", "Size", "Build", "LoRAs", "Placed keys", "Verify", "Preview"):
         table.add_column(column, overflow="fold")
@@ -256,10 +223,6 @@ def render_table(report: BuildReport) -> Any:
 def render_text(report: BuildReport, console: Any = None) -> str:
     """The report as text: the table, the shared stages' times, any problems. Without a `console` (output
     piped or captured) it is plain: no colour codes, and wide enough that no cell wraps."""
-    import io
-
-    from rich.console import Console
-
     buffer = io.StringIO()
     console = console or Console(file=buffer, width=1000, highlight=False, color_system=None)
     console.print(render_table(report))
@@ -273,11 +236,8 @@ def render_text(report: BuildReport, console: Any = None) -> str:
     return buffer.getvalue()
 
 
-def register(app: Any) -> None:
-    """Add `fuseline report` to the main typer app (fuseline/cli.py calls this)."""
-    from typing import Annotated
-
-    import typer
+def register(app: typer.Typer) -> None:
+    """Add `fuseline report` to the main typer app (fuseline/cli/__init__.py calls this)."""
 
     @app.command("report")
     def report_command(
@@ -300,8 +260,6 @@ def register(app: Any) -> None:
                 typer.echo(f"problem: {problem}")
             return
         if sys.stdout.isatty():  # a person at a terminal: its width, colours
-            from rich.console import Console
-
             render_text(report, Console(highlight=False))
         else:
             typer.echo(render_text(report), nl=False)

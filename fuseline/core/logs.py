@@ -8,7 +8,7 @@ artifacts: both are machine-read, so each record off a terminal is one JSON obje
 
 `event` is a stable name (`<area>.<what>`, listed in docs/operations.md "Logs"); records logged without
 one get `"event": "log"`. Extra fields come from `log_event(logger, "event.name", message, **fields)`.
-Every string (message, fields, traceback) goes through fuseline.redact before it is written, so a secret
+Every string (message, fields, traceback) goes through fuseline.core.redact before it is written, so a secret
 that reaches a log call still never reaches the log.
 
 Variables: FUSELINE_LOG_LEVEL (DEBUG/INFO/WARNING/ERROR, default INFO) and FUSELINE_LOG_FORMAT
@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping
 from typing import IO, Any
 
-from fuseline.redact import redact
+from fuseline.core.redact import redact
 
 # Attribute of a LogRecord carrying the event name and its fields (set through `extra=`).
 _FIELDS_ATTR = "fuseline_fields"

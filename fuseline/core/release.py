@@ -17,7 +17,7 @@ from pathlib import PurePosixPath
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fuseline.catalog import ID_PATTERN
+from fuseline.core.catalog.model import ID_PATTERN
 
 RELEASE_FORMAT = 1
 MD5_DIR_PATTERN = re.compile(r"^[0-9a-f]{32}\.dir$")

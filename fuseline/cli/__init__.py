@@ -1,4 +1,5 @@
-"""The `fuseline` command line: one typer app, one subcommand per task (validate, schema, ...)."""
+"""The `fuseline` command line: one typer app, one subcommand per task (validate, lock, schema, publish, release,
+gc, report); `python -m fuseline.cli` runs it too."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from typing import Annotated
 
 import typer
 
-from fuseline.catalog import Catalog, CatalogError, Problem, catalog_json_schema, load_catalog
-from fuseline.cli_publish import register as register_publish_commands
-from fuseline.report import register as register_report_command
+from fuseline.cli.publish import register as register_publish_commands
+from fuseline.cli.report import register as register_report_command
+from fuseline.core.catalog.loading import load_catalog
+from fuseline.core.catalog.model import Catalog, catalog_json_schema
+from fuseline.core.catalog.problems import CatalogError, Problem
 
 app = typer.Typer(
     name="fuseline",
@@ -91,9 +94,10 @@ def lock(
     place (formatting kept); exit 1 on an error or a pin that disagrees with the metadata."""
     # Imported here: the sources library (requests, huggingface_hub) is build-side; `validate` and
     # `schema` stay light.
-    from fuseline.redact import install_redaction, redact
-    from stages.runtime import StageError, setup_logging
-    from stages.sources import lock_catalog
+    from fuseline.core.redact import install_redaction, redact
+    from stages.errors import StageError
+    from stages.runtime import setup_logging
+    from stages.sources.lock import lock_catalog
 
     # The filter goes on handlers, and a bare root logger has none (its records would reach Python's
     # unfiltered last-resort handler): give it the stages' stderr handler first.
@@ -124,8 +128,5 @@ def schema() -> None:
 
 # Publishing commands (publish, release list|rollback, gc) live in their own module.
 register_publish_commands(app)
-# `fuseline report`: per-template build metrics (fuseline/report.py).
+# `fuseline report`: per-template build metrics (fuseline/cli/report.py).
 register_report_command(app)
-
-if __name__ == "__main__":
-    app()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fuseline.testing.servers import DEFAULT_HTML, RangeHTTPServer, RecordedRequest, Response
+from testkit.servers import DEFAULT_HTML, RangeHTTPServer, RecordedRequest, Response
 
 __all__ = ["CivitaiServer", "CivitaiVersion", "safetensors_bytes"]
 

@@ -1,6 +1,6 @@
-"""`fuseline publish`, `fuseline release list|rollback` and `fuseline gc`: the command line over publish.py.
+"""`fuseline publish`, `fuseline release list|rollback` and `fuseline gc`: the command line over fuseline.publish.
 
-`register(app)` adds the commands to the main typer app (fuseline/cli.py calls it). Every failure is one
+`register(app)` adds the commands to the main typer app (fuseline/cli/__init__.py calls it). Every failure is one
 line on stderr naming the cause and the fix, exit code 1; nothing prints a secret.
 """
 
@@ -11,7 +11,10 @@ from typing import Annotated
 
 import typer
 
-from fuseline import publish as pub
+from fuseline.publish.errors import PublishError
+from fuseline.publish.gc import find_local_garbage, find_remote_garbage, remove_local_garbage
+from fuseline.publish.releases import DEFAULT_CHANNEL, current_releases, publish, release_history, rollback
+from fuseline.publish.stores import open_store, read_remote_config
 
 RemoteOpt = Annotated[
     str | None, typer.Option("--remote", "-r", help="DVC remote name (default: the config's default remote).")
@@ -20,14 +23,14 @@ ChannelOpt = Annotated[str, typer.Option("--channel", "-c", help="Release channe
 ProjectOpt = Annotated[Path, typer.Option("--project", help="The DVC project's root folder.")]
 
 
-def _fail(exc: pub.PublishError) -> typer.Exit:
+def _fail(exc: PublishError) -> typer.Exit:
     typer.echo(f"error [{exc.code}]: {exc}", err=True)
     return typer.Exit(1)
 
 
 def publish_command(
     remote: RemoteOpt = None,
-    channel: ChannelOpt = pub.DEFAULT_CHANNEL,
+    channel: ChannelOpt = DEFAULT_CHANNEL,
     project: ProjectOpt = Path("."),
     no_push: Annotated[
         bool, typer.Option("--no-push", help="Only check the remote and write the release (objects pushed).")
@@ -36,8 +39,8 @@ def publish_command(
     """Push the built templates and the run-cache to the remote, then write the channel's release manifest
     (only once every object it names is on the remote)."""
     try:
-        result = pub.publish(project, remote_name=remote, channel=channel, do_push=not no_push)
-    except pub.PublishError as exc:
+        result = publish(project, remote_name=remote, channel=channel, do_push=not no_push)
+    except PublishError as exc:
         raise _fail(exc) from None
     release = result.release
     typer.echo(
@@ -59,10 +62,10 @@ def release_list(
 ) -> None:
     """List every release in the history, oldest first; `*` marks each channel's current one."""
     try:
-        store = pub.open_store(pub.read_remote_config(project.resolve(), remote))
-        history = pub.release_history(store, channel)
-        current = pub.current_releases(store)
-    except pub.PublishError as exc:
+        store = open_store(read_remote_config(project.resolve(), remote))
+        history = release_history(store, channel)
+        current = current_releases(store)
+    except PublishError as exc:
         raise _fail(exc) from None
     if not history:
         typer.echo(f"no releases on {store.description}")
@@ -84,9 +87,9 @@ def release_rollback(
 ) -> None:
     """Make an earlier release of the channel current again."""
     try:
-        store = pub.open_store(pub.read_remote_config(project.resolve(), remote))
-        release = pub.rollback(store, channel, to)
-    except pub.PublishError as exc:
+        store = open_store(read_remote_config(project.resolve(), remote))
+        release = rollback(store, channel, to)
+    except PublishError as exc:
         raise _fail(exc) from None
     typer.echo(f"{channel} now serves the release of {release.created} ({len(release.templates)} templates)")
 
@@ -108,7 +111,7 @@ def gc_command(
     root = project.resolve()
     verb = "removing" if yes else "would remove"
     try:
-        local = pub.find_local_garbage(root)
+        local = find_local_garbage(root)
         for stage in local.stages:
             typer.echo(f"{verb} dvc.lock entry {stage}")
         for path in local.paths:
@@ -116,16 +119,16 @@ def gc_command(
         remote_garbage: list[str] = []
         store = None
         if remote is not None:
-            store = pub.open_store(pub.read_remote_config(root, remote))
+            store = open_store(read_remote_config(root, remote))
             store.check()
-            remote_garbage = pub.find_remote_garbage(root, store)
+            remote_garbage = find_remote_garbage(root, store)
             for key in remote_garbage:
                 typer.echo(f"{verb} {store.description.split(' at ')[0].rstrip('/')}/{key}")
         if yes:
-            pub.remove_local_garbage(root, local)
+            remove_local_garbage(root, local)
             if store is not None:
                 store.delete(remote_garbage)
-    except pub.PublishError as exc:
+    except PublishError as exc:
         raise _fail(exc) from None
     total = len(local.stages) + len(local.paths) + len(remote_garbage)
     if not total:
@@ -139,14 +142,3 @@ def register(app: typer.Typer) -> None:
     app.command("publish")(publish_command)
     app.add_typer(release_app, name="release")
     app.command("gc")(gc_command)
-
-
-def main() -> None:
-    """`python -m fuseline.cli_publish ...`: these commands alone (for tests and scripts)."""
-    app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-    register(app)
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -16,11 +16,11 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-# What a stage process needs from the repo; tests/ and the kit sources stay behind.
+# What a stage process needs from the repo; tests/ and the kit (testkit/, outside fuseline/) stay behind.
 COPIED = ("dvc.yaml", "params.yaml", ".dvcignore", "stages", "fuseline")
-IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "testing")
+IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc")
 RUNNING_STAGE = re.compile(r"^Running stage '([^']+)'", re.MULTILINE)
 
 

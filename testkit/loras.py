@@ -127,7 +127,7 @@ def kohya_name(target: LoraTarget, pipe, sgm_layout: bool) -> str:
     """kohya's module name: prefix + dotted path with underscores; SDXL UNet names in SGM layout or not."""
     module = target.module
     if target.component == "unet" and sgm_layout:
-        from fuseline.testing.sgm import UNET_PREFIX, unet_block_names, unet_key_to_sgm
+        from testkit.sgm import UNET_PREFIX, unet_block_names, unet_key_to_sgm
 
         blocks = unet_block_names(pipe.unet.config)
         module = unet_key_to_sgm(f"{module}.weight", blocks).removeprefix(UNET_PREFIX).removesuffix(".weight")

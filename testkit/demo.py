@@ -1,6 +1,6 @@
 """`make demo`: fuseline's whole main job on the embedded default, real code end to end, offline on CPU.
 
-    python -m fuseline.demo [--output DIR] [--template ID ...]
+    python -m testkit.demo [--output DIR] [--template ID ...]
 
 Builds tiny source models (a single-file SDXL-layout checkpoint, LoRAs, a VAE), runs the real `dvc repro`
 on a demo catalog in a scratch project, publishes to the project's embedded local remote, syncs a scratch
@@ -32,8 +32,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fuseline.testing.project import REPO, RUNNING_STAGE, VENV_BIN, DvcProject, dvc_env, make_dvc_project
-from fuseline.testing.servers import free_port, set_parent_death_signal
+from fuseline.publish.project import built_templates, released_template, stale_templates
+from fuseline.publish.releases import missing_objects, publish, read_release
+from fuseline.publish.stores import open_store, read_remote_config
+from testkit.project import REPO, RUNNING_STAGE, VENV_BIN, DvcProject, dvc_env, make_dvc_project
+from testkit.servers import free_port, set_parent_death_signal
 
 DEFAULT_OUTPUT = REPO / "demo-output"
 CHANNEL = "main"
@@ -465,7 +468,7 @@ class Demo:
         return self.result
 
     def build_sources(self):
-        from fuseline.testing.models import MARKER_NAME, build_kit, kit_fingerprint
+        from testkit.models import MARKER_NAME, build_kit, kit_fingerprint
 
         with self.step("sources", f"tiny source models -> {_rel(self.sources)}") as rec:
             try:
@@ -484,7 +487,7 @@ class Demo:
         return kit
 
     def make_project(self, kit) -> DvcProject:
-        from fuseline.catalog import load_catalog
+        from fuseline.core.catalog.loading import load_catalog
 
         with self.step("project", f"scratch DVC project -> {_rel(self.project_dir)}") as rec:
             fresh = not (self.project_dir / ".dvc").is_dir()
@@ -522,15 +525,13 @@ class Demo:
             ]
 
     def publish(self, project: DvcProject):
-        from fuseline import publish as pub
-
         with self.step("publish", f"push + release '{CHANNEL}' to the embedded local remote") as rec:
             root = project.root
-            remote = pub.read_remote_config(root)
-            store = pub.open_store(remote)
-            release = _current_release_if_up_to_date(pub, root, store)
+            remote = read_remote_config(root)
+            store = open_store(remote)
+            release = _current_release_if_up_to_date(root, store)
             if release is None:
-                release = pub.publish(root, channel=CHANNEL).release
+                release = publish(root, channel=CHANNEL).release
                 self.result.published = True
             path = Path(remote.url) / "releases" / f"{CHANNEL}.json"
             self.result.release_created = release.created
@@ -600,19 +601,19 @@ class Demo:
                 rec.produced.append(f"{_rel(dst)} {shown if shown else ''}".rstrip())
 
 
-def _current_release_if_up_to_date(pub, root: Path, store):
+def _current_release_if_up_to_date(root: Path, store):
     """The channel's current release when it already serves exactly what dvc.lock holds and all its
     objects are on the remote (then publishing again would only add a duplicate history entry)."""
-    current = pub.read_release(store, CHANNEL)
+    current = read_release(store, CHANNEL)
     if current is None:
         return None
-    built = pub.built_templates(root)
-    if pub.stale_templates(root, built):
+    built = built_templates(root)
+    if stale_templates(root, built):
         return None  # publish() itself refuses, with the message that says what to run
-    wanted = {t: pub.released_template(root, b) for t, b in built.items()}
+    wanted = {t: released_template(root, b) for t, b in built.items()}
     if current.templates != wanted:
         return None
-    if pub.missing_objects(store, [b.dir_md5 for b in built.values()]):
+    if missing_objects(store, [b.dir_md5 for b in built.values()]):
         return None
     return current
 
@@ -648,7 +649,7 @@ def main(
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fuseline.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m testkit.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="default: demo-output/")
     parser.add_argument(
         "--template",
