@@ -1,4 +1,4 @@
-"""The build side's error type: a failure the user can fix, printed as `[CODE] message` without a traceback."""
+"""The build side's error type: a failure the user can fix, shown as `[CODE] message` without a traceback."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Stage: fetch catalog sources into the shared download cache; write the pipeline's source receipts.
 
     python -m stages.fetch <catalog path or source> [--catalog templates.json] [--cache DIR] [--out PATH]
-    python -m stages.fetch --receipt <vae | checkpoints.<id> | templates.<id>> --receipt-out PATH [--cache DIR]
+    python -m stages.fetch --receipt <vae | checkpoints.<id> | templates.<id>> --receipt-out PATH
+                           [--cache DIR]
 
 The first argument is a catalog path as `Catalog.iter_sources()` names them (`vae`,
 `checkpoints.<id>`, `checkpoints.<id>.config`, `templates.<id>.loras[<n>]`) or a source string that

@@ -322,6 +322,31 @@ def test_all_problems_are_reported_at_once(tmp_path):
     assert_no_pydantic_leak(output)
 
 
+def test_defaults_the_worker_would_refuse_are_refused_with_their_paths(tmp_path):
+    # Issue 15: width 1000 (a multiple of 8, not of 64) and a scheduler the worker does not know passed
+    # validation; the template built, verified and published, then failed every job using its defaults.
+    data = example()
+    defaults(data).update(width=1000, scheduler="k_lms")
+    data["templates"]["tall"] = {"checkpoint": "sdxl-base", "defaults": {"height": 328}}
+    code, out = validate(write(tmp_path, data))
+    assert code == 1, out
+    assert "templates.cinematic.defaults.width: width 1000 is not a size the worker serves" in out
+    assert "a multiple of 64 between 256 and 2048" in out and "use 1024 or another multiple of 64" in out
+    assert "templates.tall.defaults.height: height 328 is not a size the worker serves" in out
+    assert "templates.cinematic.defaults.scheduler: scheduler 'k_lms' is not one the worker knows" in out
+    assert "euler_a" in out  # the names it does know
+    assert_no_pydantic_leak(out)
+
+
+def test_default_size_over_the_workers_pixel_budget_warns(tmp_path):
+    data = example()
+    defaults(data).update(width=2048, height=2048)
+    code, out = validate(write(tmp_path, data))
+    assert code == 0, out
+    assert "templates.cinematic.defaults: warning: 2048x2048 = 4194304 pixels exceeds" in out
+    assert "FUSELINE_MAX_PIXELS" in out
+
+
 def test_unused_checkpoint_warns_and_exits_0(tmp_path):
     data = example()
     data["checkpoints"]["spare"] = {"source": "file:spare.safetensors"}

@@ -13,9 +13,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from testkit import demo
 from fuseline.core.catalog.loading import load_catalog
 from fuseline.core.release import Release
+from testkit import demo
 
 TEMPLATE = "dusk"
 

@@ -116,7 +116,8 @@ def recipe_path(volume: Path, template_id: str) -> Path:
 
 
 def recipe_from_release(template_id: str, released) -> Recipe:
-    """The recipe of a `fuseline.core.release.ReleasedTemplate` (it carries no defaults: the global ones apply)."""
+    """The recipe of a `fuseline.core.release.ReleasedTemplate` (it carries no defaults: the global ones
+    apply)."""
     return Recipe(
         template=template_id,
         spec_hash=released.spec_hash,

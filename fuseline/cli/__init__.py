@@ -1,5 +1,5 @@
-"""The `fuseline` command line: one typer app, one subcommand per task (validate, lock, schema, publish, release,
-gc, report); `python -m fuseline.cli` runs it too."""
+"""The `fuseline` command line: one typer app, one subcommand per task (validate, lock, schema, publish,
+release, gc, report); `python -m fuseline.cli` runs it too."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""`fuseline publish`, `fuseline release list|rollback` and `fuseline gc`: the command line over fuseline.publish.
+"""`fuseline publish`, `fuseline release list|rollback` and `fuseline gc`: the command line over
+fuseline.publish.
 
-`register(app)` adds the commands to the main typer app (fuseline/cli/__init__.py calls it). Every failure is one
-line on stderr naming the cause and the fix, exit code 1; nothing prints a secret.
+`register(app)` adds the commands to the main typer app (fuseline/cli/__init__.py calls it). Every failure is
+one line on stderr naming the cause and the fix, exit code 1; nothing prints a secret.
 """
 
 from __future__ import annotations

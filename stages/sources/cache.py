@@ -1,6 +1,7 @@
 """The shared download cache: files stored by content, `<root>/sha256/<2 hex>/<64 hex>`, with a sidecar
-`<64 hex>.json` (source, size, when), and `<root>/locks/<64 hex>.lock` while it is filled. A file's path comes from its hash only: never from a server's
-Content-Disposition or a URL, so no download can choose where it lands.
+`<64 hex>.json` (source, size, when), and `<root>/locks/<64 hex>.lock` held while one is filled. A file's
+path comes from its hash only: never from a server's Content-Disposition or a URL, so no download can
+choose where it lands.
 """
 
 from __future__ import annotations

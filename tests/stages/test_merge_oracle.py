@@ -263,7 +263,11 @@ def test_failure_while_writing_leaves_no_output(kit, tmp_path):
 
 
 # The paths dvc.yaml passes on the stage's command line, relative to the project.
-PATHS = {"base": Path("artifacts/base/tiny"), "vae": Path("artifacts/vae"), "out": Path("artifacts/models/demo")}
+PATHS = {
+    "base": Path("artifacts/base/tiny"),
+    "vae": Path("artifacts/vae"),
+    "out": Path("artifacts/models/demo"),
+}
 
 
 def _project(tmp_path: Path, kit, loras: list[dict]) -> Path:

@@ -119,9 +119,9 @@ def test_fetch_receipt_error_line_is_redacted_like_a_stage_error(tmp_path):
     # `fetch --receipt` prints its own error line for people (print(), outside the logging redaction): a
     # secret in it (here in the group a caller passed) must be masked as in the stage.failed event.
     env = dict(os.environ, AWS_SECRET_ACCESS_KEY=SECRET, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    command = ["--receipt", f"templates.{SECRET}", "--receipt-out", "r.json", "--catalog", "none.json"]
     proc = subprocess.run(
-        [sys.executable, "-m", "stages.fetch", "--receipt", f"templates.{SECRET}", "--receipt-out", "r.json",
-         "--catalog", "none.json"],  # fmt: skip
+        [sys.executable, "-m", "stages.fetch", *command],
         cwd=tmp_path,
         env=env,
         capture_output=True,

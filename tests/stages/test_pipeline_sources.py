@@ -19,8 +19,8 @@ import pytest
 from fuseline.core.catalog.loading import load_catalog
 from stages.errors import StageError
 from stages.fetch import write_receipt
-from stages.receipts import check_group, read_receipt
 from stages.local_files import materialize
+from stages.receipts import check_group, read_receipt
 from testkit.civitai import CivitaiServer, safetensors_bytes
 from tests.fixtures.project import DvcProject, make_dvc_project
 

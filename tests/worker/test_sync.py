@@ -17,7 +17,7 @@ import pytest
 # Before the import below: its asserts (assert_complete, ...) get pytest's detailed messages too.
 pytest.register_assert_rewrite("tests.worker.sync_fixtures")
 
-from fuseline.core.release import object_key
+from fuseline.core.release import object_key  # noqa: E402
 from tests.worker.sync_fixtures import (  # noqa: E402
     BIG,
     PART,

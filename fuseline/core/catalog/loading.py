@@ -22,6 +22,7 @@ from fuseline.core.catalog.model import (
     Template,
     VaeSpec,
     pickle_error,
+    serving_errors,
     unknown_checkpoint,
 )
 from fuseline.core.catalog.problems import CatalogError, Problem, format_path
@@ -221,8 +222,13 @@ def _cross_field_problems(data: dict[str, Any], file: str) -> Iterator[Problem]:
                 err.context["hint"],
                 code=err.type,
             )
-    checkpoints = data.get("checkpoints")
     templates = data.get("templates")
+    for template_id, template in templates.items() if isinstance(templates, dict) else ():
+        defaults = template.get("defaults") if isinstance(template, dict) else None
+        for err in serving_errors(defaults) if isinstance(defaults, dict) else ():
+            loc = ("templates", template_id, "defaults", *err.context["at"])
+            yield Problem(file, format_path(loc), err.context["message"], err.context["hint"], code=err.type)
+    checkpoints = data.get("checkpoints")
     if not isinstance(checkpoints, dict) or not isinstance(templates, dict):
         return
     for template_id, template in templates.items():

@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -88,7 +89,8 @@ class Source(BaseModel):
     )
     allow_pickle: bool = Field(
         default=False,
-        description="Allow a pickle-based file (.ckpt, .pt, .pth, .bin, .pkl), which can run code when loaded.",
+        description="Allow a pickle-based file (.ckpt, .pt, .pth, .bin, .pkl), which can run code when "
+        "loaded.",
     )
 
     @field_validator("source")
@@ -239,29 +241,44 @@ class Template(BaseModel):
     def _defaults_the_worker_serves(cls, defaults: Defaults) -> Defaults:
         # Defaults is what a fuseline.json may carry; the worker serves a narrower set (core.serving). A
         # default outside it would build, verify and publish, then fail every job that relies on it.
-        for name in ("width", "height"):
-            value = getattr(defaults, name)
-            rule = serving.size_problem(value)
-            if rule is not None:
-                raise fail(
-                    "SIZE_NOT_SERVED",
-                    f"{name} {value} is not a size the worker serves ({rule})",
-                    f"use {serving.SIZE_MULTIPLE * round(value / serving.SIZE_MULTIPLE)} or another "
-                    f"multiple of {serving.SIZE_MULTIPLE}",
-                    at=(name,),
-                )
-        if defaults.scheduler is not None and serving.scheduler_problem(defaults.scheduler) is not None:
-            close = difflib.get_close_matches(defaults.scheduler, serving.SCHEDULER_NAMES, n=1)
-            hint = (f"did you mean {close[0]!r}? " if close else "") + (
-                f"use {serving.scheduler_problem(defaults.scheduler)}, or remove it for the export's own"
-            )
-            raise fail(
-                "SCHEDULER_UNKNOWN",
-                f"scheduler {defaults.scheduler!r} is not one the worker knows",
-                hint,
-                at=("scheduler",),
-            )
+        # (`fuseline validate` reports every such problem, from the raw file: loading.py.)
+        for error in serving_errors(defaults.model_dump()):
+            raise error
         return defaults
+
+
+def _valid_default(name: str, value: Any) -> bool:
+    try:
+        Defaults.model_validate({name: value})
+    except ValidationError:
+        return False
+    return True
+
+
+def serving_errors(defaults: dict[str, Any]) -> Iterator[PydanticCustomError]:
+    """Each default the worker would refuse (a size it does not serve, a scheduler it does not know), as an
+    error located at its field, from a defaults object's values (parsed or raw JSON)."""
+    for name in ("width", "height"):
+        value = defaults.get(name)
+        if value is None or not _valid_default(name, value):
+            continue  # absent, or refused by Defaults' own check (reported once, by it)
+        rule = serving.size_problem(value)
+        if rule is not None:
+            nearest = max(serving.DEFAULT_MIN_SIZE, min(serving.MAX_SIZE, value))
+            nearest = serving.SIZE_MULTIPLE * round(nearest / serving.SIZE_MULTIPLE)
+            yield fail(
+                "SIZE_NOT_SERVED",
+                f"{name} {value} is not a size the worker serves ({rule})",
+                f"use {nearest} or another multiple of {serving.SIZE_MULTIPLE}",
+                at=(name,),
+            )
+    scheduler = defaults.get("scheduler")
+    if isinstance(scheduler, str) and serving.scheduler_problem(scheduler) is not None:
+        close = difflib.get_close_matches(scheduler, serving.SCHEDULER_NAMES, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint += f"use {serving.scheduler_problem(scheduler)}, or remove it for the export's own"
+        message = f"scheduler {scheduler!r} is not one the worker knows"
+        yield fail("SCHEDULER_UNKNOWN", message, hint, at=("scheduler",))
 
 
 class Catalog(BaseModel):

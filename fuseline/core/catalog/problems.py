@@ -1,4 +1,4 @@
-"""Catalog problems: one located finding (file, JSON path, message, fix) and the error that carries them all."""
+"""Catalog problems: one located finding (file, JSON path, message, fix), and the error carrying them all."""
 
 from __future__ import annotations
 
