@@ -547,7 +547,7 @@ class Demo:
         return release
 
     def sync(self, release) -> None:
-        from worker.sync import sync_templates
+        from worker.sync.templates import sync_templates
 
         with self.step("sync", f"worker sync of the release onto {_rel(self.volume)}") as rec:
             report = sync_templates(self.result.release_path, self.volume, self.template_ids)

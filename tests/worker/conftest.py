@@ -133,7 +133,7 @@ def settings(volume: Path):
 @pytest.fixture(scope="session")
 def tiny_worker(settings):
     """A CPU worker over the session volume; its pipelines stay cached for every test that uses it."""
-    from worker.handler import Worker
+    from worker.serving import Worker
 
     return Worker(settings)
 

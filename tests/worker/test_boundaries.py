@@ -28,8 +28,12 @@ def test_every_error_type_has_a_known_code() -> None:
 # The modules a job's output passes through (volume sync runs at start and has codes of its own).
 SERVING_MODULES = (
     "errors",
+    "device",
+    "folders",
     "generate",
     "handler",
+    "serving",
+    "startup",
     "images",
     "inputs",
     "pipelines",
@@ -74,7 +78,7 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def test_worker_source_never_imports_dvc_or_stages() -> None:
-    for path in WORKER.glob("*.py"):
+    for path in WORKER.rglob("*.py"):
         for module in imported_modules(path):
             top = module.split(".")[0]
             assert top not in ("dvc", "stages", "dvc_s3", "dvc_data"), f"{path.name} imports {module}"
@@ -96,7 +100,7 @@ def logged_events() -> set[str]:
     """Every event name the worker passes to log_event as a literal, plus job.done/job.failed (chosen at
     run time in telemetry.finish_job)."""
     names = {"job.done", "job.failed"}
-    for path in WORKER.glob("*.py"):
+    for path in WORKER.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "log_event":
                 event = node.args[1]

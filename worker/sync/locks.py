@@ -28,19 +28,10 @@ import time
 import uuid
 from pathlib import Path
 
-from worker.remote import SyncError
-
-
-class LockTimeout(SyncError):
-    code = "LOCK_TIMEOUT"
-
-
-class LockLost(SyncError):
-    code = "LOCK_LOST"
-
+from worker.sync.errors import LockLost, LockTimeout
+from worker.sync.settings import DEFAULT_STALE_AFTER
 
 DEFAULT_HEARTBEAT = 2.0
-DEFAULT_STALE_AFTER = 30.0
 
 
 def _owner_text(token: str, beat: int) -> str:

@@ -9,38 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
-from fuseline.core.release import Release, object_key
-
-
-class SyncError(Exception):
-    """A sync failure with a stable code; str() is `[CODE] message`, like the worker's job errors."""
-
-    code = "SYNC_FAILED"
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"[{self.code}] {self.message}"
-
-
-class RemoteUnavailable(SyncError):
-    code = "REMOTE_UNAVAILABLE"
-
-
-class RemoteMissing(SyncError):
-    code = "REMOTE_MISSING"
-
-
-class ReleaseInvalid(SyncError):
-    code = "RELEASE_INVALID"
+from fuseline.core.errors import ConfigInvalid
+from fuseline.core.release import Release
+from fuseline.core.s3 import S3Config, make_client
+from worker.sync.errors import ReleaseInvalid, RemoteMissing, RemoteUnavailable, SyncError
 
 
 class Remote(Protocol):
@@ -114,77 +90,9 @@ class LocalRemote:
             return _pwrite_stream(src.read, fd, start, end - start)
 
 
-S3_ADDRESSING_STYLES = ("path", "virtual")
-# The variables that point boto3 at a non-AWS endpoint (the service-specific one wins in boto3).
-ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-
-
-class S3ConfigError(ValueError):
-    """The environment cannot make an S3 client (a deployment problem); the message names the variable."""
-
-
-def s3_addressing(env: Mapping[str, str] | None = None) -> str:
-    """FUSELINE_S3_ADDRESSING: `path` (default: MinIO, SeaweedFS, R2) or `virtual` (bucket in the host)."""
-    env = os.environ if env is None else env
-    raw = env.get("FUSELINE_S3_ADDRESSING", "")
-    style = raw.strip().lower() or "path"
-    if style not in S3_ADDRESSING_STYLES:
-        raise S3ConfigError(
-            f"FUSELINE_S3_ADDRESSING={raw!r} must be 'path' (bucket in the URL path, the default) or "
-            "'virtual' (bucket in the host name); fix or unset it"
-        )
-    return style
-
-
-def check_s3_environment(env: Mapping[str, str] | None = None) -> None:
-    """Refuse what boto3 would only refuse when the first client is made (after a generation, for an
-    upload): an endpoint URL without scheme or host, an unknown addressing style."""
-    env = os.environ if env is None else env
-    s3_addressing(env)
-    for name in ENDPOINT_VARIABLES:
-        value = env.get(name, "").strip()
-        if not value:
-            continue
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise S3ConfigError(
-                f"{name}={value!r} is not an endpoint URL: write it with its scheme and host, e.g. "
-                f"{name}=http://{value.split('://')[-1] or 'localhost:9000'} (or https://...)"
-            )
-
-
-def make_s3_client(*, read_timeout: int, max_pool_connections: int = 10) -> Any:
-    """A boto3 S3 client as the worker uses them (volume sync and image upload), configured by the
-    standard AWS_* variables (AWS_ENDPOINT_URL for a non-AWS endpoint) and FUSELINE_S3_ADDRESSING.
-
-    Few retries and short timeouts: a remote or output bucket that is down must fail in seconds with a
-    clear message (the sync then keeps serving the volume; a job fails as UPLOAD_FAILED), not hang.
-    S3ConfigError when the environment cannot make a client."""
-    import boto3
-    from botocore.config import Config
-    from botocore.exceptions import BotoCoreError
-
-    check_s3_environment()
-    config = Config(
-        retries={"max_attempts": 3, "mode": "standard"},
-        connect_timeout=5,
-        read_timeout=read_timeout,
-        max_pool_connections=max_pool_connections,
-        signature_version="s3v4",  # presigned URLs too: SigV4 (up to 7 days) on every provider
-        s3={"addressing_style": s3_addressing()},
-    )
-    try:
-        return boto3.session.Session().client("s3", config=config)
-    except (ValueError, BotoCoreError) as err:  # e.g. an invalid region name, a broken AWS_PROFILE
-        raise S3ConfigError(
-            f"cannot make an S3 client from the AWS_* environment ({err}); check AWS_ENDPOINT_URL, "
-            "AWS_DEFAULT_REGION and AWS_PROFILE"
-        ) from None
-
-
 class S3Remote:
     """An S3 remote (AWS S3, R2, MinIO, SeaweedFS), configured by the standard AWS_* variables
-    (AWS_ENDPOINT_URL for a non-AWS endpoint)."""
+    (AWS_ENDPOINT_URL for a non-AWS endpoint) through fuseline.core.s3."""
 
     def __init__(self, bucket: str, prefix: str, client: Any | None = None) -> None:
         self.bucket = bucket
@@ -196,9 +104,9 @@ class S3Remote:
         if self._client is None:
             try:
                 # Many parallel ranged GETs: a pool as large as the sync's worker threads allow.
-                self._client = make_s3_client(read_timeout=60, max_pool_connections=32)
-            except S3ConfigError as err:
-                raise SyncError(f"s3://{self.bucket}: {err}") from None
+                self._client = make_client(S3Config.from_env(), read_timeout=60, max_pool_connections=32)
+            except ConfigInvalid as err:
+                raise SyncError(f"s3://{self.bucket}: {err.message}") from None
         return self._client
 
     def _key(self, key: str) -> str:
@@ -290,7 +198,3 @@ def read_release(remote: Remote, key: str) -> Release:
         return Release.from_json(raw)
     except ValueError as err:
         raise ReleaseInvalid(f"{remote.describe(key)}: not a valid release manifest: {err}") from None
-
-
-def dir_key(dir_md5: str) -> str:
-    return object_key(dir_md5)

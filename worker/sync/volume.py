@@ -5,7 +5,7 @@ Layout under the volume root:
     .fuseline/objects/<2 hex>/<30 hex>        verified files (and `.dir` listings), stored once
     .fuseline/partial/<md5>                   an object being downloaded (written in place by ranges)
     .fuseline/partial/<md5>.parts             which ranges of it are complete (resume journal)
-    .fuseline/locks/<template>.lock           the sync lock (worker.locks)
+    .fuseline/locks/<template>.lock           the sync lock (worker.sync.locks)
     models/.v.<id>.<dir md5>/                 one complete version: hard links into the store
     models/.v.<id>.<dir md5>/.fuseline-sync.json  marker: the release hash this folder was built from
     models/.v.<id>.<dir md5>.leases/          one file per reader using that version
@@ -36,8 +36,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from fuseline.core.files import fsync_dir
 from fuseline.core.release import MD5_PATTERN
-from worker.remote import SyncError
+from worker.sync.errors import ListingUnsafe, VolumeFull
+from worker.sync.settings import OBJECT_GRACE
 
 MARKER_NAME = ".fuseline-sync.json"
 STATE_DIR = ".fuseline"
@@ -45,22 +47,11 @@ STATE_DIR = ".fuseline"
 DEFAULT_LEASE_TIMEOUT = 600.0
 # A sync's temp folder untouched this long belongs to a sync that died.
 LEFTOVER_AGE = 3600.0
-# Store objects younger than this are never collected: a concurrent sync of another template may have
-# just stored (or chosen to reuse) one and not linked it into its folder yet.
-OBJECT_GRACE = 3600.0
 VERSION_PREFIX = ".v."
 BUILD_PREFIX = ".t."
 LINK_PREFIX = ".l."
 TRASH_PREFIX = ".x."
 RETIRING_PREFIX = ".r."
-
-
-class ListingUnsafe(SyncError):
-    code = "LISTING_UNSAFE"
-
-
-class VolumeFull(SyncError):
-    code = "VOLUME_FULL"
 
 
 @dataclass(frozen=True)
@@ -113,15 +104,6 @@ def place(source: Path, dest: Path) -> None:
         os.link(source, dest)
     except OSError:
         shutil.copyfile(source, dest)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _remove_tree(path: Path) -> None:
@@ -221,7 +203,7 @@ class Volume:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 place(self.object_path(entry.md5), dest)
             (tmp / MARKER_NAME).write_text(json.dumps(marker, indent=2, sort_keys=True), encoding="utf-8")
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if final.exists():  # an incomplete leftover (no marker): replace it
                 _remove_tree(final)
             try:
@@ -231,7 +213,7 @@ class Volume:
                 if not (final.is_dir() and self.read_marker(final)):
                     raise
                 _remove_tree(tmp)
-            _fsync_dir(self.models)
+            fsync_dir(self.models)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -247,7 +229,7 @@ class Volume:
             # for a moment models/<id> is absent; this happens once per volume).
             os.rename(link, self.models / f"{VERSION_PREFIX}{template}.legacy-{uuid.uuid4().hex[:8]}")
         os.replace(tmp_link, link)
-        _fsync_dir(self.models)
+        fsync_dir(self.models)
 
     def versions(self, template: str) -> list[Path]:
         prefix = f"{VERSION_PREFIX}{template}."
