@@ -26,6 +26,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	if [ -f Dockerfile ]; then $(BIN)/hadolint Dockerfile; fi
 	if [ -d .github/workflows ]; then $(BIN)/actionlint -shellcheck $(BIN)/shellcheck; fi
 

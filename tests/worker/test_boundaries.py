@@ -128,3 +128,22 @@ def test_every_worker_log_event_and_counter_is_documented() -> None:
         for anchor in re.findall(r"\(#([a-z-]+)\)", path.read_text()):
             headings = re.findall(r"^#+ (.+)$", text, re.M)
             assert anchor in {h.lower().replace(" ", "-") for h in headings}, f"{path.name}: #{anchor}"
+
+
+def test_importing_the_sync_loads_no_torch() -> None:
+    # `python -X importtime -c "import worker.sync"`: the sync runs before any model is loaded (and as its
+    # own CLI); torch and diffusers would cost it seconds for nothing.
+    code = "import worker.sync, worker.sync.cli, worker.sync.templates"
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert "worker.sync.templates" in imported  # the report lists the modules imported
+    heavy = {
+        name for name in imported if name.split(".")[0] in ("torch", "diffusers", "transformers", "peft")
+    }
+    assert not heavy, sorted(heavy)[:10]
