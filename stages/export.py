@@ -204,9 +204,6 @@ class TensorFile:
     def keys(self) -> list[str]:
         return list(self._entries)
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._entries[name].shape
-
     def spec(self, name: str) -> TensorSpec:
         entry = self._entries[name]
         dtype = SAFETENSORS_DTYPES.get(entry.dtype)
@@ -237,9 +234,6 @@ class TensorFile:
                 )
             done += got
         return buffer[:size].view(spec.dtype).reshape(spec.shape)
-
-    def get_tensor(self, name: str) -> torch.Tensor:
-        return self.read_into(name, torch.empty(self.spec(name).nbytes, dtype=torch.uint8))
 
     def close(self) -> None:
         if self._fd >= 0:

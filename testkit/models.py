@@ -103,7 +103,6 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "use_karras_sigmas": False,
 }
 
-COMPONENTS_WITH_WEIGHTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,6 @@ def write_release(store: ObjectStore, release: Release) -> None:
 class PublishResult:
     release: Release
     remote: str
-    pushed: bool
 
 
 def publish(
@@ -152,7 +151,7 @@ def publish(
     created = _free_timestamp(store, channel, now or datetime.now(UTC))
     release = Release(channel=channel, created=created, git_commit=git_commit(root), templates=templates)
     write_release(store, release)
-    return PublishResult(release=release, remote=remote.name, pushed=do_push)
+    return PublishResult(release=release, remote=remote.name)
 
 
 def load_release(store: ObjectStore, key: str, data: bytes) -> Release:

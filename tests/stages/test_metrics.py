@@ -172,7 +172,7 @@ def test_dvc_yaml_declares_every_stage_metrics_file_cached():
                 entry.items() if isinstance(entry, dict) else [(entry, {})])
         }  # fmt: skip
         # Cached on purpose: `dvc push --run-cache` leaves a `cache: false` output's content behind, and
-        # another machine's `dvc repro --pull` then re-runs the stage (tests/test_publish_build.py).
+        # another machine's `dvc repro --pull` then re-runs the stage (tests/publish/test_publish_build.py).
         assert declared.get(stats_path(name, item_id).as_posix()) == {}, (name, declared)
 
 

@@ -82,7 +82,6 @@ class VolumeLock:
         self.timeout = timeout
         self.poll = poll
         self.token = uuid.uuid4().hex
-        self.waited = 0.0
         self.took_over = False
         self._lost = False
         self._stop = threading.Event()
@@ -140,7 +139,6 @@ class VolumeLock:
                     f"another sync is running (it is taken over once silent for {self.stale_after:.0f} s)"
                 )
             time.sleep(self.poll)
-        self.waited = time.monotonic() - start
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._beat, name=f"lock-heartbeat {self.path.name}", daemon=True

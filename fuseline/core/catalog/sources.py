@@ -12,7 +12,6 @@ from fuseline.core.redact import SECRET_QUERY_PARAMS
 from fuseline.core.safetensors_io import PICKLE_SUFFIXES
 
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
-SCHEMES = ("civitai", "hf", "https", "s3", "file")
 
 
 # The syntax of a source string, for editors that read the JSON Schema. `parse_source` is the authority

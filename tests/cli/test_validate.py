@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from fuseline.cli import app
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "templates.json"
 REV = "0123456789abcdef0123456789abcdef01234567"
 SHA = "cd" * 32

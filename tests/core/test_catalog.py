@@ -18,7 +18,7 @@ from fuseline.core.catalog.problems import CatalogError, Problem, format_path
 from fuseline.core.catalog.sources import SOURCE_PATTERN, ParsedSource, parse_source
 from fuseline.core.catalog.sources import SourceStringError as SourceError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "templates.json"
 SCHEMA_FILE = REPO / "fuseline" / "schema" / "templates.schema.json"
 DOCS = REPO / "docs" / "templates.md"

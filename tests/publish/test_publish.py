@@ -48,7 +48,7 @@ from fuseline.publish.releases import (
 from fuseline.publish.stores import LocalStore, ObjectStore, RemoteConfig, S3Store, read_remote_config
 from testkit.servers import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
 
