@@ -104,7 +104,6 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
-
 @dataclass(frozen=True)
 class Kit:
     root: Path
