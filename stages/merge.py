@@ -18,17 +18,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from fuseline import __version__
 from fuseline.core.catalog.model import Defaults
 from fuseline.core.files import atomic_dir
 from fuseline.core.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
 from stages.errors import StageError
+from stages.export import copy_plain_files, export_component
+from stages.fuse import WeightUpdate, fuse_weight, scaling
 from stages.local_files import materialize
 from stages.lora import COMPONENTS, LoadedLora, LoraInput, read_lora
 from stages.receipts import read_receipt
 from stages.runtime import load_params, load_project_catalog, peak_rss_mb, record_metrics, run_stage
 from stages.settings import BuildSettings
+from stages.shards import write_json
 from stages.sources.download import RetryPolicy
+from stages.tensor_files import tensor_shapes
 
 log = logging.getLogger("fuseline.stages.merge")
 
@@ -61,8 +67,6 @@ class MergeResult:
 
 def read_base_layout(base_dir: Path) -> tuple[dict[str, dict[str, tuple[int, ...]]], Any]:
     """(tensor shapes per LoRA-targetable component, UNet config) of a base folder, read from headers."""
-    from stages.export import tensor_shapes
-
     shapes = {component: tensor_shapes(Path(base_dir) / component) for component in COMPONENTS}
     return shapes, _unet_config(Path(base_dir))
 
@@ -110,15 +114,9 @@ class WeightFuser:
     """
 
     def __init__(self) -> None:
-        import torch
-
         self._work = torch.empty(0, dtype=torch.float32)
 
     def __call__(self, base: Any, updates: Sequence[Any]) -> Any:
-        import torch
-
-        from stages.fuse import fuse_weight, scaling
-
         if any(update.factors.magnitude is not None for update in updates):
             return fuse_weight(base, updates)
         if self._work.numel() < base.numel():
@@ -149,8 +147,6 @@ def _check_base(base_dir: Path, vae_dir: Path) -> None:
 
 
 def _write_scheduler(source: Path, target: Path, prediction_type: PredictionType) -> None:
-    from stages.export import copy_plain_files, write_json
-
     copy_plain_files(source, target)
     config_path = target / SCHEDULER_CONFIG
     if not config_path.is_file():
@@ -173,11 +169,6 @@ def merge_template(
 ) -> MergeResult:
     """Fuse `loras` (in order) into the base folder and write the fp16 export to `out_dir`, atomically:
     on any error `out_dir` is absent afterwards."""
-    import torch
-
-    from stages.export import copy_plain_files, export_component
-    from stages.fuse import WeightUpdate
-
     base_dir, vae_dir, out_dir = Path(base_dir), Path(vae_dir), Path(out_dir)
     _check_base(base_dir, vae_dir)
     shapes, unet_config = read_base_layout(base_dir)

@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 
 from fuseline.core.manifest import CheckpointRef, ManifestError, ModelManifest, VaeRef
 from stages.errors import StageError
-from stages.export import index_file_name
 from stages.lora import LoraInput
 from stages.merge import TemplateIdentity, main, merge_template
+from stages.shards import index_file_name
 
 # Merging several adapters into one model: PEFT warns about the second adapter config, which is the point.
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
