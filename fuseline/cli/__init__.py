@@ -94,9 +94,11 @@ def lock(
     place (formatting kept); exit 1 on an error or a pin that disagrees with the metadata."""
     # Imported here: the sources library (requests, huggingface_hub) is build-side; `validate` and
     # `schema` stay light.
+    from fuseline.core.errors import FuselineError
+    from fuseline.core.logs import setup_logging
     from fuseline.core.redact import install_redaction, redact
-    from stages.errors import StageError
-    from stages.runtime import setup_logging
+    from stages.settings import BuildSettings
+    from stages.sources.download import RetryPolicy
     from stages.sources.lock import lock_catalog
 
     # The filter goes on handlers, and a bare root logger has none (its records would reach Python's
@@ -107,8 +109,10 @@ def lock(
         typer.echo(f"{path}: no such file; give the catalog's path (default templates.json)")
         raise typer.Exit(1)
     try:
-        report = lock_catalog(path, verify=verify, dry_run=dry_run)
-    except StageError as exc:
+        # FUSELINE_DOWNLOAD_* govern the metadata requests too: parsed once, here (CONFIG_INVALID if bad).
+        policy = RetryPolicy.from_settings(BuildSettings.from_env())
+        report = lock_catalog(path, verify=verify, dry_run=dry_run, policy=policy)
+    except FuselineError as exc:
         typer.echo(f"{path}: lock failed: {redact(exc)}")
         raise typer.Exit(1) from None
     typer.echo(redact(report.format()))

@@ -23,6 +23,7 @@ from fuseline.core.catalog.sources import SourceStringError, parse_source
 from fuseline.core.files import atomic_write
 from stages.sources.base_models import FAMILIES
 from stages.sources.civitai import CivitaiClient
+from stages.sources.download import RetryPolicy
 from stages.sources.errors import SourceError
 from stages.sources.hf import hf_file_sha256
 
@@ -174,6 +175,7 @@ def lock_catalog(
     verify: bool = False,
     dry_run: bool = False,
     family: str = "sdxl",
+    policy: RetryPolicy | None = None,
 ) -> LockReport:
     """Fill missing sha256 pins of civitai: and hf:<file> sources in the catalog at `path`.
 
@@ -217,7 +219,7 @@ def lock_catalog(
             continue
         base_model = None
         if parsed.scheme == "civitai":
-            client = client or CivitaiClient()
+            client = client or CivitaiClient(policy=policy)
             version = client.model_version(parsed.version_id or "0")
             base_model = version.base_model
             found = version.primary_file().sha256

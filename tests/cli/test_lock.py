@@ -111,3 +111,11 @@ def test_an_unknown_version_exits_1_naming_the_source(civitai, tmp_path):
 def test_a_missing_catalog_exits_1(tmp_path):
     code, out = invoke("lock", str(tmp_path / "nope.json"))
     assert code == 1 and "nope.json" in out
+
+
+def test_a_bad_download_setting_is_config_invalid(civitai, tmp_path, monkeypatch):
+    path = write_catalog(tmp_path, [{"source": "civitai:201", "scale": 1.0}])
+    monkeypatch.setenv("FUSELINE_DOWNLOAD_ATTEMPTS", "many")
+    code, out = invoke("lock", str(path))
+    assert code == 1 and "lock failed: [CONFIG_INVALID]" in out, out
+    assert "FUSELINE_DOWNLOAD_ATTEMPTS='many' is not an integer" in out and "Traceback" not in out

@@ -144,3 +144,23 @@ def test_concurrent_fetches_of_one_unpinned_source_take_turns(tmp_path, http_ser
     assert errors == [] and len(paths) == 2
     assert peak[0] == 1 and len(srv.requests) == 2
     assert paths[0] == paths[1] and paths[0].read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("FUSELINE_DOWNLOAD_RETRY_SECONDS", "soon"), ("FUSELINE_DOWNLOAD_ATTEMPTS", "0")],
+)
+def test_a_bad_build_setting_stops_the_stage_with_config_invalid(tmp_path, variable, value):
+    # A stage parses its FUSELINE_* settings once, at start: a bad one is CONFIG_INVALID naming it, never a
+    # ValueError traceback in the middle of a download (as FUSELINE_DOWNLOAD_RETRY_SECONDS=soon was).
+    env = {**os.environ, "PYTHONPATH": str(REPO), variable: value}
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.fetch", "--receipt", "vae", "--receipt-out", "r.json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "[CONFIG_INVALID]" in proc.stderr and variable in proc.stderr and "Traceback" not in proc.stderr
