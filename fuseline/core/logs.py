@@ -27,6 +27,7 @@ import time
 from collections.abc import Mapping
 from typing import IO, Any
 
+from fuseline.core.errors import ConfigInvalid
 from fuseline.core.redact import redact
 
 # Attribute of a LogRecord carrying the event name and its fields (set through `extra=`).
@@ -36,10 +37,6 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Libraries whose INFO records are routine chatter ("Found credentials in environment variables.", one line
 # per connection): kept to WARNING unless FUSELINE_LOG_LEVEL=DEBUG asks for everything.
 QUIET_LIBRARIES = ("botocore", "boto3", "s3transfer", "urllib3", "aiobotocore", "httpx")
-
-
-class LogConfigError(ValueError):
-    """A FUSELINE_LOG_* variable is malformed."""
 
 
 def log_event(
@@ -144,7 +141,7 @@ def resolve_format(env: Mapping[str, str], stream: IO[str]) -> str:
     if raw in ("json", "text"):
         return raw
     if raw:
-        raise LogConfigError(f"FUSELINE_LOG_FORMAT={raw!r} must be 'json' or 'text' (or unset: auto)")
+        raise ConfigInvalid(f"FUSELINE_LOG_FORMAT={raw!r} must be 'json' or 'text' (or unset: auto)")
     isatty = getattr(stream, "isatty", None)
     return "text" if isatty is not None and isatty() else "json"
 
@@ -152,7 +149,7 @@ def resolve_format(env: Mapping[str, str], stream: IO[str]) -> str:
 def resolve_level(env: Mapping[str, str]) -> int:
     raw = env.get("FUSELINE_LOG_LEVEL", "").strip().upper() or "INFO"
     if raw not in LEVELS:
-        raise LogConfigError(f"FUSELINE_LOG_LEVEL={raw!r} must be one of {', '.join(LEVELS)}")
+        raise ConfigInvalid(f"FUSELINE_LOG_LEVEL={raw!r} must be one of {', '.join(LEVELS)}")
     return getattr(logging, raw)
 
 
@@ -161,20 +158,21 @@ def setup_logging(
 ) -> logging.Handler:
     """Install fuseline's handler on the root logger (replacing one installed before) and return it.
 
-    A malformed FUSELINE_LOG_* variable is reported on stderr and the default used: a typo in a logging
-    variable must not stop a build or a worker."""
+    A malformed FUSELINE_LOG_* variable is CONFIG_INVALID like any other, but reported as a warning event
+    (`log.config_invalid`) with the default used instead of stopping the process: logging is set up before
+    anything else, and a typo in a logging variable must not stop a build or a worker."""
     env = os.environ if env is None else env
     follow_stderr = stream is None
     stream = sys.stderr if stream is None else stream
     problems = []
     try:
         level = resolve_level(env)
-    except LogConfigError as exc:
+    except ConfigInvalid as exc:
         problems.append(str(exc))
         level = logging.INFO
     try:
         chosen = fmt or resolve_format(env, stream)
-    except LogConfigError as exc:
+    except ConfigInvalid as exc:
         problems.append(str(exc))
         chosen = "json"
     handler = _StderrHandler() if follow_stderr else _FuselineHandler(stream)
