@@ -1,4 +1,4 @@
-"""CONVERT: turn one catalog checkpoint into a diffusers SDXL folder at artifacts/base/<id>/, fully offline.
+"""CONVERT: turn one catalog checkpoint into a diffusers SDXL folder (`--out`), fully offline.
 
 Single-file (SGM/A1111 layout) checkpoints go through diffusers' `from_single_file` with a local `config=`
 folder (without it diffusers reaches for the hub); diffusers folders are re-saved into the same normal

@@ -1,4 +1,4 @@
-"""VAE: write the catalog's VAE (typically the SDXL fp16-fix VAE) as a diffusers folder at artifacts/vae/.
+"""VAE: write the catalog's VAE (typically the SDXL fp16-fix VAE) as a diffusers folder (`--out`).
 
 One stage for all templates: the VAE is shared, so every export reads the same converted copy. The source is
 a diffusers VAE folder (config.json + weights) or a single-file VAE (.safetensors, LDM key layout), which is
