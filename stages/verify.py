@@ -1,9 +1,9 @@
 """VERIFY: load an exported template the way the worker does, generate one small image, and fail on a bad one.
 
-Writes preview.png (a DVC plot) and metrics.json (DVC metrics: load and step time,
-pixel statistics) into `--out`, so `dvc metrics show` and `dvc plots show` compare templates and builds. The checks catch
-what a merge gets wrong without an error: NaN/Inf weights (NaN pixels), a collapsed model (a black or
-constant image) and a manifest that does not match the catalog or the exported scheduler.
+Writes preview.png (a DVC plot) and metrics.json (DVC metrics: load and step time, pixel statistics) into
+`--out`, so `dvc metrics show` and `dvc plots show` compare templates and builds. The checks catch what a
+merge gets wrong without an error: NaN/Inf weights (NaN pixels), a collapsed model (a black or constant
+image) and a manifest that does not match the catalog or the exported scheduler.
 """
 
 from __future__ import annotations
