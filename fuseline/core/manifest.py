@@ -15,13 +15,20 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fuseline.core.catalog.model import Defaults
+from fuseline.core.errors import FuselineError
 
 MANIFEST_NAME = "fuseline.json"
 MANIFEST_FORMAT = 1
 
 
-class ManifestError(Exception):
-    """A model folder without a readable, valid manifest."""
+class ManifestError(FuselineError):
+    """A model folder without a readable, valid manifest. Its callers name their own code (the worker's
+    MODEL_INVALID, the verify stage's MANIFEST_INVALID, publishing's BAD_MANIFEST): str() is the message."""
+
+    code = "MANIFEST_INVALID"
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class _Frozen(BaseModel):
