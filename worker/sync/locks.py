@@ -28,6 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
+from fuseline.core.files import atomic_write
 from worker.sync.errors import LockLost, LockTimeout
 from worker.sync.settings import DEFAULT_STALE_AFTER
 
@@ -169,11 +170,9 @@ class VolumeLock:
             if not self._holds():
                 self._lost = True
                 return
-            tmp = self.path.with_name(f"{self.path.name}.beat.{self.token}")
             with contextlib.suppress(OSError):  # a failed write is retried at the next beat
-                tmp.write_text(_owner_text(self.token, beat), encoding="utf-8")
-                # Replace, not rewrite in place: a reader never sees a half-written owner record.
-                os.replace(tmp, self.path)
+                # Replaced whole, not rewritten in place: a reader never sees a half-written owner record.
+                atomic_write(self.path, _owner_text(self.token, beat))
 
     def check(self) -> None:
         """Raise LockLost if another process took the lock over (our heartbeat stalled)."""
