@@ -11,13 +11,14 @@ and writes its marker file last, so an interrupted build is never taken for a co
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fuseline.core.files import local_lock
 
 # Bump when what the kit writes changes for a reason its sources do not show (the marker also records a
 # hash of the kit's source files and library versions, so editing them rebuilds cached kits by itself).
@@ -213,8 +214,7 @@ def build_kit(root: Path) -> Kit:
     if _is_complete(kit.root):
         return kit
     # A lock, so that parallel test processes sharing FUSELINE_KIT_DIR build once.
-    with open(kit.root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with local_lock(kit.root / ".lock"):
         if _is_complete(kit.root):
             return kit
         _build(kit)
