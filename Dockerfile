@@ -28,10 +28,10 @@ RUN --mount=type=cache,target=/var/cache/fuseline-wheels,sharing=locked \
  && rm /tmp/worker.lock
 
 WORKDIR /app
-# Exactly the code the worker imports (tests/worker/test_image_fileset.py imports every entry point from
-# this set in a clean interpreter). .dockerignore lets nothing else into the build context.
-COPY fuseline/__init__.py fuseline/block_weights.py fuseline/catalog.py fuseline/logs.py fuseline/manifest.py fuseline/redact.py \
-     fuseline/release.py ./fuseline/
+# Exactly the code the worker imports: the core and worker/ (tests/worker/test_image_fileset.py imports
+# every worker module from this set in a clean interpreter); .dockerignore lets nothing else in.
+COPY fuseline/__init__.py ./fuseline/
+COPY fuseline/core/ ./fuseline/core/
 COPY worker/ ./worker/
 
 # NVIDIA_* tell the NVIDIA container runtime to mount the host's driver and to refuse a host whose driver

@@ -36,11 +36,12 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/shellcheck tools/*.sh .ci/run
+	$(BIN)/lint-imports
 	if [ -f Dockerfile ]; then $(BIN)/hadolint Dockerfile; fi
 	if [ -d .github/workflows ]; then $(BIN)/actionlint -shellcheck $(BIN)/shellcheck; fi
 
 demo: setup
-	$(PY) -m fuseline.demo
+	$(PY) -m testkit.demo
 
 # The worker image, built with buildah from the Dockerfile (stand-in bases where the public ones cannot be
 # pulled): build/fuseline-worker.oci.tar + `localhost/fuseline-worker:dev` in buildah's local storage.

@@ -51,7 +51,7 @@ BENCH_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DIFFUSERS_OFFL
 
 
 def run_fuseline(data: synth_sdxl.SynthPaths, out: Path, shard_size_mb: float = SHARD_SIZE_MB) -> dict:
-    from fuseline.manifest import CheckpointRef, VaeRef
+    from fuseline.core.manifest import CheckpointRef, VaeRef
     from stages.lora import LoraInput
     from stages.merge import TemplateIdentity, merge_template
 

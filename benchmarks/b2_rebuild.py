@@ -3,7 +3,7 @@
 `python -m benchmarks.b2_rebuild [--quick] [--templates N] [--repeats R] [--root DIR] [--json-out F]
                                  [--reuse] [--profile]`
 
-A scratch DVC project (fuseline.testing.project: the repo's dvc.yaml, params.yaml, stages/ and fuseline/)
+A scratch DVC project (testkit.project: the repo's dvc.yaml, params.yaml, stages/ and fuseline/)
 gets a catalog of N templates (default 50, --quick 3) on the test kit's tiny checkpoint, each with one
 kit LoRA at its own scale, and is built once, fully, by the real `dvc repro` (kept under --root, so a
 second run only re-checks it). Then:
@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from benchmarks import save_summary
-from fuseline.testing.project import COPIED, REPO, RUNNING_STAGE, DvcProject, dvc_env, make_dvc_project
+from testkit.project import COPIED, REPO, RUNNING_STAGE, DvcProject, dvc_env, make_dvc_project
 
 DEFAULT_ROOT = Path("/tmp/fuseline-bench")
 TARGET_RATIO = 1.2
@@ -220,7 +220,7 @@ def run_benchmark(
     reuse: bool = False,
     log=print,
 ) -> dict[str, Any]:
-    from fuseline.testing.models import build_kit
+    from testkit.models import build_kit
 
     count = templates or (QUICK_TEMPLATES if quick else FULL_TEMPLATES)
     kit_dir = kit_dir or Path(os.environ.get("FUSELINE_KIT_DIR") or root / "kit")

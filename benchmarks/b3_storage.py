@@ -3,7 +3,7 @@ against base + N x UNet (target: within 2%).
 
 `python -m benchmarks.b3_storage [--quick] [--templates N] [--no-push] [--root DIR] [--keep] [--json-out F]`
 
-The build is the real one: a scratch DVC project (fuseline.testing.project: the repo's dvc.yaml,
+The build is the real one: a scratch DVC project (testkit.project: the repo's dvc.yaml,
 params.yaml, stages/ and fuseline/) gets a catalog with one checkpoint, the synthetic SDXL single file
 (benchmarks/synth_sdxl; the kit-size set with --quick), the synthetic base's VAE folder as the catalog VAE,
 and N templates (default 5), each with one LoRA that touches only the UNet (the synthetic "style" LoRA with
@@ -48,7 +48,7 @@ from typing import Any
 import yaml
 
 from benchmarks import save_summary, synth_sdxl
-from fuseline.testing.project import RUNNING_STAGE, DvcProject, make_dvc_project
+from testkit.project import RUNNING_STAGE, DvcProject, make_dvc_project
 
 DEFAULT_ROOT = Path("/tmp/fuseline-bench")
 DEFAULT_TEMPLATES = 5

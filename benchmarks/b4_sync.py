@@ -7,7 +7,8 @@ the real way: `dvc init --no-scm`, `dvc add`, an S3 remote on a fresh SeaweedFS 
 release manifest (`releases/b4.json`) is written next to the objects, as publishing does. Each contender
 then runs in a fresh subprocess into a fresh, empty folder, against the same warm server:
 
-  fuseline  `worker.sync.sync_templates(release, volume, [template])`: ranged GETs into the volume's store
+  fuseline  `worker.sync.templates.sync_templates(release, volume, [template])`: ranged GETs into the
+            volume's store
   s5cmd     `s5cmd cp 's3://<bucket>/files/md5/*' <dir>/`: the same objects (the bucket holds nothing else
             under files/md5/), default concurrency
 
@@ -19,8 +20,9 @@ docs/benchmark-runs/b4-sync-2026-11-28-before-after.json). The ratio is
 s5cmd wall / fuseline wall (target >= 0.9). Bytes are those the contender left on disk: fuseline's object
 store, s5cmd's destination; both must hold the same objects.
 
-With `--baseline-sync FILE` (another version of worker/sync.py, e.g. `git show REV:worker/sync.py > F`), a
-third contender, "fuseline-baseline", runs that file's `sync_templates` the same way, in the same rotation:
+With `--baseline-sync FILE` (another version of worker/sync/templates.py, e.g.
+`git show REV:worker/sync/templates.py > F`; its imports resolve against this tree), a third contender,
+"fuseline-baseline", runs that file's `sync_templates` the same way, in the same rotation:
 a before/after comparison under the same load.
 
 Then the warm check: a second release (`releases/b4-ten.json`) names ten templates, all the same folder
@@ -46,8 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import save_summary, synth_sdxl
-from fuseline.release import Release, ReleasedTemplate, release_key
-from fuseline.testing.servers import SeaweedS3
+from fuseline.core.release import Release, ReleasedTemplate, release_key
+from testkit.servers import SeaweedS3
 
 DEFAULT_ROOT = Path("/tmp/fuseline-bench")
 TEMPLATE = "sdxl-synth"
@@ -61,7 +63,7 @@ WARM_TEMPLATES = 10
 # Run in the fuseline subprocess: the sync call alone is timed inside, the report printed as JSON.
 _FUSELINE_CHILD = """
 import json, sys, time
-from worker.sync import sync_templates
+from worker.sync.templates import sync_templates
 t0 = time.monotonic()
 report = sync_templates(sys.argv[1], sys.argv[2], sys.argv[3:] or None)
 seconds = time.monotonic() - t0
@@ -76,7 +78,7 @@ BASELINE = "fuseline-baseline"
 
 
 def _child_code(baseline: Path | None) -> str:
-    """The fuseline child; with `baseline`, its sync_templates comes from that file instead of worker.sync."""
+    """The fuseline child; with `baseline`, its sync_templates comes from that file instead of this tree."""
     if baseline is None:
         return _FUSELINE_CHILD
     load = (
@@ -87,7 +89,7 @@ def _child_code(baseline: Path | None) -> str:
         "spec.loader.exec_module(module)\n"
         "sync_templates = module.sync_templates"
     )
-    return _FUSELINE_CHILD.replace("from worker.sync import sync_templates", load)
+    return _FUSELINE_CHILD.replace("from worker.sync.templates import sync_templates", load)
 
 
 def _tree_bytes(folder: Path) -> tuple[int, int]:

@@ -68,8 +68,8 @@ def build_volume(root: Path, kit_dir: Path) -> Path:
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from fuseline.manifest import CheckpointRef, ModelManifest, VaeRef
-    from fuseline.testing.models import build_kit
+    from fuseline.core.manifest import CheckpointRef, ModelManifest, VaeRef
+    from testkit.models import build_kit
 
     kit = build_kit(kit_dir)
     folder = root / "models" / TEMPLATE

@@ -255,8 +255,8 @@ def _configs(quick: bool) -> dict[str, Any]:
     from transformers import CLIPTextConfig, CLIPTokenizer
 
     if quick:
-        from fuseline.testing import models as kit
-        from fuseline.testing.tokenizers import build_tokenizers
+        from testkit import models as kit
+        from testkit.tokenizers import build_tokenizers
 
         tokenizer, tokenizer_2 = build_tokenizers()
         return {
@@ -502,7 +502,8 @@ def _set_channels_last(state: dict, enabled: bool) -> None:
 def _apply_worker_options(state: dict, *options: str) -> list[str]:
     """Switch options on exactly as the worker does for FUSELINE_SPEED (worker/speed.py), so the figures
     are those of the worker's own code path. worker.speed imports only the standard library and torch."""
-    from worker.speed import SpeedOptions, apply_speed_options
+    from worker.settings import SpeedOptions
+    from worker.speed import apply_speed_options
 
     speed = SpeedOptions(
         options=options, compile_mode=state["compile_mode"], compile_backend=state["compile_backend"]

@@ -85,8 +85,8 @@ def write_quick_config_dir(target: Path) -> None:
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
-    from fuseline.testing import models as kit
-    from fuseline.testing.tokenizers import save_tokenizers
+    from testkit import models as kit
+    from testkit.tokenizers import save_tokenizers
 
     target.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(SDXL_CONFIG_DIR / "model_index.json", target / "model_index.json")
@@ -211,7 +211,7 @@ _TE2_LAYER = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.")
 def sgm_groups(models: Mapping[str, Any]) -> list[tuple[str, list[str], Callable[[dict], dict]]]:
     """(component, diffusers keys, converter) groups: each group converts to its SGM tensors on its own (a
     group is one tensor, or one OpenCLIP layer whose q, k and v become one in_proj)."""
-    from fuseline.testing.sgm import clip_to_sgm, open_clip_to_sgm, unet_to_sgm, vae_to_sgm
+    from testkit.sgm import clip_to_sgm, open_clip_to_sgm, unet_to_sgm, vae_to_sgm
 
     unet_config, vae_config = models["unet"].config, models["vae"].config
     converters: dict[str, Callable[[dict], dict]] = {
@@ -260,7 +260,7 @@ def write_single_file(models: Mapping[str, Any], base_dir: Path, path: Path) -> 
         meta = metas[component]
         for name, tensor in convert({k: meta[k] for k in keys}).items():
             if name in shapes:
-                raise ValueError(f"SGM name {name} produced twice; fix fuseline/testing/sgm.py")
+                raise ValueError(f"SGM name {name} produced twice; fix testkit/sgm.py")
             shapes[name] = tuple(tensor.shape)
     prefix, offsets, size = safetensors_layout(shapes)
     # The diffusers files were written by write_streaming from these same shapes: same layout.
@@ -293,7 +293,7 @@ def write_single_file(models: Mapping[str, Any], base_dir: Path, path: Path) -> 
 def lora_spec(name: str, seed: int, quick: bool):
     import torch
 
-    from fuseline.testing.loras import LOCON_TARGETS, TEXT_ENCODER_LAYER, LoraSpec
+    from testkit.loras import LOCON_TARGETS, TEXT_ENCODER_LAYER, LoraSpec
 
     return LoraSpec(
         name=name,
@@ -312,7 +312,7 @@ def lora_spec(name: str, seed: int, quick: bool):
 def write_lora(models: Mapping[str, Any], name: str, seed: int, quick: bool, path: Path) -> int:
     """A kohya LoRA (original SGM block names, as kohya's SDXL scripts write) through the kit's writer; the
     kit reads only module names and shapes from the models, so meta models serve."""
-    from fuseline.testing.loras import write_kohya
+    from testkit.loras import write_kohya
 
     pipe = SimpleNamespace(**{c: models[c] for c in ("unet", "text_encoder", "text_encoder_2")})
     write_kohya(pipe, lora_spec(name, seed, quick), path, sgm_layout=True)

@@ -1,47 +1,19 @@
 """Say what a weights file is (SDXL, SD 1.5, Flux, a LoRA, ...) from its tensor names, before converting.
 
-A safetensors file starts with an 8-byte little-endian header length and a JSON header naming every tensor
-with its dtype, shape and byte range, so the kind of model is known without reading a single weight. The
-signatures below are data: the first one whose patterns all match names the file. Only `sdxl` converts.
+A safetensors header (fuseline.core.safetensors_io) names every tensor with its dtype and shape, so the kind
+of model is known without reading a single weight. The signatures below are data: the first one whose
+patterns all match names the file. Only `sdxl` converts.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import struct
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SAFETENSORS_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-# A header above this is not a real safetensors file (the format itself caps it at 100 MB).
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-}
-DTYPE_BYTES |= {"F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-
-
-class CheckpointFormatError(ValueError):
-    """The file is not a readable safetensors file (truncated, corrupt, or something else entirely)."""
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: str
-    shape: tuple[int, ...]
+from fuseline.core.safetensors_io import FLOAT_DTYPES, TensorEntry, read_header
 
 
 @dataclass(frozen=True)
@@ -182,78 +154,19 @@ def classify_keys(keys: list[str] | Mapping[str, object]) -> CheckpointKind:
     return UNKNOWN
 
 
-def read_safetensors_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """(tensors, metadata) from a safetensors header, checking that every byte range lies inside the file.
-
-    Raises CheckpointFormatError naming the file for a truncated or corrupt file, so a half-finished
-    download is reported as such and not as "unknown model".
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointFormatError(
-                f"{path}: {size} bytes, too short to be a safetensors file (truncated?)"
-            )
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-            raise CheckpointFormatError(
-                f"{path}: header claims {header_len} bytes but the file has {size}:"
-                " truncated, or not safetensors (fetch it again)"
-            )
-        raw = fh.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointFormatError(f"{path}: header is not valid JSON ({exc}): corrupt file") from None
-    if not isinstance(header, dict):
-        raise CheckpointFormatError(f"{path}: header is not a JSON object: corrupt file")
-    metadata = header.pop("__metadata__", None) or {}
-    data_len = size - 8 - header_len
-    tensors: dict[str, TensorInfo] = {}
-    end_max = 0
-    for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointFormatError(f"{path}: header entry {name!r} is malformed: corrupt file") from None
-        expected = DTYPE_BYTES.get(dtype)
-        count = 1
-        for dim in shape:
-            count *= dim
-        if expected is not None and end - begin != count * expected:
-            raise CheckpointFormatError(
-                f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape}: corrupt"
-            )
-        end_max = max(end_max, end)
-        tensors[name] = TensorInfo(dtype, shape)
-    if end_max > data_len:
-        raise CheckpointFormatError(
-            f"{path}: tensors need {end_max} data bytes but only {data_len} are there: the file is truncated "
-            "(an interrupted download?); fetch it again"
-        )
-    return tensors, metadata
-
-
 def classify_file(path: str | Path) -> CheckpointKind:
-    """The kind of a safetensors file, from its header only."""
-    tensors, _ = read_safetensors_header(path)
-    return classify_keys(tensors)
+    """The kind of a safetensors file, from its header only (SafetensorsError for a file that is not one)."""
+    return classify_keys(read_header(path).tensors)
 
 
-def dominant_dtype(tensors: Mapping[str, TensorInfo]) -> str:
-    """The floating dtype holding most of the bytes ("F16", "BF16", "F32"): the file's working precision."""
+def dominant_dtype(tensors: Mapping[str, TensorEntry]) -> str | None:
+    """The floating dtype holding most of the values ("F16", "BF16", "F32"): the file's working precision;
+    None when the file has no floating-point tensors."""
     weight: Counter[str] = Counter()
     for info in tensors.values():
-        if info.dtype in ("F16", "BF16", "F32", "F64"):
-            count = 1
-            for dim in info.shape:
-                count *= dim
-            weight[info.dtype] += count
-    if not weight:
-        raise CheckpointFormatError("no floating-point tensors")
-    return weight.most_common(1)[0][0]
+        if info.dtype in FLOAT_DTYPES:
+            weight[info.dtype] += info.numel
+    return weight.most_common(1)[0][0] if weight else None
 
 
 def declares_v_prediction(tensors: Mapping[str, object]) -> bool:

@@ -1,4 +1,4 @@
-"""CONVERT: turn one catalog checkpoint into a diffusers SDXL folder at artifacts/base/<id>/, fully offline.
+"""CONVERT: turn one catalog checkpoint into a diffusers SDXL folder (`--out`), fully offline.
 
 Single-file (SGM/A1111 layout) checkpoints go through diffusers' `from_single_file` with a local `config=`
 folder (without it diffusers reaches for the hub); diffusers folders are re-saved into the same normal
@@ -15,25 +15,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fuseline.catalog import Catalog, Checkpoint, Source, parse_source
-from stages.checkpoint_kind import (
+from fuseline.core.catalog.model import Catalog, Checkpoint, Source
+from fuseline.core.catalog.sources import parse_source
+from fuseline.core.files import atomic_dir
+from fuseline.core.safetensors_io import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
-    CheckpointFormatError,
-    CheckpointKind,
-    TensorInfo,
-    classify_keys,
-    declares_v_prediction,
-    dominant_dtype,
-    read_safetensors_header,
+    SafetensorsError,
+    TensorEntry,
+    read_header,
 )
-from stages.fetch import read_receipt
+from stages.checkpoint_kind import CheckpointKind, classify_keys, declares_v_prediction, dominant_dtype
+from stages.errors import StageError
 from stages.local_files import check_pickle_allowed, check_sha256, materialize
-from stages.runtime import StageError, atomic_output_dir, load_project_catalog, run_stage
+from stages.receipts import read_receipt
+from stages.runtime import load_project_catalog, run_stage
+from stages.settings import BuildSettings
+from stages.sources.download import RetryPolicy
 
 log = logging.getLogger("fuseline.stages.convert")
 
-BASE_DIR = Path("artifacts/base")
 # SDXL base 1.0's diffusers configs and tokenizers, kept in the repo so conversion never goes online.
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "fuseline" / "configs" / "sdxl-base"
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
@@ -49,13 +50,27 @@ DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float3
 
 
 def config_dir_for(
-    catalog: Catalog, checkpoint: Checkpoint, where: str, receipt: dict[str, Any] | None = None
+    catalog: Catalog,
+    checkpoint: Checkpoint,
+    where: str,
+    receipt: dict[str, Any] | None = None,
+    *,
+    default: Path = DEFAULT_CONFIG_DIR,
+    settings: BuildSettings | None = None,
 ) -> Path:
-    """The local diffusers config folder used to convert this checkpoint (its `config`, else SDXL base's)."""
+    """The local diffusers config folder used to convert this checkpoint (its `config`, else `default`:
+    SDXL base's)."""
     if checkpoint.config is None:
-        return DEFAULT_CONFIG_DIR
+        return default
+    settings = settings or BuildSettings.from_env()
     path = materialize(
-        catalog, Source(source=checkpoint.config), f"{where}.config", receipt=receipt, is_config=True
+        catalog,
+        Source(source=checkpoint.config),
+        f"{where}.config",
+        receipt=receipt,
+        is_config=True,
+        cache_dir=settings.download_cache,
+        policy=RetryPolicy.from_settings(settings),
     )
     if not (path / "model_index.json").is_file():
         raise StageError(
@@ -77,9 +92,9 @@ def inspect_single_file(path: Path) -> tuple[CheckpointKind, str, bool]:
     (safetensors) or with a weights-only, memory-mapped load (pickle, already consented to)."""
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         try:
-            tensors, _ = read_safetensors_header(path)
-        except CheckpointFormatError as exc:
-            raise StageError("CHECKPOINT_CORRUPT", str(exc)) from None
+            tensors = read_header(path).tensors
+        except SafetensorsError as exc:
+            raise StageError("CHECKPOINT_CORRUPT", exc.message) from None
     elif path.suffix.lower() in PICKLE_SUFFIXES:
         tensors = _pickle_tensor_infos(path)
     else:
@@ -89,10 +104,9 @@ def inspect_single_file(path: Path) -> tuple[CheckpointKind, str, bool]:
         )
     if not tensors:
         raise StageError("CHECKPOINT_CORRUPT", f"{path}: holds no tensors")
-    try:
-        dtype = dominant_dtype(tensors)
-    except CheckpointFormatError as exc:
-        raise StageError("CHECKPOINT_CORRUPT", f"{path}: {exc}") from None
+    dtype = dominant_dtype(tensors)
+    if dtype is None:
+        raise StageError("CHECKPOINT_CORRUPT", f"{path}: no floating-point tensors")
     float_dtypes = sorted({t.dtype for t in tensors.values() if t.dtype in DTYPES})
     if len(float_dtypes) > 1:
         # from_single_file loads every component in one dtype; the export is fp16 either way.
@@ -102,7 +116,7 @@ def inspect_single_file(path: Path) -> tuple[CheckpointKind, str, bool]:
     return classify_keys(list(tensors)), dtype, declares_v_prediction(tensors)
 
 
-def _pickle_tensor_infos(path: Path) -> dict[str, TensorInfo]:
+def _pickle_tensor_infos(path: Path) -> dict[str, TensorEntry]:
     import torch
 
     try:
@@ -114,7 +128,7 @@ def _pickle_tensor_infos(path: Path) -> dict[str, TensorInfo]:
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
     names = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
     return {
-        k: TensorInfo(names.get(v.dtype, str(v.dtype)), tuple(v.shape))
+        k: TensorEntry(names.get(v.dtype, str(v.dtype)), tuple(v.shape))
         for k, v in state.items()
         if isinstance(v, torch.Tensor)
     }
@@ -145,10 +159,13 @@ def _folder_dtype_and_variant(folder: Path) -> tuple[str, str | None]:
     if not chosen:
         return "F32", None  # pickle-only folder (consented to): diffusers stores fp32 .bin by default
     try:
-        tensors, _ = read_safetensors_header(chosen[0])
-    except CheckpointFormatError as exc:
-        raise StageError("CHECKPOINT_CORRUPT", str(exc)) from None
-    return dominant_dtype(tensors), variant
+        tensors = read_header(chosen[0]).tensors
+    except SafetensorsError as exc:
+        raise StageError("CHECKPOINT_CORRUPT", exc.message) from None
+    dtype = dominant_dtype(tensors)
+    if dtype is None:
+        raise StageError("CHECKPOINT_CORRUPT", f"{chosen[0]}: no floating-point tensors")
+    return dtype, variant
 
 
 def _load_diffusers_folder(folder: Path, allow_pickle: bool):
@@ -263,7 +280,13 @@ def convert_checkpoint(
     return summary
 
 
-def main(checkpoint_id: str) -> None:
+def main(
+    checkpoint_id: str, *, out: Path, receipt: Path | None = None, sdxl_config: Path = DEFAULT_CONFIG_DIR
+) -> None:
+    """The stage: write checkpoint `checkpoint_id` as a diffusers folder at `out`. `receipt`: the
+    fetch-checkpoint stage's receipt (absent: the catalog's pins only); `sdxl_config`: the SDXL base
+    configs used when the checkpoint names no `config` of its own."""
+    settings = BuildSettings.from_env()
     catalog = load_project_catalog()
     if checkpoint_id not in catalog.checkpoints:
         known = ", ".join(sorted(catalog.checkpoints)) or "(none)"
@@ -274,15 +297,22 @@ def main(checkpoint_id: str) -> None:
     where = f"checkpoints.{checkpoint_id}"
     # The fetch-checkpoint stage's receipt gives the sha256 of unpinned remote sources; the bytes come
     # from the download cache (or are fetched again on a machine that lacks them).
-    receipt = read_receipt(where)
-    source = materialize(catalog, checkpoint, where, receipt=receipt)
-    config_dir = config_dir_for(catalog, checkpoint, where, receipt)
+    recorded = read_receipt(receipt, where)
+    source = materialize(
+        catalog,
+        checkpoint,
+        where,
+        receipt=recorded,
+        cache_dir=settings.download_cache,
+        policy=RetryPolicy.from_settings(settings),
+    )
+    config_dir = config_dir_for(catalog, checkpoint, where, recorded, default=sdxl_config, settings=settings)
     if parse_source(checkpoint.source).scheme == "file" and source.is_dir() and checkpoint.config is not None:
         log.info("%s: a diffusers folder carries its own configs; %s.config is not used", source, where)
-    with atomic_output_dir(BASE_DIR / checkpoint_id) as out:
+    with atomic_dir(out) as tmp:
         convert_checkpoint(
             source,
-            out,
+            tmp,
             config_dir=config_dir,
             prediction=checkpoint.prediction,
             sha256=checkpoint.sha256,
@@ -292,4 +322,4 @@ def main(checkpoint_id: str) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("convert", main)
+    run_stage("convert", main, paths=("out",), optional_paths=("receipt", "sdxl_config"))

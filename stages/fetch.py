@@ -1,7 +1,8 @@
 """Stage: fetch catalog sources into the shared download cache; write the pipeline's source receipts.
 
     python -m stages.fetch <catalog path or source> [--catalog templates.json] [--cache DIR] [--out PATH]
-    python -m stages.fetch --receipt <vae | checkpoints.<id> | templates.<id>> [--cache DIR]
+    python -m stages.fetch --receipt <vae | checkpoints.<id> | templates.<id>> --receipt-out PATH
+                           [--cache DIR]
 
 The first argument is a catalog path as `Catalog.iter_sources()` names them (`vae`,
 `checkpoints.<id>`, `checkpoints.<id>.config`, `templates.<id>.loras[<n>]`) or a source string that
@@ -9,17 +10,16 @@ appears in the catalog (its pin and allow_pickle come from there). `--out` place
 (hard link when possible, else a copy) or folder (symlink) at a path a DVC stage can declare as output.
 
 `--receipt` is what dvc.yaml's fetch-* stages run: it fetches every source of one group (the VAE, one
-checkpoint with its config folder, or all LoRAs of one template) and writes a small JSON receipt under
-artifacts/sources/ naming each source with its sha256, size and kind. The receipt is the DVC output; the
-bytes stay in the download cache, so multi-GB files are never copied into the DVC cache or pushed twice.
-A receipt holds no local path, no time and no secret, so it is byte-identical on every machine.
+checkpoint with its config folder, or all LoRAs of one template) and writes a small JSON receipt at
+`--receipt-out` (stages/receipts.py) naming each source with its sha256, size and kind. The receipt is the
+DVC output; the bytes stay in the download cache, so multi-GB files are never copied into the DVC cache or
+pushed twice.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -27,12 +27,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fuseline.catalog import Catalog, Source
-from fuseline.redact import install_redaction, redact
-from stages.runtime import CATALOG_FILE, StageError, load_project_catalog, measure_stage, setup_logging
-from stages.sources import DownloadCache, fetch
+from fuseline.core.catalog.model import Catalog, Source
+from fuseline.core.errors import ConfigInvalid, FuselineError
+from fuseline.core.files import sha256_file
+from fuseline.core.logs import setup_logging
+from fuseline.core.redact import install_redaction, redact
+from stages.errors import StageError
+from stages.receipts import check_group, write_receipt_file
+from stages.runtime import CATALOG_FILE, load_project_catalog, measure_stage
+from stages.settings import BuildSettings
+from stages.sources.cache import DownloadCache
+from stages.sources.download import RetryPolicy
 from stages.sources.hf import CONFIG_FOLDER_PATTERNS
-from stages.sources.local import sha256_file
+from stages.sources.resolve import fetch
 
 log = logging.getLogger("fuseline.stages.fetch")
 
@@ -55,7 +62,10 @@ def find_source(catalog: Catalog, spec: str | Source) -> tuple[Source, bool]:
 
 
 def fetch_source(
-    catalog: Catalog, source_spec: str | Source, cache_dir: str | os.PathLike[str] | None
+    catalog: Catalog,
+    source_spec: str | Source,
+    cache_dir: str | os.PathLike[str] | None,
+    policy: RetryPolicy | None = None,
 ) -> Path:
     """The verified local path of one catalog source (downloading it into `cache_dir` if needed)."""
     source, is_config = find_source(catalog, source_spec)
@@ -64,6 +74,7 @@ def fetch_source(
         cache=DownloadCache(cache_dir),
         catalog=catalog,
         allow_patterns=CONFIG_FOLDER_PATTERNS if is_config else None,
+        policy=policy,
     )
 
 
@@ -84,26 +95,10 @@ def place(path: Path, out: Path) -> None:
         shutil.copyfile(path, out)
 
 
-RECEIPTS_DIR = Path("artifacts/sources")
-RECEIPT_VERSION = 1
-
-
-def receipt_path(group: str, root: str | os.PathLike[str] = ".") -> Path:
-    """Where the receipt of `group` (vae, checkpoints.<id>, templates.<id>) lives, relative to `root`."""
-    kind, _, key = group.partition(".")
-    if group == "vae":
-        return Path(root) / RECEIPTS_DIR / "vae.json"
-    if kind in ("checkpoints", "templates") and key:
-        return Path(root) / RECEIPTS_DIR / kind / f"{key}.json"
-    raise StageError(
-        "RECEIPT_GROUP", f"{group!r} is not a receipt group; use vae, checkpoints.<id> or templates.<id>"
-    )
-
-
 def group_sources(catalog: Catalog, group: str) -> list[tuple[str, Source, bool]]:
     """(catalog path, source, is a config folder) for every source a receipt group covers, in catalog
     order. A group that names nothing in the catalog is an error (a typo in dvc.yaml or on the CLI)."""
-    receipt_path(group)  # validates the shape
+    check_group(group)
     kind, _, key = group.partition(".")
     if group == "vae":
         return [("vae", catalog.vae, False)] if catalog.vae is not None else []
@@ -150,11 +145,11 @@ def describe(where: str, source: Source, path: Path, cache: DownloadCache) -> di
 def write_receipt(
     catalog: Catalog,
     group: str,
+    out: str | os.PathLike[str],
     cache_dir: str | os.PathLike[str] | None = None,
-    *,
-    root: str | os.PathLike[str] = ".",
+    policy: RetryPolicy | None = None,
 ) -> Path:
-    """Fetch every source of `group` into the download cache and write its receipt; return its path."""
+    """Fetch every source of `group` into the download cache and write its receipt at `out`."""
     cache = DownloadCache(cache_dir)
     entries = []
     for where, source, is_config in group_sources(catalog, group):
@@ -163,17 +158,12 @@ def write_receipt(
             cache=cache,
             catalog=catalog,
             allow_patterns=CONFIG_FOLDER_PATTERNS if is_config else None,
+            policy=policy,
         )
         entries.append(describe(where, source, path, cache))
         log.info("%s: %s (%s, %d bytes) sha256 %s", where, entries[-1]["source"],
                  entries[-1]["kind"], entries[-1]["size"], entries[-1]["sha256"])  # fmt: skip
-    out = receipt_path(group, root)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    record = {"receipt": RECEIPT_VERSION, "group": group, "sources": entries}
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out)
-    return out
+    return write_receipt_file(out, group, entries)
 
 
 def receipt_stage(group: str) -> tuple[str, str]:
@@ -183,25 +173,15 @@ def receipt_stage(group: str) -> tuple[str, str]:
     return ("fetch-vae", "vae") if group == "vae" else (stages.get(kind, "fetch"), key or group)
 
 
-def read_receipt(group: str, root: str | os.PathLike[str] = ".") -> dict[str, dict[str, Any]]:
-    """{catalog path: entry} from `group`'s receipt; {} when there is none (a stage run by hand
-    outside DVC: then only the catalog's own pins are known)."""
-    path = receipt_path(group, root)
-    if not path.is_file():
-        return {}
-    try:
-        record = json.loads(path.read_text())
-        return {entry["where"]: entry for entry in record["sources"]}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise StageError(
-            "RECEIPT_INVALID",
-            f"{path} is not a fetch receipt ({exc}); delete it and run `dvc repro` to fetch again",
-        ) from None
-
-
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     install_redaction()
+    try:
+        settings = BuildSettings.from_env()
+    except ConfigInvalid as exc:
+        print(redact(f"error: fetch: {exc}"), file=sys.stderr)
+        return 1
+    policy = RetryPolicy.from_settings(settings)
     parser = argparse.ArgumentParser(prog="python -m stages.fetch", description=__doc__.split("\n")[0])
     parser.add_argument(
         "source", nargs="?", help="catalog path (checkpoints.<id>, templates.<id>.loras[0], vae) or source"
@@ -211,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="GROUP",
         help="fetch a whole group (vae, checkpoints.<id>, templates.<id>) and write its receipt",
     )
+    parser.add_argument("--receipt-out", type=Path, metavar="PATH", help="where --receipt writes the receipt")
     parser.add_argument("--catalog", default=CATALOG_FILE)
     parser.add_argument(
         "--cache", default=None, help="download cache (default: FUSELINE_CACHE_DIR or ~/.cache)"
@@ -219,11 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.source is None) == (args.receipt is None):
         parser.error("give either a source or --receipt GROUP")
+    if (args.receipt is None) != (args.receipt_out is None):
+        parser.error("--receipt GROUP and --receipt-out PATH go together")
+    cache_dir = args.cache or settings.download_cache
     if args.receipt is not None:
         try:
             with measure_stage(*receipt_stage(args.receipt)):  # stage.* events, build metrics
-                path = write_receipt(load_project_catalog(args.catalog), args.receipt, args.cache)
-        except StageError as exc:
+                catalog = load_project_catalog(args.catalog)
+                path = write_receipt(catalog, args.receipt, args.receipt_out, cache_dir, policy)
+        except FuselineError as exc:
             # print() does not go through the logging redaction: redact here, as run_stage does.
             print(redact(f"error: fetch --receipt {args.receipt}: {exc}"), file=sys.stderr)
             return 1
@@ -231,10 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         catalog = load_project_catalog(args.catalog)
-        path = fetch_source(catalog, args.source, args.cache)
+        path = fetch_source(catalog, args.source, cache_dir, policy)
         if args.out:
             place(path, Path(args.out))
-    except StageError as exc:
+    except FuselineError as exc:
         print(redact(f"error: fetch {args.source}: {exc}"), file=sys.stderr)
         return 1
     print(path)

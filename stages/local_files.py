@@ -4,13 +4,20 @@ without consent. Shared by the convert, vae and merge stages."""
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
-from fuseline.catalog import Catalog, Source, parse_source
-from stages.checkpoint_kind import PICKLE_SUFFIXES
-from stages.runtime import StageError
-from stages.sources.local import sha256_file
+from fuseline.core.catalog.model import Catalog, Source
+from fuseline.core.catalog.sources import parse_source
+from fuseline.core.files import sha256_file
+from fuseline.core.redact import install_redaction, redact
+from fuseline.core.safetensors_io import PICKLE_SUFFIXES, sniff_format
+from stages.errors import StageError
+from stages.sources.cache import DownloadCache
+from stages.sources.download import RetryPolicy
+from stages.sources.hf import CONFIG_FOLDER_PATTERNS
+from stages.sources.resolve import fetch
 
 
 def resolve_local_source(catalog: Catalog, source: str, where: str) -> Path:
@@ -36,6 +43,7 @@ def materialize(
     receipt: dict[str, dict[str, Any]] | None = None,
     is_config: bool = False,
     cache_dir: str | Path | None = None,
+    policy: RetryPolicy | None = None,
 ) -> Path:
     """The local path of one catalog source, for a stage that reads it. `where` is its catalog path
     (`checkpoints.<id>`, `checkpoints.<id>.config`, `templates.<id>.loras[<n>]`, `vae`).
@@ -44,12 +52,8 @@ def materialize(
     up by sha256 (the catalog's pin, else the one its fetch stage recorded in `receipt`): a hit costs no
     network; a miss (another machine, a cleaned cache) downloads it again, verified against that sha256.
     The receipt only supplies hashes; its paths are never used, so it means the same on every machine.
+    `cache_dir` and `policy` come from the stage's build settings (default: read from the environment).
     """
-    # Imported here: the sources library pulls in requests and friends, which file:-only runs never need.
-    from fuseline.redact import install_redaction, redact
-    from stages.sources import DownloadCache, fetch
-    from stages.sources.hf import CONFIG_FOLDER_PATTERNS
-
     parsed = source.parsed
     if parsed.scheme == "file":
         return resolve_local_source(catalog, source.source, where)
@@ -69,7 +73,11 @@ def materialize(
     pinned = source.model_copy(update={"sha256": pin}) if pin != source.sha256 else source
     cache = DownloadCache(cache_dir)
     path = fetch(
-        pinned, cache=cache, catalog=catalog, allow_patterns=CONFIG_FOLDER_PATTERNS if is_config else None
+        pinned,
+        cache=cache,
+        catalog=catalog,
+        allow_patterns=CONFIG_FOLDER_PATTERNS if is_config else None,
+        policy=policy,
     )
     if path.is_file() and path.parent.parent == cache.root / "sha256":
         return named_view(path, cache.root)
@@ -84,15 +92,13 @@ _EXTENSIONS = {"safetensors": ".safetensors", "pickle": ".ckpt", "torch-zip": ".
 def named_view(cached: Path, cache_root: Path) -> Path:
     """`<cache>/named/<2 hex>/<sha256><ext>`: a hard link (same bytes, no copy; a symlink across
     filesystems) to a content-addressed cache file, with the extension its sniffed format calls for."""
-    from stages.sources.safety import sniff_format
-
     ext = _EXTENSIONS.get(sniff_format(cached), "")
     view = cache_root / "named" / cached.name[:2] / f"{cached.name}{ext}"
     if view.is_file() and view.stat().st_size == cached.stat().st_size:
         return view
     view.parent.mkdir(parents=True, exist_ok=True)
-    tmp = view.with_name(f".{view.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
+    # Made under a name of its own, then renamed: a concurrent stage sees no view or a complete one.
+    tmp = view.with_name(f".{view.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         os.link(cached, tmp)
     except OSError:

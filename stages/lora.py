@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +28,11 @@ from typing import Any
 
 import torch
 
+from fuseline.core.files import sha256_file
+from fuseline.core.safetensors_io import SafetensorsError, SafetensorsHeader, read_header, sniff_format
+from stages.errors import StageError
 from stages.fuse import LoraFactors, factor_shape_problem, magnitude_problem
 from stages.lycoris import LohaFactors, LokrFactors, LycorisFactors, TuckerLoconFactors, alpha_scale
-from stages.runtime import StageError
-from stages.sources.local import sha256_file
 
 log = logging.getLogger("fuseline.stages.lora")
 
@@ -96,9 +96,6 @@ LYCORIS_KINDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "LoCon": (frozenset({"down", "up"}), frozenset({"mid"})),
 }
 KOHYA_PREFIXES: tuple[str, ...] = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-
-PICKLE_MAGIC: tuple[bytes, ...] = (b"PK\x03\x04", b"\x80")
-MAX_HEADER_BYTES = 100_000_000
 SHOW_KEYS = 10
 
 
@@ -156,59 +153,28 @@ def _fail(code: str, lora: str, message: str) -> StageError:
     return StageError(code, f"LoRA {lora}: {message}")
 
 
-def read_safetensors_header(path: Path, lora: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """(tensor entries, __metadata__) of a safetensors file, checked against the file size so that a
-    truncated or foreign file fails here with its name, not deep inside a loader."""
+def read_lora_header(path: Path, lora: str) -> SafetensorsHeader:
+    """The safetensors header of a LoRA file, checked against the file size so that a truncated or foreign
+    file fails here with its name, not deep inside a loader. A pickle is refused by its bytes (whatever
+    its name), a safetensors file by its layout first: its header length may start with 0x80 too."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            head = handle.read(8)
-            if head.startswith(PICKLE_MAGIC):
-                raise _fail(
-                    "LORA_PICKLE",
-                    lora,
-                    f"{path} is a pickle (torch.save) file, which can run code when loaded; "
-                    "use the .safetensors release of this LoRA",
-                )
-            if len(head) < 8:
-                raise _fail("LORA_INVALID", lora, f"{path} is {size} bytes: not a safetensors file")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > min(MAX_HEADER_BYTES, size - 8):
-                raise _fail(
-                    "LORA_INVALID",
-                    lora,
-                    f"{path} is not a safetensors file or is truncated (header of {header_len} bytes in a "
-                    f"{size}-byte file); download it again",
-                )
-            raw = handle.read(header_len)
+        fmt = sniff_format(path)
+        if fmt in ("pickle", "torch-zip"):
+            raise _fail(
+                "LORA_PICKLE",
+                lora,
+                f"{path} is a pickle (torch.save) file, which can run code when loaded; "
+                "use the .safetensors release of this LoRA",
+            )
+        header = read_header(path)
+    except SafetensorsError as exc:
+        code = "LORA_TRUNCATED" if exc.truncated else "LORA_INVALID"
+        raise _fail(code, lora, f"{exc.message}; download it again") from None
     except OSError as exc:
         raise _fail("LORA_UNREADABLE", lora, f"cannot read {path}: {exc}") from exc
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except ValueError as exc:
-        raise _fail("LORA_INVALID", lora, f"{path} has no valid safetensors header ({exc})") from exc
-    metadata = header.pop("__metadata__", None) or {}
-    data_size = size - 8 - header_len
-    try:
-        end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
-    except (KeyError, TypeError, IndexError, ValueError) as exc:
-        raise _fail(
-            "LORA_INVALID",
-            lora,
-            f"{path} has a malformed safetensors header entry ({exc!r}); download it again",
-        ) from exc
-    if end > data_size:
-        raise _fail(
-            "LORA_TRUNCATED",
-            lora,
-            f"{path} is truncated: its header needs {end} bytes of tensor data, the file has {data_size}; "
-            "download it again",
-        )
-    if not header:
+    if not header.tensors:
         raise _fail("LORA_EMPTY", lora, f"{path} holds no tensors")
-    return header, metadata
+    return header
 
 
 def refused_format(keys: list[str]) -> tuple[str, str] | None:
@@ -458,8 +424,9 @@ def read_lora(
     path, name = Path(lora.path), lora.name
     if not path.is_file():
         raise _fail("LORA_MISSING", name, f"{path} does not exist; run the download stage first")
-    header, metadata = read_safetensors_header(path, name)
-    refused = refused_format(sorted(header))
+    header = read_lora_header(path, name)
+    metadata = header.metadata
+    refused = refused_format(sorted(header.tensors))
     if refused is not None:
         raise _fail(
             "LORA_FORMAT_UNSUPPORTED",

@@ -1,8 +1,9 @@
 """MERGE stage: fuse a template's LoRAs into its converted checkpoint and export the fp16 model folder.
 
-`python -m stages.merge <template-id>` reads `artifacts/base/<checkpoint>/` (convert stage), the catalog's
-VAE (`artifacts/vae/`, vae stage; it replaces the checkpoint's) and the template's LoRA files, and writes
-`artifacts/models/<template-id>/`: a diffusers SDXL folder in fp16 (variant "fp16") plus `fuseline.json`.
+`python -m stages.merge <template-id> --base DIR --vae DIR --receipt FILE --out DIR` (dvc.yaml gives the
+paths) reads the converted checkpoint (convert stage), the catalog's VAE (vae stage; it replaces the
+checkpoint's) and the template's LoRA files, and writes a diffusers SDXL folder in fp16 (variant "fp16")
+plus `fuseline.json`.
 It streams tensor by tensor: memory holds the LoRA factors and a few tensor-sized buffers, whatever the
 shard size (stages/export.py).
 """
@@ -17,26 +18,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from fuseline import __version__, block_weights
-from fuseline.catalog import Defaults
-from fuseline.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
-from stages.fetch import read_receipt
+import torch
+
+from fuseline import __version__
+from fuseline.core import block_weights
+from fuseline.core.catalog.model import Defaults
+from fuseline.core.files import atomic_dir
+from fuseline.core.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
+from stages.errors import StageError
+from stages.export import copy_plain_files, export_component
+from stages.fuse import LoraFactors, WeightUpdate, fuse_weight, scaling
 from stages.local_files import materialize
-from stages.lora import COMPONENTS, LoadedLora, LoraInput, read_lora, read_safetensors_header
-from stages.runtime import (
-    StageError,
-    atomic_output_dir,
-    load_params,
-    load_project_catalog,
-    peak_rss_mb,
-    record_metrics,
-)
+from stages.lora import COMPONENTS, LoadedLora, LoraInput, read_lora
+from stages.receipts import read_receipt
+from stages.runtime import load_params, load_project_catalog, peak_rss_mb, record_metrics, run_stage
+from stages.settings import BuildSettings
+from stages.shards import write_json
+from stages.sources.download import RetryPolicy
+from stages.tensor_files import tensor_shapes
 
 log = logging.getLogger("fuseline.stages.merge")
-
-BASE_ROOT = Path("artifacts/base")
-VAE_DIR = Path("artifacts/vae")
-MODELS_ROOT = Path("artifacts/models")
 
 # Components whose weights are exported (LoRAs may target the first three); everything else in the base
 # folder (tokenizers, scheduler, model_index.json) is copied, the scheduler with the catalog's prediction.
@@ -67,8 +68,6 @@ class MergeResult:
 
 def read_base_layout(base_dir: Path) -> tuple[dict[str, dict[str, tuple[int, ...]]], Any]:
     """(tensor shapes per LoRA-targetable component, UNet config) of a base folder, read from headers."""
-    from stages.export import tensor_shapes
-
     shapes = {component: tensor_shapes(Path(base_dir) / component) for component in COMPONENTS}
     return shapes, _unet_config(Path(base_dir))
 
@@ -116,15 +115,9 @@ class WeightFuser:
     """
 
     def __init__(self) -> None:
-        import torch
-
         self._work = torch.empty(0, dtype=torch.float32)
 
     def __call__(self, base: Any, updates: Sequence[Any]) -> Any:
-        import torch
-
-        from stages.fuse import LoraFactors, fuse_weight, scaling
-
         if any(not isinstance(u.factors, LoraFactors) or u.factors.magnitude is not None for u in updates):
             return fuse_weight(base, updates)
         if self._work.numel() < base.numel():
@@ -155,8 +148,6 @@ def _check_base(base_dir: Path, vae_dir: Path) -> None:
 
 
 def _write_scheduler(source: Path, target: Path, prediction_type: PredictionType) -> None:
-    from stages.export import copy_plain_files, write_json
-
     copy_plain_files(source, target)
     config_path = target / SCHEDULER_CONFIG
     if not config_path.is_file():
@@ -179,11 +170,6 @@ def merge_template(
 ) -> MergeResult:
     """Fuse `loras` (in order) into the base folder and write the fp16 export to `out_dir`, atomically:
     on any error `out_dir` is absent afterwards."""
-    import torch
-
-    from stages.export import copy_plain_files, export_component
-    from stages.fuse import WeightUpdate
-
     base_dir, vae_dir, out_dir = Path(base_dir), Path(vae_dir), Path(out_dir)
     _check_base(base_dir, vae_dir)
     shapes, unet_config = read_base_layout(base_dir)
@@ -198,7 +184,7 @@ def merge_template(
 
     fused: dict[str, int] = dict.fromkeys(COMPONENTS, 0)
     fuse = WeightFuser()
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         for component in COMPONENTS:
 
             def transform(name: str, tensor: torch.Tensor, component: str = component) -> torch.Tensor:
@@ -273,15 +259,24 @@ def _module_strengths(spec: LoraInput, unet_config: Any) -> Callable[[str, str],
     )
 
 
-def _lora_inputs(catalog: Any, template_id: str) -> list[LoraInput]:
+def _lora_inputs(
+    catalog: Any, template_id: str, receipt: Path | None, settings: BuildSettings
+) -> list[LoraInput]:
     """The template's LoRAs as local files: `file:` in place, others from the download cache by the
     sha256 of the catalog pin or of the fetch-loras receipt (fetched again on a cache miss)."""
     group = f"templates.{template_id}"
-    receipt = read_receipt(group)
+    recorded = read_receipt(receipt, group)
     inputs = []
     for index, lora in enumerate(catalog.templates[template_id].loras):
         where = f"{group}.loras[{index}]"
-        path = materialize(catalog, lora, where, receipt=receipt)
+        path = materialize(
+            catalog,
+            lora,
+            where,
+            receipt=recorded,
+            cache_dir=settings.download_cache,
+            policy=RetryPolicy.from_settings(settings),
+        )
         inputs.append(
             LoraInput(
                 path=path,
@@ -294,7 +289,10 @@ def _lora_inputs(catalog: Any, template_id: str) -> list[LoraInput]:
     return inputs
 
 
-def main(template_id: str) -> None:
+def main(template_id: str, *, base: Path, vae: Path, out: Path, receipt: Path | None = None) -> None:
+    """The stage: `base` the converted checkpoint folder, `vae` the converted VAE folder, `out` the model
+    folder to write, `receipt` the template's fetch-loras receipt (absent: the catalog's pins only)."""
+    settings = BuildSettings.from_env()
     catalog = load_project_catalog()
     if template_id not in catalog.templates:
         raise StageError(
@@ -310,21 +308,19 @@ def main(template_id: str) -> None:
         ) from exc
     template = catalog.templates[template_id]
     checkpoint = catalog.checkpoints[template.checkpoint]
-    base_dir = BASE_ROOT / template.checkpoint
-    vae_dir, vae_ref = VAE_DIR, VaeRef(source=catalog.vae.source, sha256=catalog.vae.sha256)
     identity = TemplateIdentity(
         template=template_id,
         checkpoint=CheckpointRef(id=template.checkpoint, source=checkpoint.source, sha256=checkpoint.sha256),
-        vae=vae_ref,
+        vae=VaeRef(source=catalog.vae.source, sha256=catalog.vae.sha256),
         spec_hash=catalog.spec_hash(template_id),
         defaults=template.defaults,
     )
-    loras = _lora_inputs(catalog, template_id)
+    loras = _lora_inputs(catalog, template_id, receipt, settings)
     result = merge_template(
-        base_dir,
-        vae_dir,
+        base,
+        vae,
         loras,
-        MODELS_ROOT / template_id,
+        out,
         identity=identity,
         prediction_type=checkpoint.prediction,
         shard_size_mb=shard_size_mb,
@@ -338,29 +334,28 @@ def main(template_id: str) -> None:
         peak_rss_mb(),
     )
     # Build metrics (artifacts/stats/merge/<id>.json, docs/operations.md): keys placed per component and
-    # per LoRA as the merge counted them; unplaced re-counted from each file's header (the merge refuses
-    # any, so 0 unless that check breaks). DVC drops lists from metrics: LoRAs are keyed by fusing order.
-    per_lora = {}
-    for index, (ref, lora) in enumerate(zip(result.manifest.loras, loras, strict=True)):
-        file_keys = len(read_safetensors_header(lora.path, lora.name)[0])
-        per_lora[str(index)] = {"source": ref.source, "scale": ref.scale, "file_keys": file_keys,
-                                "placed_keys": ref.placed_keys,
-                                "unplaced_keys": file_keys - sum(ref.placed_keys.values())}  # fmt: skip
+    # per LoRA as the merge counted them (every key of each file: the merge refuses a file with a key it
+    # cannot place). DVC drops lists from metrics: LoRAs are keyed by fusing order.
+    per_lora = {
+        str(index): {
+            "source": ref.source,
+            "scale": ref.scale,
+            "file_keys": sum(ref.placed_keys.values()),
+            "placed_keys": ref.placed_keys,
+        }
+        for index, ref in enumerate(result.manifest.loras)
+    }
     placed = {c: sum(e["placed_keys"].get(c, 0) for e in per_lora.values()) for c in COMPONENTS}
-    model_dir = MODELS_ROOT / template_id
     record_metrics(
         checkpoint=template.checkpoint,
-        model_bytes=sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file()),
+        model_bytes=sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
         model_files=result.files,
         lora_count=len(per_lora),
         loras=per_lora,
         placed_keys={**placed, "total": sum(placed.values())},
-        unplaced_keys=sum(e["unplaced_keys"] for e in per_lora.values()),
         fused_tensors=result.fused_tensors,
     )
 
 
 if __name__ == "__main__":
-    from stages.runtime import run_stage
-
-    run_stage("merge", main)
+    run_stage("merge", main, paths=("base", "vae", "out"), optional_paths=("receipt",))

@@ -1,39 +1,36 @@
-"""What every stage shares: argument handling, params, the catalog, atomic outputs, and the measurement of
-each run (structured stage.* log events, wall time, peak RSS, bytes moved, the build metrics file)."""
+"""What every stage shares: its command line (an id and the paths dvc.yaml passes), params, the catalog, and
+the measurement of each run (structured stage.* log events, wall time, peak RSS, bytes moved, the build
+metrics file)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
 import math
 import os
 import resource
-import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from fuseline.catalog import Catalog, CatalogError, load_catalog
-from fuseline.logs import log_event
-from fuseline.redact import redact
-from fuseline.report import id_field, stats_path
+from fuseline.core.build_metrics import id_field, stats_path
+from fuseline.core.catalog.loading import load_catalog
+from fuseline.core.catalog.model import Catalog
+from fuseline.core.catalog.problems import CatalogError
+from fuseline.core.errors import FuselineError
+from fuseline.core.files import atomic_write
+from fuseline.core.logs import log_event, setup_logging
+from fuseline.core.redact import redact
+from stages.errors import StageError
 
 log = logging.getLogger("fuseline.stages")
 
 CATALOG_FILE = "templates.json"
 PARAMS_FILE = "params.yaml"
-
-
-class StageError(Exception):
-    """A failure the user can fix: printed as one clear message, no traceback, exit status 1."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"[{code}] {message}")
-        self.code = code
-        self.message = message
 
 
 def load_project_catalog(path: str | os.PathLike[str] = CATALOG_FILE) -> Catalog:
@@ -61,30 +58,6 @@ def load_params(section: str, path: str | os.PathLike[str] = PARAMS_FILE) -> dic
     return data[section]
 
 
-@contextlib.contextmanager
-def atomic_output_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary folder beside `final`; rename it into place only if the block succeeds.
-
-    On any error the temporary folder is removed and `final` is absent, so a failed stage never
-    leaves a half-written model behind (DVC removes a stage's outputs before running it).
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if final.exists():
-            shutil.rmtree(final, ignore_errors=True)
-        raise
-
-
 def reset_peak_rss() -> None:
     """Start the peak-RSS count afresh (Linux): ru_maxrss survives exec, so a stage started by DVC or
     pytest would otherwise report its parent's peak. Writing 5 to clear_refs resets VmHWM."""
@@ -99,15 +72,6 @@ def peak_rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; no /proc elsewhere
-
-
-def setup_logging() -> None:
-    """fuseline.logs' handler on stderr: JSON lines under DVC and CI (stderr is a pipe there), text on a
-    terminal; FUSELINE_LOG_LEVEL and FUSELINE_LOG_FORMAT are read there. Every string is redacted, so a
-    later install_redaction() (fetch, `fuseline lock`) only adds a second, harmless pass."""
-    from fuseline.logs import setup_logging as install_handler
-
-    install_handler()
 
 
 # Fields the running stage adds to its metrics file (record_metrics); None outside a measured stage.
@@ -180,15 +144,8 @@ def write_stage_metrics(
 ) -> Path:
     """Write `record` as `artifacts/stats/<stage>/<id>.json`, atomically (temporary file, then rename):
     DVC, `fuseline report` and a crash at any moment see the old file, the new one, or none."""
-    path = stats_path(stage, item_id, root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(_json_safe(record), indent=2, sort_keys=True, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    text = json.dumps(_json_safe(record), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    return atomic_write(stats_path(stage, item_id, root), text)
 
 
 def stage_ids(stage: str, item_id: str) -> dict[str, str]:
@@ -217,7 +174,7 @@ def measure_stage(stage: str, item_id: str) -> Iterator[dict[str, Any]]:
         yield extra
     except BaseException as exc:
         wall_ms = round((time.perf_counter() - start) * 1000, 1)
-        if isinstance(exc, StageError):
+        if isinstance(exc, FuselineError):
             code, message = exc.code, exc.message
         else:  # a bug (its traceback follows from Python) or an interrupt
             code, message = ("INTERNAL" if isinstance(exc, Exception) else "INTERRUPTED"), repr(exc)
@@ -247,21 +204,39 @@ def measure_stage(stage: str, item_id: str) -> Iterator[dict[str, Any]]:
     )
 
 
-def run_stage(stage: str, main: Callable[[str], Any], argv: list[str] | None = None) -> None:
-    """Entry point of `python -m stages.<stage> <id>`: run main(id) under measure_stage.
+def run_stage(
+    stage: str,
+    main: Callable[..., Any],
+    argv: list[str] | None = None,
+    *,
+    paths: Sequence[str] = (),
+    optional_paths: Sequence[str] = (),
+    fixed_id: str | None = None,
+) -> None:
+    """Entry point of `python -m stages.<stage> <id> --<path> PATH ...`: run main(id, **paths) under
+    measure_stage. Every input and output path comes from the command line (dvc.yaml writes each once);
+    `paths` are required, `optional_paths` default to None. A stage serving the whole catalog (vae) has
+    a `fixed_id` and no id argument.
 
-    A StageError exits 1 with its message only; anything else is a bug and keeps its traceback.
+    A FuselineError exits 1 with its message only; anything else is a bug and keeps its traceback.
     """
     setup_logging()
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print(f"usage: python -m stages.{stage} <id>", file=sys.stderr)
-        raise SystemExit(2)
-    item_id = args[0]
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}")
+    if fixed_id is None:
+        parser.add_argument("id", help="the checkpoint or template id (a key of templates.json)")
+    for name in paths:
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, type=Path, required=True, metavar="PATH"
+        )
+    for name in optional_paths:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, default=None, metavar="PATH")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    item_id = fixed_id if fixed_id is not None else args.id
+    options = {name: getattr(args, name) for name in (*paths, *optional_paths)}
     try:
         with measure_stage(stage, item_id):
-            main(item_id)
-    except StageError as exc:
+            main(item_id, **options)
+    except FuselineError as exc:
         # One plain line for a person reading `dvc repro` output, beside the stage.failed record.
         print(redact(f"error: stage {stage}@{item_id}: {exc}"), file=sys.stderr)
         raise SystemExit(1) from None

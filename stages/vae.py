@@ -1,4 +1,4 @@
-"""VAE: write the catalog's VAE (typically the SDXL fp16-fix VAE) as a diffusers folder at artifacts/vae/.
+"""VAE: write the catalog's VAE (typically the SDXL fp16-fix VAE) as a diffusers folder (`--out`).
 
 One stage for all templates: the VAE is shared, so every export reads the same converted copy. The source is
 a diffusers VAE folder (config.json + weights) or a single-file VAE (.safetensors, LDM key layout), which is
@@ -9,32 +9,33 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
-from stages.checkpoint_kind import (
-    CheckpointFormatError,
-    classify_keys,
-    dominant_dtype,
-    read_safetensors_header,
-)
+from fuseline.core.files import atomic_dir
+from fuseline.core.safetensors_io import SafetensorsError, read_header
+from stages.checkpoint_kind import classify_keys, dominant_dtype
 from stages.convert import DEFAULT_CONFIG_DIR, DTYPES, strip_local_paths, torch_dtype_for
-from stages.fetch import read_receipt
+from stages.errors import StageError
 from stages.local_files import check_pickle_allowed, check_sha256, materialize
-from stages.runtime import StageError, atomic_output_dir, load_project_catalog, run_stage
+from stages.receipts import read_receipt
+from stages.runtime import load_project_catalog, run_stage
+from stages.settings import BuildSettings
+from stages.sources.download import RetryPolicy
 
 log = logging.getLogger("fuseline.stages.vae")
 
-VAE_DIR = Path("artifacts/vae")
 STAGE_ID = "vae"
 
 
 def _weights_dtype(weights: Path) -> str:
     try:
-        tensors, _ = read_safetensors_header(weights)
-    except CheckpointFormatError as exc:
-        raise StageError("VAE_CORRUPT", str(exc)) from None
-    return dominant_dtype(tensors)
+        tensors = read_header(weights).tensors
+    except SafetensorsError as exc:
+        raise StageError("VAE_CORRUPT", exc.message) from None
+    dtype = dominant_dtype(tensors)
+    if dtype is None:
+        raise StageError("VAE_CORRUPT", f"{weights}: no floating-point tensors")
+    return dtype
 
 
 def _load_folder(folder: Path, where: str):
@@ -67,14 +68,10 @@ def _load_folder(folder: Path, where: str):
 def _load_single_file(path: Path, config_dir: Path, config_subfolder: str | None, where: str):
     from diffusers import AutoencoderKL
 
-    try:
-        tensors, _ = read_safetensors_header(path)
-    except CheckpointFormatError as exc:
-        raise StageError("VAE_CORRUPT", str(exc)) from None
-    kind = classify_keys(list(tensors))
+    dtype = _weights_dtype(path)
+    kind = classify_keys(list(read_header(path).tensors))
     if kind.kind != "vae":
         raise StageError("VAE_FORMAT", f"{where}: {path} is {kind.name}, not a single-file VAE")
-    dtype = dominant_dtype(tensors)
     vae = AutoencoderKL.from_single_file(
         str(path),
         config=str(config_dir),
@@ -122,7 +119,17 @@ def convert_vae(
     return DTYPES[dtype]
 
 
-def main(_stage_id: str = STAGE_ID) -> None:
+def main(
+    _stage_id: str = STAGE_ID,
+    *,
+    out: Path,
+    receipt: Path | None = None,
+    sdxl_config: Path = DEFAULT_CONFIG_DIR,
+) -> None:
+    """The stage: write the catalog's VAE as a diffusers folder at `out`. `receipt`: the fetch-vae stage's
+    receipt (absent: the catalog's pin only); `sdxl_config`: SDXL base's configs (a single-file VAE is
+    converted with its `vae/` config)."""
+    settings = BuildSettings.from_env()
     catalog = load_project_catalog()
     if catalog.vae is None:
         raise StageError(
@@ -130,11 +137,24 @@ def main(_stage_id: str = STAGE_ID) -> None:
             'templates.json has no "vae" entry; the pipeline exports every template with one shared VAE: add '
             '"vae": {"source": ...} (the SDXL fp16-fix VAE keeps fp16 decoding free of NaNs)',
         )
-    source = materialize(catalog, catalog.vae, "vae", receipt=read_receipt("vae"))
-    with atomic_output_dir(VAE_DIR) as out:
-        convert_vae(source, out, sha256=catalog.vae.sha256, allow_pickle=catalog.vae.allow_pickle)
+    source = materialize(
+        catalog,
+        catalog.vae,
+        "vae",
+        receipt=read_receipt(receipt, "vae"),
+        cache_dir=settings.download_cache,
+        policy=RetryPolicy.from_settings(settings),
+    )
+    with atomic_dir(out) as tmp:
+        convert_vae(
+            source,
+            tmp,
+            config_dir=sdxl_config,
+            sha256=catalog.vae.sha256,
+            allow_pickle=catalog.vae.allow_pickle,
+        )
 
 
 if __name__ == "__main__":
-    # `python -m stages.vae`: one VAE for the whole catalog, so the id is fixed.
-    run_stage(STAGE_ID, main, sys.argv[1:] or [STAGE_ID])
+    # `python -m stages.vae --out DIR ...`: one VAE for the whole catalog, so the id is fixed.
+    run_stage(STAGE_ID, main, paths=("out",), optional_paths=("receipt", "sdxl_config"), fixed_id=STAGE_ID)

@@ -1,9 +1,9 @@
 """VERIFY: load an exported template the way the worker does, generate one small image, and fail on a bad one.
 
-Writes artifacts/verify/<id>/preview.png (a DVC plot) and metrics.json (DVC metrics: load and step time,
-pixel statistics), so `dvc metrics show` and `dvc plots show` compare templates and builds. The checks catch
-what a merge gets wrong without an error: NaN/Inf weights (NaN pixels), a collapsed model (a black or
-constant image) and a manifest that does not match the catalog or the exported scheduler.
+Writes preview.png (a DVC plot) and metrics.json (DVC metrics: load and step time, pixel statistics) into
+`--out`, so `dvc metrics show` and `dvc plots show` compare templates and builds. The checks catch what a
+merge gets wrong without an error: NaN/Inf weights (NaN pixels), a collapsed model (a black or constant
+image) and a manifest that does not match the catalog or the exported scheduler.
 """
 
 from __future__ import annotations
@@ -16,20 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fuseline.manifest import ManifestError, ModelManifest
-from stages.runtime import (
-    StageError,
-    atomic_output_dir,
-    load_params,
-    load_project_catalog,
-    record_metrics,
-    run_stage,
-)
+from fuseline.core.files import atomic_dir
+from fuseline.core.manifest import ManifestError, ModelManifest
+from stages.errors import StageError
+from stages.runtime import load_params, load_project_catalog, record_metrics, run_stage
 
 log = logging.getLogger("fuseline.stages.verify")
 
-MODELS_DIR = Path("artifacts/models")
-VERIFY_DIR = Path("artifacts/verify")
 DEFAULT_PROMPT = "a photo of a red fox in a snowy forest, detailed, sharp focus"
 # A pixel counts as black when every channel is below this (on 0..1).
 BLACK_LEVEL = 0.02
@@ -240,28 +233,30 @@ def verify_model(
     return metrics
 
 
-def main(template_id: str) -> None:
+def main(template_id: str, *, model: Path, out: Path) -> None:
+    """The stage: verify the exported folder `model` of `template_id`, writing preview.png and
+    metrics.json into `out`."""
     catalog = load_project_catalog()
     if template_id not in catalog.templates:
         known = ", ".join(sorted(catalog.templates)) or "(none)"
         raise StageError("TEMPLATE_UNKNOWN", f"no template {template_id!r} in the catalog; known: {known}")
     defaults = catalog.templates[template_id].defaults
     settings = VerifySettings.from_params(load_params("verify"))
-    with atomic_output_dir(VERIFY_DIR / template_id) as out:
+    with atomic_dir(out) as tmp:
         metrics = verify_model(
-            MODELS_DIR / template_id,
+            model,
             template_id,
             settings,
             guidance_scale=defaults.guidance_scale,
             negative_prompt=defaults.negative_prompt,
             expected_spec_hash=catalog.spec_hash(template_id),
-            out=out,
+            out=tmp,
         )
     # Build metrics (artifacts/stats/verify/<id>.json): a failed check raised above and writes none.
     record_metrics(result="pass", load_s=metrics["load_s"], step_s=metrics["step_s"], steps=settings.steps,
                    size=f"{settings.width}x{settings.height}",
-                   preview=(VERIFY_DIR / template_id / "preview.png").as_posix())  # fmt: skip
+                   preview=(out / "preview.png").as_posix())  # fmt: skip
 
 
 if __name__ == "__main__":
-    run_stage("verify", main)
+    run_stage("verify", main, paths=("model", "out"))

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from fuseline import block_weights
-from fuseline.testing.models import UNET_CONFIG
+from fuseline.core import block_weights
+from testkit.models import UNET_CONFIG
 
 # SDXL (layers_per_block 2) names and the block the extension puts each in, written out by hand from the
 # SGM UNet: input_blocks.0 = conv_in, 1-2 level 0, 3 its downsampler, 4-5 level 1, 6 its downsampler,
@@ -47,9 +47,9 @@ def test_sdxl_module_blocks(name, block):
 
 
 def test_every_kit_unet_tensor_gets_the_block_of_its_sgm_name(kit_pipeline):
-    """Independent check: the kit's diffusers -> SGM key map (fuseline.testing.sgm, which writes the kit's
+    """Independent check: the kit's diffusers -> SGM key map (testkit.sgm, which writes the kit's
     single-file checkpoint) names the input/middle/output block of every UNet tensor."""
-    from fuseline.testing.sgm import UNET_PREFIX, unet_block_names, unet_key_to_sgm
+    from testkit.sgm import UNET_PREFIX, unet_block_names, unet_key_to_sgm
 
     names = unet_block_names(kit_pipeline.unet.config)
     sgm_block = re.compile(r"^(input_blocks|middle_block|output_blocks)\.?(\d+)?\.")

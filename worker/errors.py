@@ -1,6 +1,9 @@
-"""Worker errors: one exception type per stable code, rendered as the string RunPod expects in `error`."""
+"""Worker errors: one exception type per stable code, rendered as the string RunPod expects in `error`
+(`[CODE] message`, FuselineError's form)."""
 
 from __future__ import annotations
+
+from fuseline.core.errors import ConfigInvalid, FuselineError
 
 # Every code the worker can put at the start of `error`, with what it means for the caller.
 # docs/operations.md ("Error codes") documents each one; a test keeps the two in step.
@@ -27,17 +30,13 @@ ERROR_CODES: dict[str, str] = {
 }
 
 
-class WorkerError(Exception):
+class WorkerError(FuselineError):
     """A failure reported to the caller as `[CODE] message`; never a traceback."""
 
     code = "INTERNAL_ERROR"
 
-    def __init__(self, message: str):
+    def __init__(self, message: str) -> None:
         super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"[{self.code}] {self.message}"
 
 
 class InvalidInput(WorkerError):
@@ -64,10 +63,6 @@ class OutOfMemory(WorkerError):
     code = "OUT_OF_MEMORY"
 
 
-class ConfigInvalid(WorkerError):
-    code = "CONFIG_INVALID"
-
-
 class InternalError(WorkerError):
     code = "INTERNAL_ERROR"
 
@@ -87,41 +82,8 @@ class CudaError(WorkerError):
     code = "CUDA_ERROR"
 
 
-# Substrings of torch/CUDA messages for errors after which the CUDA context is corrupt (a sticky error:
-# every later kernel launch fails). Out-of-memory is not one of them: freeing memory recovers from it.
-_FATAL_DEVICE_MARKERS = (
-    "CUDA error",
-    "device-side assert",
-    "illegal memory access",
-    "CUBLAS_STATUS_EXECUTION_FAILED",
-    "unspecified launch failure",
-)
-
-
-def unrecoverable_device_error(exc: BaseException) -> BaseException | None:
-    """The CUDA error (not out-of-memory) in `exc` or its cause/context chain, else None.
-
-    torch.AcceleratorError is torch's type for CUDA runtime errors; a RuntimeError carrying a CUDA error
-    message counts too (cuBLAS, extensions). The chain is followed even past `raise … from None`, because
-    wrappers such as ModelInvalid ("diffusers could not load …") hide a device error that way."""
-    import torch
-
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        message = str(current)
-        out_of_memory = isinstance(current, torch.OutOfMemoryError) or "out of memory" in message.lower()
-        if not out_of_memory and (
-            isinstance(current, torch.AcceleratorError)
-            or (isinstance(current, RuntimeError) and any(m in message for m in _FATAL_DEVICE_MARKERS))
-        ):
-            return current
-        current = current.__cause__ or current.__context__
-    return None
-
-
-ERROR_TYPES: tuple[type[WorkerError], ...] = (
+# Every error type a job can answer with; CONFIG_INVALID is the settings' (fuseline.core.errors).
+ERROR_TYPES: tuple[type[FuselineError], ...] = (
     InvalidInput,
     UnknownTemplate,
     ModelInvalid,

@@ -2,11 +2,9 @@
 with diffusers, when its merged model folder is missing or refused (see docs/operations.md,
 "Runtime-LoRA fallback").
 
-What it needs on the volume, none of it inside the merged folder:
-    .fuseline/recipes/<template>.json        the recipe: written by sync from the release entry, first thing
-                                              (before any download can fail), or by hand
-    sources/checkpoints/<checkpoint dir>/    the base checkpoint as a diffusers SDXL folder (safetensors)
-    sources/loras/<sha256>.safetensors       each LoRA file, named by its content hash
+What it needs on the volume, none of it inside the merged folder (worker/sync/recipes.py: the recipe sync
+writes from the release entry, first thing, or a person by hand; the base checkpoint as a diffusers SDXL
+folder under sources/checkpoints/; each LoRA file under sources/loras/, named by its content hash).
 
 A merged folder that passes its checks is always preferred; the fallback answers only when it does not,
 and its jobs carry `"degraded": true` and a warning. Heavy imports (torch, diffusers, peft) happen inside
@@ -17,54 +15,38 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import json
 import logging
-import os
 import re
-import struct
 import sys
 import time
-import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from fuseline.catalog import ID_PATTERN, Defaults
-from fuseline.logs import log_event
-from fuseline.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
-from worker.errors import ModelInvalid, UnknownTemplate, WorkerError, unrecoverable_device_error
-from worker.pipelines import (
-    WEIGHTED_COMPONENTS,
-    LoadedTemplate,
-    TemplateFolder,
-    check_template_folder,
-    load_template,
-    pipeline_weight_bytes,
+from fuseline.core.catalog.model import ID_PATTERN, Defaults
+from fuseline.core.errors import ConfigInvalid
+from fuseline.core.files import sha256_file
+from fuseline.core.logs import log_event
+from fuseline.core.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
+from fuseline.core.safetensors_io import DTYPE_BYTES, SafetensorsError, read_header, sniff_format
+from worker.device import default_device, unrecoverable_device_error
+from worker.errors import ModelInvalid, UnknownTemplate, WorkerError
+from worker.folders import WEIGHTED_COMPONENTS, TemplateFolder, check_template_folder, folder_weight_bytes
+from worker.pipelines import LoadedTemplate, load_template, pipeline_weight_bytes
+from worker.settings import WorkerSettings, load_settings
+from worker.sync.recipes import (
+    RECIPES_DIR,
+    Recipe,
+    RecipeInvalid,
+    checkpoint_dir,
+    checkpoint_dir_name,
+    lora_path,
+    missing_sources,
 )
-from worker.settings import WorkerSettings
+from worker.sync.recipes import read_recipe as read_recipe_file
 
 log = logging.getLogger("fuseline.worker.fallback")
 
-RECIPE_FORMAT = 1
-RECIPES_DIR = Path(".fuseline") / "recipes"
-CHECKPOINTS_DIR = Path("sources") / "checkpoints"
-LORAS_DIR = Path("sources") / "loras"
-SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
-# Extensions of torch.save/pickle files: never loaded (unpickling can run code), only named in the error.
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-# A zip archive (torch.save since torch 1.6) starts with a local file header; a raw pickle stream with the
-# PROTO opcode 0x80 and its protocol number (2-5). Checked only once the file is known not to be a
-# safetensors file, whose first 8 bytes are its header length: a length with a low byte of 0x80 (1 in 32
-# files, headers being padded to 8 bytes) starts with 0x80 too.
-ZIP_MAGIC = b"PK\x03\x04"
-PICKLE_PROTOCOLS = range(2, 6)
-# Longest checkpoint folder name kept as is; longer sources get a hash suffix (filesystems stop at 255).
-MAX_DIR_NAME = 120
 DOCS = 'docs/operations.md, "Runtime-LoRA fallback"'
-_BYTES_PER_DTYPE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 
 
 def degraded_warning(template_id: str, reason: str) -> str:
@@ -75,150 +57,19 @@ def degraded_warning(template_id: str, reason: str) -> str:
     )
 
 
-# ---------------------------------------------------------------------------------------------- recipe
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RecipeLora(_Frozen):
-    source: str
-    sha256: str = Field(description="SHA-256 of the LoRA file; also its name under sources/loras/.")
-    scale: float
-
-    @field_validator("sha256")
-    @classmethod
-    def _hex(cls, value: str) -> str:
-        # Joined into a path: only 64 lowercase hex digits can name a file there.
-        if not SHA256_PATTERN.match(value):
-            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {value!r}")
-        return value
-
-
-class Recipe(_Frozen):
-    """What the merged folder was built from, kept apart from it so the template survives its loss."""
-
-    format: Literal[1] = RECIPE_FORMAT
-    template: str
-    spec_hash: str
-    checkpoint: str = Field(description="Catalog source of the checkpoint (names its folder, see below).")
-    loras: list[RecipeLora] = Field(default_factory=list, description="In fusing order.")
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    defaults: Defaults | None = Field(default=None, description="Absent: the worker's global defaults.")
-
-    def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2, sort_keys=True) + "\n"
-
-
-def recipe_path(volume: Path, template_id: str) -> Path:
-    return Path(volume) / RECIPES_DIR / f"{template_id}.json"
-
-
-def recipe_from_release(template_id: str, released) -> Recipe:
-    """The recipe of a `fuseline.release.ReleasedTemplate` (it carries no defaults: the global ones apply)."""
-    return Recipe(
-        template=template_id,
-        spec_hash=released.spec_hash,
-        checkpoint=released.checkpoint,
-        loras=[RecipeLora(source=x.source, sha256=x.sha256, scale=x.scale) for x in released.loras],
-        prediction_type=released.prediction_type,
-    )
-
-
-def write_recipe(volume: Path, recipe: Recipe) -> bool:
-    """Write `.fuseline/recipes/<template>.json` atomically (temp file, fsync, rename) unless it already
-    holds these bytes; returns whether it wrote. Many workers may write the same recipe at once: each
-    rename installs a complete file."""
-    if not re.match(ID_PATTERN, recipe.template):
-        raise ValueError(f"recipe template {recipe.template!r} is not a catalog id")
-    path = recipe_path(volume, recipe.template)
-    text = recipe.to_json()
-    with contextlib.suppress(OSError):
-        if path.read_text(encoding="utf-8") == text:
-            return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}")  # unique across machines sharing it
-    try:
-        with tmp.open("w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    return True
-
-
 def read_recipe(settings: WorkerSettings, template_id: str) -> Recipe | None:
-    """The template's recipe, None when there is none; ModelInvalid when it is unusable."""
-    path = recipe_path(settings.volume, template_id)
+    """The template's recipe on this worker's volume (checked against FUSELINE_SPEC_HASHES), None when there
+    is none; ModelInvalid when it is unusable."""
     try:
-        recipe = Recipe.model_validate_json(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise ModelInvalid(f"{path}: unreadable ({exc})") from None
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ModelInvalid(
-            f"{path}: invalid recipe ({problems}); delete it and run the sync again to rewrite it"
-        ) from None
-    if recipe.template != template_id:
-        raise ModelInvalid(f"{path}: names template {recipe.template!r}, not {template_id!r}; delete it")
-    expected = settings.expected_spec_hashes.get(template_id)
-    if expected is not None and recipe.spec_hash != expected:
-        raise ModelInvalid(
-            f"{path}: spec_hash {recipe.spec_hash!r} differs from the expected {expected!r} "
-            f"(FUSELINE_SPEC_HASHES); the recipe is stale: run the sync of a release that has it"
-        )
-    return recipe
-
-
-# ---------------------------------------------------------------------------------------------- layout
-
-
-def checkpoint_dir_name(source: str) -> str:
-    """The folder name of a checkpoint under sources/checkpoints/: its catalog source with every run of
-    characters outside [A-Za-z0-9._-] turned into one '-' (`civitai:133005` -> `civitai-133005`)."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", source).strip(".-")
-    if not name or len(name) > MAX_DIR_NAME:
-        digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-        name = f"{name[: MAX_DIR_NAME - 17].rstrip('.-')}-{digest}".lstrip("-")
-    return name
-
-
-def checkpoint_dir(settings: WorkerSettings, source: str) -> Path:
-    return settings.volume / CHECKPOINTS_DIR / checkpoint_dir_name(source)
-
-
-def lora_path(settings: WorkerSettings, sha256: str) -> Path:
-    return settings.volume / LORAS_DIR / f"{sha256}.safetensors"
+        return read_recipe_file(settings.volume, template_id, settings.expected_spec_hashes.get(template_id))
+    except RecipeInvalid as exc:
+        raise ModelInvalid(exc.message) from None
 
 
 def adapter_name(index: int, source: str) -> str:
     """A PEFT adapter name for the template's `index`-th LoRA: [0-9A-Za-z_] only (PEFT joins adapter names
     into module paths, where a '.' or ':' breaks the lookup), unique by the index prefix."""
     return f"lora{index}_{re.sub(r'[^0-9A-Za-z_]', '_', source)}"[:64]
-
-
-def missing_sources(settings: WorkerSettings, recipe: Recipe) -> list[str]:
-    """What the recipe needs that the volume lacks, one line each (empty: the fallback can load)."""
-    missing = []
-    base = checkpoint_dir(settings, recipe.checkpoint)
-    if not (base / "model_index.json").is_file():
-        missing.append(f"{base}/ (a diffusers SDXL folder of checkpoint {recipe.checkpoint!r})")
-    for lora in recipe.loras:
-        path = lora_path(settings, lora.sha256)
-        if not path.is_file():
-            pickles = [p.name for p in (path.with_suffix(s) for s in PICKLE_SUFFIXES) if p.exists()]
-            note = f"; {', '.join(pickles)} there is a pickle file, refused: convert it" if pickles else ""
-            missing.append(f"{path} (LoRA {lora.source!r}){note}")
-    return missing
 
 
 # ----------------------------------------------------------------------------------------- resolving
@@ -243,7 +94,7 @@ def _fallback_folder(
     )
     return TemplateFolder(
         template_id,
-        checkpoint_dir(settings, recipe.checkpoint),
+        checkpoint_dir(settings.volume, recipe.checkpoint),
         manifest,
         recipe.defaults or Defaults(),
         degraded_reason=reason,
@@ -275,27 +126,10 @@ def _resolve_fallback(
         raise ModelInvalid(f"{merged_error.message}; runtime-LoRA fallback: {exc.message}") from None
     if recipe is None:
         raise merged_error  # no recipe: exactly the behaviour without a fallback
-    missing = missing_sources(settings, recipe)
+    missing = missing_sources(settings.volume, recipe)
     if missing:
         raise _with_note(merged_error, f"the volume lacks {'; '.join(missing)} (see {DOCS})") from None
     return _fallback_folder(settings, template_id, recipe, merged_error.message)
-
-
-def fallback_ready_templates(settings: WorkerSettings) -> list[str]:
-    """Ids of the recipes on the volume that the fallback can serve now (a valid recipe, every file it
-    names present): they are templates of this worker even without a merged folder. Cheap: small JSON
-    files and stat calls, no hashing."""
-    out = []
-    for path in sorted((settings.volume / RECIPES_DIR).glob("*.json")):
-        if not re.match(ID_PATTERN, path.stem):
-            continue  # a write's temp file (`.<id>.json.<hex>`) or a stray file
-        try:
-            recipe = read_recipe(settings, path.stem)
-        except ModelInvalid:
-            continue  # named by the fallback's own error when the template is asked for
-        if recipe is not None and not missing_sources(settings, recipe):
-            out.append(path.stem)
-    return out
 
 
 def load_serving(settings: WorkerSettings, template_id: str, device: str | None = None) -> LoadedTemplate:
@@ -321,8 +155,6 @@ def load_serving(settings: WorkerSettings, template_id: str, device: str | None 
 
 def template_weight_bytes(settings: WorkerSettings, template_id: str, bytes_per_value: int) -> int:
     """The cache's size estimate: the merged folder's weights, or else the fallback base folder's."""
-    from worker.pipelines import folder_weight_bytes
-
     merged = settings.models_dir / template_id
     if merged.is_dir():
         return folder_weight_bytes(merged, bytes_per_value)
@@ -334,7 +166,7 @@ def template_weight_bytes(settings: WorkerSettings, template_id: str, bytes_per_
         return 0
     total = 0
     for component in WEIGHTED_COMPONENTS:
-        for path in (checkpoint_dir(settings, recipe.checkpoint) / component).glob("*.safetensors"):
+        for path in (checkpoint_dir(settings.volume, recipe.checkpoint) / component).glob("*.safetensors"):
             stored = _stored_bytes_per_value(path)
             total += path.stat().st_size * bytes_per_value // stored
     return total
@@ -342,50 +174,26 @@ def template_weight_bytes(settings: WorkerSettings, template_id: str, bytes_per_
 
 def _stored_bytes_per_value(path: Path) -> int:
     """Bytes per value of the first tensor in a safetensors header (2 when unreadable)."""
-    with contextlib.suppress(OSError, ValueError, struct.error):
-        with path.open("rb") as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(min(size, 100_000_000)))
-        for key, entry in header.items():
-            if key != "__metadata__":
-                return _BYTES_PER_DTYPE.get(entry.get("dtype"), 2)
-    return 2
+    try:
+        tensors = read_header(path).tensors
+    except (OSError, SafetensorsError):
+        return 2
+    first = next(iter(tensors.values()), None)
+    return DTYPE_BYTES.get(first.dtype, 2) if first is not None else 2
 
 
 # ------------------------------------------------------------------------------------------- loading
 
 
-def _sha256_file(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def is_safetensors(head: bytes, file_size: int) -> bool:
-    """Whether a file starting with `head` (at least 9 bytes) and `file_size` bytes long is laid out as
-    safetensors: a little-endian u64 header length that fits the file, then the JSON header's `{`."""
-    if len(head) < 9:
-        return False
-    (size,) = struct.unpack("<Q", head[:8])
-    return 2 <= size <= file_size - 8 and head[8:9] == b"{"
-
-
-def is_pickle(head: bytes) -> bool:
-    """Whether `head` starts a torch.save zip archive or a pickle stream of protocol 2-5."""
-    return head.startswith(ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and head[1] in PICKLE_PROTOCOLS)
-
-
 def verify_lora_file(path: Path, lora: LoraRef) -> None:
     """Refuse a pickle, and a file whose content is not the recipe's sha256 (a wrong or damaged LoRA)."""
     try:
-        with path.open("rb") as handle:
-            head = handle.read(9)
-            size = os.fstat(handle.fileno()).st_size
-        if not is_safetensors(head, size) and is_pickle(head):
+        if sniff_format(path) in ("pickle", "torch-zip"):
             raise ModelInvalid(
                 f"{path} (LoRA {lora.source!r}) is a pickle (torch.save) file, which can run code when "
                 "loaded; put the .safetensors release of this LoRA there"
             )
-        actual = _sha256_file(path)
+        actual = sha256_file(path)
     except OSError as exc:
         raise ModelInvalid(f"{path} (LoRA {lora.source!r}): unreadable ({exc})") from None
     if actual != lora.sha256:
@@ -414,12 +222,10 @@ def load_runtime_loras(
     load_serving), kept in the entry so that a merged folder appearing during this load counts as new."""
     import torch
 
-    from worker.pipelines import default_device
-
     template_id, base, manifest = folder.template_id, folder.path, folder.manifest
     # Hash before the (slow) pipeline load: a wrong file fails in the time it takes to read it.
     for lora in manifest.loras:
-        verify_lora_file(lora_path(settings, lora.sha256), lora)
+        verify_lora_file(lora_path(settings.volume, lora.sha256), lora)
     try:
         if manifest.loras:
             import peft  # noqa: F401  (diffusers' load_lora_weights needs its PEFT backend)
@@ -430,7 +236,7 @@ def load_runtime_loras(
         ) from None
     from diffusers import StableDiffusionXLPipeline
 
-    device = device or default_device(settings)
+    device = device or default_device(settings.device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     started = time.perf_counter()
     try:
@@ -449,7 +255,7 @@ def load_runtime_loras(
         ) from None
     names = [adapter_name(i, lora.source) for i, lora in enumerate(manifest.loras)]
     for name, lora in zip(names, manifest.loras, strict=True):
-        path = lora_path(settings, lora.sha256)
+        path = lora_path(settings.volume, lora.sha256)
         try:
             pipe.load_lora_weights(str(path), adapter_name=name, local_files_only=True)
         except torch.OutOfMemoryError:
@@ -532,10 +338,10 @@ def fallback_status(settings: WorkerSettings) -> list[FallbackStatus]:
             out.append(FallbackStatus(template, path, False, [exc.message]))
             continue
         assert recipe is not None
-        expected = [f"{checkpoint_dir(settings, recipe.checkpoint)}/"] + [
-            str(lora_path(settings, x.sha256)) for x in recipe.loras
+        expected = [f"{checkpoint_dir(settings.volume, recipe.checkpoint)}/"] + [
+            str(lora_path(settings.volume, x.sha256)) for x in recipe.loras
         ]
-        missing = missing_sources(settings, recipe)
+        missing = missing_sources(settings.volume, recipe)
         out.append(FallbackStatus(template, path, not missing, missing or expected))
     return out
 
@@ -543,14 +349,16 @@ def fallback_status(settings: WorkerSettings) -> list[FallbackStatus]:
 def main(argv: list[str] | None = None) -> int:
     """`python -m worker.fallback [--volume V]`: where each template's fallback files go, and what is
     missing (exit 0 when every recipe is ready)."""
-    from worker.settings import load_settings
-
     parser = argparse.ArgumentParser(prog="python -m worker.fallback", description=main.__doc__)
     parser.add_argument("--volume", default=None, help="default: FUSELINE_VOLUME or /runpod-volume")
     args = parser.parse_args(argv)
-    settings = load_settings()
+    try:
+        settings = load_settings()
+    except ConfigInvalid as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.volume:
-        settings = replace(settings, volume=Path(args.volume))
+        settings = settings.model_copy(update={"volume": Path(args.volume)})
     statuses = fallback_status(settings)
     if not statuses:
         print(f"no recipes in {settings.volume / RECIPES_DIR}: run the sync (FUSELINE_RELEASE) first")

@@ -18,58 +18,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fuseline.logs import log_event, setup_logging
-from worker.errors import CudaError, InvalidInput, OutOfMemory, WorkerError, unrecoverable_device_error
-from worker.fallback import (
-    degraded_warning,
-    load_serving,
-    merged_became_available,
-    resolve_template,
-    template_weight_bytes,
-)
-from worker.inputs import GenerationInput, parse_input, resolve_parameters
-from worker.pipelines import (
-    LoadedTemplate,
-    PipelineCache,
-    available_templates,
-    default_device,
-)
-from worker.settings import WorkerSettings, load_settings
-from worker.telemetry import (
-    COUNTERS,
-    SELF_CHECK_PROMPT,
-    install_shutdown_report,
-    log_start,
-    note_parameters,
-    note_retry,
-    recorded,
-    self_check,
-)
+from fuseline.core.errors import ConfigInvalid
+from fuseline.core.logs import log_event, setup_logging
+from worker.device import unrecoverable_device_error
+from worker.errors import CudaError, InvalidInput, WorkerError
+from worker.serving import Worker
+from worker.settings import load_settings
+from worker.startup import log_start, self_check
+from worker.telemetry import install_shutdown_report, recorded
 
 log = logging.getLogger("fuseline.worker")
 
 # Seconds between two progress updates of one job: each update is an HTTP request to RunPod.
 PROGRESS_INTERVAL_S = 2.0
-# Share of the card's memory the cached pipelines may hold (the rest is for activations and the VAE).
-VRAM_SHARE = 0.75
 # Exit status of a worker whose start self-check failed outside RunPod's job loop (2: bad configuration).
 SELF_CHECK_FAILED = 3
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError)
-
-
-def _free_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class ProgressThrottle:
@@ -102,229 +65,6 @@ def runpod_progress(job: dict) -> Callable[[int, int], None] | None:
     from runpod.serverless import progress_update
 
     return ProgressThrottle(lambda payload: progress_update(job, payload))
-
-
-class Worker:
-    """Settings, the pipeline cache, and the job flow from raw input to the output dict."""
-
-    # SyncReport.summary() of the start-up sync (None: no FUSELINE_RELEASE), for the worker.start event.
-    sync_summary: dict[str, Any] | None = None
-
-    def __init__(self, settings: WorkerSettings, device: str | None = None):
-        self.settings = settings
-        self.device = device or default_device(settings)
-        on_cuda = self.device.startswith("cuda")
-        max_bytes = settings.vram_budget_bytes
-        if on_cuda and max_bytes is None:
-            import torch
-
-            max_bytes = int(torch.cuda.get_device_properties(self.device).total_memory * VRAM_SHARE)
-        bytes_per_value = 2 if on_cuda else 4
-        self.cache = PipelineCache(
-            # The merged folder, else the runtime-LoRA fallback (worker/fallback.py); a cached fallback is
-            # dropped at the next job once a valid merged folder is there (is_stale).
-            loader=lambda template_id: load_serving(settings, template_id, self.device),
-            max_count=settings.max_pipelines,
-            max_bytes=max_bytes if on_cuda else None,
-            estimate=lambda t: template_weight_bytes(settings, t, bytes_per_value),
-            on_evict=lambda _entry: _free_memory(),
-            is_stale=lambda entry: merged_became_available(settings, entry),
-        )
-
-    def startup(self) -> list[str]:
-        """Sync the volume from the release (when configured), check the templates to preload and warm
-        the default one; returns the problems found."""
-        problems = self.sync_volume()
-        templates = (
-            self.settings.preload if self.settings.preload is not None else available_templates(self.settings)
-        )
-        for template_id in templates:
-            try:
-                folder = resolve_template(self.settings, template_id)
-                if folder.degraded_reason is not None:
-                    message = degraded_warning(template_id, folder.degraded_reason)
-                    log_event(log, "template.degraded", message, level=logging.WARNING, template=template_id)
-                else:
-                    log_event(log, "template.ok", f"template {template_id}: folder ok", template=template_id)
-            except WorkerError as exc:
-                problems.append(str(exc))
-                log_event(log, "template.invalid", str(exc), level=logging.ERROR, template=template_id)
-        if self.settings.default_template:
-            try:
-                entry, _ = self.cache.get(self.settings.default_template)
-                log_event(
-                    log,
-                    "template.loaded",
-                    f"default template {entry.template_id} loaded",
-                    template=entry.template_id,
-                    load_ms=round(entry.load_ms, 1),
-                )
-                if "compile" in self.settings.speed.options and not entry.degraded:
-                    problems += self.warm_up(entry)
-            except Exception as exc:
-                # A CUDA error is no folder's fault (pipelines._load lets it through): it is a problem
-                # here, and the self-check that follows fails on the same GPU.
-                if isinstance(exc, WorkerError):
-                    problems.append(str(exc))
-                elif unrecoverable_device_error(exc) is not None:
-                    first_line = (str(exc).strip().splitlines() or ["no message"])[0]
-                    problems.append(
-                        f"template {self.settings.default_template!r}: {type(exc).__name__}: {first_line}"
-                    )
-                else:
-                    raise
-                log_event(
-                    log,
-                    "template.load_failed",
-                    f"default template not loaded: {exc}",
-                    level=logging.ERROR,
-                    template=self.settings.default_template,
-                )
-        return problems
-
-    def warm_up(self, entry: LoadedTemplate) -> list[str]:
-        """One 1-step generation at the template's default size, so that torch.compile (FUSELINE_SPEED=
-        compile) compiles the UNet for the size most jobs ask for before the first job, not during it (the
-        self-check's 64 px image compiles for 64 px only). Returns the problem, if any."""
-        from worker.generate import generate
-
-        template_id = entry.template_id
-        started = time.perf_counter()
-        try:
-            request = parse_input(
-                {"template": template_id, "prompt": SELF_CHECK_PROMPT, "steps": 1}, self.settings
-            )
-            params = resolve_parameters(request, template_id, entry.folder.defaults, self.settings)
-            generate(entry, params)
-        except Exception as exc:
-            if not isinstance(exc, WorkerError) and unrecoverable_device_error(exc) is None:
-                exc = WorkerError(f"{type(exc).__name__}: {exc}")
-            message = f"template {template_id}: compile warm-up failed: {exc}"
-            log_event(log, "template.warm_up_failed", message, level=logging.ERROR, template=template_id)
-            return [message]
-        log_event(
-            log,
-            "template.warmed",
-            f"template {template_id} compiled at {params.width}x{params.height}",
-            template=template_id,
-            width=params.width,
-            height=params.height,
-            ms=round((time.perf_counter() - started) * 1000, 1),
-        )
-        return []
-
-    def sync_volume(self) -> list[str]:
-        """Bring the preload templates (default: all of the release) to the release's version.
-
-        A failure is a problem, not a crash: with the remote down, the templates already on the volume
-        stay served (the sync reports them "kept")."""
-        if not self.settings.release:
-            return []
-        from worker.sync import sync_templates
-
-        report = sync_templates(self.settings.release, self.settings.volume, self.settings.preload)
-        self.sync_summary = summary = report.summary()
-        COUNTERS.add("sync_bytes", summary["bytes"])
-        COUNTERS.add("sync_failures", summary["failures"])
-        level = logging.INFO if report.ok else logging.WARNING
-        log_event(log, "sync.done", "\n".join(report.lines()), level=level, **summary)
-        problems = [report.error] if report.error else []
-        problems += [f"template {t.template}: {t.error}" for t in report.templates if t.error]
-        return problems
-
-    def template_id(self, request: GenerationInput) -> str:
-        template_id = request.template or self.settings.default_template
-        assert template_id is not None  # parse_input refuses a request without one
-        return template_id
-
-    def run(self, raw_input: Any, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-        job_started = time.perf_counter()
-        from worker.generate import generate
-        from worker.images import encode_image, to_base64
-
-        request = parse_input(raw_input, self.settings)
-        template_id = self.template_id(request)
-        # Resolved once from the folder's manifest, before any loading: a retry reuses the same seed.
-        folder = resolve_template(self.settings, template_id)  # the merged folder, else the fallback's
-        params = resolve_parameters(request, template_id, folder.defaults, self.settings)
-        note_parameters(params)
-
-        def attempt() -> tuple[LoadedTemplate, bool, Any]:
-            entry, loaded_now = self.cache.get(template_id)
-            return entry, loaded_now, generate(entry, params, progress)
-
-        try:
-            entry, loaded_now, result = attempt()
-        except Exception as exc:
-            if not _is_out_of_memory(exc):
-                raise
-            # Free every other pipeline and cached allocation, then try once more.
-            dropped = self.cache.evict_all_except(template_id)
-            _free_memory()
-            note_retry("oom")
-            log_event(
-                log,
-                "job.oom_retry",
-                f"out of memory; evicted {dropped or 'nothing'} and retrying once",
-                level=logging.WARNING,
-                template=template_id,
-                evicted=dropped,
-            )
-            try:
-                entry, loaded_now, result = attempt()
-            except Exception as retry_exc:
-                if _is_out_of_memory(retry_exc):
-                    raise OutOfMemory(
-                        f"template {template_id!r} at {params.width}x{params.height}, "
-                        f"{params.num_images} image(s): out of GPU memory also after freeing cached "
-                        "pipelines; ask for fewer or smaller images"
-                    ) from None
-                raise
-            result.warnings.append("ran out of GPU memory once; freed cached pipelines and retried")
-
-        started = time.perf_counter()
-        fmt, quality = params.output.format, params.output.quality
-        encoded = [encode_image(image, fmt, quality) for image in result.images]
-        encode_ms = (time.perf_counter() - started) * 1000
-        upload_ms: float | None = None
-        if params.output.return_ == "s3":
-            from worker.upload import ImageUploader
-
-            started = time.perf_counter()
-            images = ImageUploader.from_settings(self.settings).upload(encoded, fmt, result.seeds)
-            upload_ms = (time.perf_counter() - started) * 1000
-        else:
-            images = [
-                {"data": to_base64(data), "format": fmt, "seed": seed}
-                for data, seed in zip(encoded, result.seeds, strict=True)
-            ]
-        manifest = entry.folder.manifest
-        if entry.folder.degraded_reason is not None:
-            result.warnings.append(degraded_warning(template_id, entry.folder.degraded_reason))
-        return {
-            "images": images,
-            "template": {
-                "id": template_id,
-                "model_hash": manifest.spec_hash,
-                "checkpoint": manifest.checkpoint.model_dump(mode="json"),
-                "loras": [
-                    {"source": lora.source, "sha256": lora.sha256, "scale": lora.scale}
-                    for lora in manifest.loras
-                ],
-            },
-            "parameters": params.public(),
-            "timings_ms": {
-                "load": round(entry.load_ms if loaded_now else 0.0, 1),
-                "inference": round(result.inference_ms, 1),
-                "decode": round(result.decode_ms, 1),
-                "encode": round(encode_ms, 1),
-                "total": round((time.perf_counter() - job_started) * 1000, 1),
-                **({"upload": round(upload_ms, 1)} if upload_ms is not None else {}),
-            },
-            # True: served by the runtime-LoRA fallback, not the merged model (see the warning).
-            "degraded": entry.degraded,
-            "warnings": result.warnings,
-        }
 
 
 _worker: Worker | None = None
@@ -369,7 +109,7 @@ def handler(job: dict) -> dict[str, Any]:
             raise InvalidInput("job has no 'input'; send {'input': {'prompt': '...'}}")
         worker = get_worker()
         return worker.run(job["input"], runpod_progress(job))
-    except WorkerError as exc:
+    except (WorkerError, ConfigInvalid) as exc:  # ConfigInvalid: the settings, read at the first job
         if (device_error := unrecoverable_device_error(exc)) is not None:
             return _replace_worker(job, device_error)
         return {"error": str(exc)}
@@ -431,7 +171,7 @@ def main() -> None:
         os.environ.setdefault("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", "true")
     try:
         worker = get_worker()
-    except WorkerError as exc:
+    except ConfigInvalid as exc:
         log_event(log, "worker.config_invalid", str(exc), level=logging.ERROR)
         sys.exit(2)
     problems = worker.startup()

@@ -17,7 +17,7 @@ object, with which urllib3 connects to an IP we give it while verifying TLS for 
 
 Errors are ImageFetchFailed (network, policy, HTTP status, S3) or ImageInvalid (a body over the byte
 cap). Messages show a URL as scheme, host and path only: query strings (presigned URL signatures) never
-appear, and every message goes through fuseline.redact.
+appear, and every message goes through fuseline.core.redact.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
-from fuseline.redact import redact
+from fuseline.core.redact import redact
 from worker.errors import ImageFetchFailed, ImageInvalid
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -451,7 +451,7 @@ def fetch_s3_object(
     """The object `s3://bucket/key`, read with the worker's own S3 client and credentials.
 
     `client`: a boto3 S3 client (the worker's shared one); None makes one with
-    worker.remote.make_s3_client, the factory the sync and the image upload use. `allowed_buckets`: when
+    fuseline.core.s3.make_client, the factory the sync and the image upload use. `allowed_buckets`: when
     set, other buckets are refused before any request. A larger object than `max_bytes` is refused from
     its size, before its body is read."""
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
@@ -467,12 +467,15 @@ def fetch_s3_object(
             "use an https:// URL or base64, or ask the operator to add the bucket to FUSELINE_INPUT_BUCKETS"
         )
     if client is None:
-        from worker.remote import S3ConfigError, make_s3_client
+        from fuseline.core.errors import ConfigInvalid
+        from fuseline.core.s3 import S3Config, make_client
 
         try:
-            client = make_s3_client(read_timeout=read_timeout_s)
-        except S3ConfigError as err:
-            raise ImageFetchFailed(redact(f"{where}: the worker cannot make an S3 client: {err}")) from None
+            client = make_client(S3Config.from_env(), read_timeout=read_timeout_s)
+        except ConfigInvalid as err:
+            raise ImageFetchFailed(
+                redact(f"{where}: the worker cannot make an S3 client: {err.message}")
+            ) from None
     endpoint = client.meta.endpoint_url
     try:
         response = client.get_object(Bucket=bucket, Key=key)

@@ -35,7 +35,7 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fuseline.redact import redact
+from fuseline.core.redact import redact
 from worker.errors import ImageInvalid
 from worker.image_fetch import IPNetwork, Resolver, describe_url, fetch_s3_object, fetch_url
 

@@ -11,18 +11,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from fuseline.catalog import ID_PATTERN, Defaults
+from fuseline.core.catalog.model import ID_PATTERN, Defaults
+from fuseline.core.serving import DEFAULT_SCHEDULER, MAX_SIZE, SCHEDULER_NAMES, SIZE_MULTIPLE, size_problem
 from worker.errors import InvalidInput, ModelInvalid, UploadNotConfigured
-from worker.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
-from worker.settings import MAX_SIZE, WorkerSettings
+from worker.settings import WorkerSettings
 
 MAX_PROMPT_CHARS = 4000
 MAX_NUM_IMAGES = 4
 MAX_SEED = 2**64 - 1
 DEFAULT_QUALITY = 90
-# SDXL's trained resolutions (1024x1024, 1152x896, 1344x768, ...) are all multiples of 64, and 64 keeps the
-# latent grid divisible through every UNet downsampling level.
-SIZE_MULTIPLE = 64
 
 _STRICT = ConfigDict(strict=True, extra="forbid")
 
@@ -160,12 +157,13 @@ def resolve_parameters(
     """Request values first, then the template's defaults (which carry the global ones), then a seed."""
     width = request.width if request.width is not None else defaults.width
     height = request.height if request.height is not None else defaults.height
-    # The catalog allows any multiple of 8; this worker serves multiples of 64 within its size limits:
-    # a template default outside them is the template's fault, named as such (the request is fine).
+    # The catalog refuses defaults outside the serving rules (core.serving), but a fuseline.json may come
+    # from elsewhere and this worker's FUSELINE_MIN_SIZE may be stricter: a template default it does not
+    # serve is the template's fault, named as such (the request is fine).
     from_defaults = [name for name in ("width", "height") if getattr(request, name) is None]
     for name in from_defaults:
         value = getattr(defaults, name)
-        if value % SIZE_MULTIPLE or not settings.min_size <= value <= MAX_SIZE:
+        if size_problem(value, settings.min_size) is not None:
             raise ModelInvalid(
                 f"template {template_id!r}: fuseline.json defaults.{name} {value} is not a size this worker "
                 f"serves (a multiple of {SIZE_MULTIPLE} between {settings.min_size} (FUSELINE_MIN_SIZE) and "

@@ -1,4 +1,5 @@
-"""Speed options of the worker, switched by FUSELINE_SPEED (issue #9, B6); off by default.
+"""Speed options of the worker, switched by FUSELINE_SPEED (issue #9, B6); off by default. Parsed at start
+as worker.settings.SpeedOptions, applied here to each loaded pipeline.
 
     FUSELINE_SPEED=channels_last,fuse_qkv,compile
     FUSELINE_COMPILE_MODE=max-autotune-no-cudagraphs   # torch.compile mode (default: torch's default)
@@ -21,47 +22,12 @@ tests/worker/test_speed.py compares each against the plain path on the kit model
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from fuseline.logs import log_event
-from worker.errors import ConfigInvalid
+from fuseline.core.logs import log_event
+from worker.settings import SpeedOptions
 
 log = logging.getLogger("fuseline.worker")
-
-SPEED_OPTIONS = ("channels_last", "fuse_qkv", "compile")
-
-
-@dataclass(frozen=True)
-class SpeedOptions:
-    options: tuple[str, ...] = ()
-    compile_mode: str | None = None
-    compile_backend: str = "inductor"
-
-    def __bool__(self) -> bool:
-        return bool(self.options)
-
-
-def parse_speed_options(env: Mapping[str, str]) -> SpeedOptions:
-    """FUSELINE_SPEED and its companions; an unknown option fails the start (a typo would otherwise
-    silently run the slow path)."""
-    raw = env.get("FUSELINE_SPEED", "").strip()
-    options = tuple(dict.fromkeys(o.strip().lower() for o in raw.split(",") if o.strip()))
-    unknown = [o for o in options if o not in SPEED_OPTIONS]
-    if unknown:
-        raise ConfigInvalid(
-            f"FUSELINE_SPEED={raw!r}: unknown option(s) {', '.join(unknown)}; "
-            f"valid: {', '.join(SPEED_OPTIONS)} (comma-separated), or unset it"
-        )
-    mode = env.get("FUSELINE_COMPILE_MODE", "").strip() or None
-    backend = env.get("FUSELINE_COMPILE_BACKEND", "").strip() or "inductor"
-    if (mode or env.get("FUSELINE_COMPILE_BACKEND", "").strip()) and "compile" not in options:
-        raise ConfigInvalid(
-            "FUSELINE_COMPILE_MODE/FUSELINE_COMPILE_BACKEND are set but FUSELINE_SPEED does not include "
-            "'compile'; add it or unset them"
-        )
-    return SpeedOptions(options=options, compile_mode=mode, compile_backend=backend)
 
 
 def apply_speed_options(pipe: Any, speed: SpeedOptions) -> list[str]:

@@ -1,10 +1,10 @@
-"""What the worker tells its operators about itself: the start report and self-check, one record per job,
-and process counters (event names and fields: docs/operations.md "Worker logs").
+"""What the worker tells its operators about its jobs: one record per job and process counters (event names
+and fields: docs/operations.md "Worker logs"; the start report is worker/startup.py's).
 
 Operators of a serverless endpoint see a worker only through its logs, so each of these is one structured
-event (fuseline.logs): `worker.start` once, `job.done`/`job.failed` per job, `worker.counters` every
-FUSELINE_COUNTERS_EVERY jobs and at exit. Nothing here imports torch at module level: pipelines.py and
-generate.py report into it from hot paths.
+event (fuseline.core.logs): `job.done`/`job.failed` per job, `worker.counters` every FUSELINE_COUNTERS_EVERY
+jobs and at exit. Nothing here imports torch at module level: pipelines.py and generate.py report into it
+from hot paths.
 """
 
 from __future__ import annotations
@@ -12,11 +12,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
-import importlib.metadata
 import logging
-import platform
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -24,17 +21,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-from fuseline.logs import log_event
-from worker.errors import ModelInvalid, WorkerError
-
-if TYPE_CHECKING:
-    from worker.handler import Worker
-    from worker.pipelines import LoadedTemplate
-    from worker.settings import WorkerSettings
+from fuseline.core.logs import log_event
 
 log = logging.getLogger("fuseline.worker")
 
@@ -56,10 +46,6 @@ COUNTER_NAMES = (
 )
 # Retry kinds a job record lists, each with the counter it adds to.
 RETRY_COUNTERS = {"image_check": "image_check_retries", "oom": "oom_retries"}
-# The self-check's generation: one step at the smallest size SDXL's UNet accepts (latents 8x8), so it
-# costs well under a second on a GPU while running every component of the pipeline once.
-SELF_CHECK_SIZE = 64
-SELF_CHECK_PROMPT = "a red apple on a wooden table"
 _ERROR_CODE_RE = re.compile(r"^\[([A-Z_]+)\] ")
 # Failed jobs' error text in a record is cut here: a log line, not a transcript.
 _MAX_ERROR_CHARS = 500
@@ -255,210 +241,7 @@ def finish_job(
         log_counters("periodic", logger)
 
 
-# ----------------------------------------------------------------------------------- start and self-check
-
-
-@dataclass
-class SelfCheck:
-    ok: bool
-    mode: str  # "generate" (default template), "files" (each preloaded folder), "none" (nothing to check)
-    templates: list[str]
-    ms: float
-    error: str | None = None
-    # Templates the runtime-LoRA fallback will serve (their merged folder is missing or broken).
-    degraded: list[str] = field(default_factory=list)
-
-    def fields(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"ok": self.ok, "mode": self.mode, "templates": self.templates, "ms": self.ms}
-        if self.degraded:
-            out["degraded"] = self.degraded
-        if self.error:
-            out["error"] = self.error
-        return out
-
-
-def check_weight_files(template_id: str, path: Path) -> None:
-    """Raise ModelInvalid naming the first component without weights or the first .safetensors file whose
-    header is unreadable or promises more bytes than the file holds (truncated, overwritten).
-
-    Reads headers only (a few KB per file): tensor bytes are sync's md5 check's business."""
-    from safetensors import SafetensorError, safe_open
-
-    from worker.pipelines import WEIGHTED_COMPONENTS  # here: pipelines imports this module
-
-    fix = f"re-sync it: python -m worker.sync --verify --template {template_id}"
-    for component in WEIGHTED_COMPONENTS:
-        folder = path / component
-        if not folder.is_dir() or not any(folder.glob("*.safetensors")):
-            raise ModelInvalid(f"template {template_id!r}: {folder}: no .safetensors weights; {fix}")
-    for file in sorted(path.rglob("*.safetensors")):
-        try:
-            with safe_open(file, framework="pt") as handle:
-                handle.keys()
-        except (SafetensorError, OSError) as exc:
-            raise ModelInvalid(
-                f"template {template_id!r}: {file}: not a readable safetensors file ({exc}); {fix}"
-            ) from None
-
-
-def _fallback_ready(settings: WorkerSettings, template_id: str) -> bool:
-    """Whether the runtime-LoRA fallback can serve `template_id` (its recipe and every file it names are
-    on the volume): then a broken merged folder degrades the template instead of failing it."""
-    from worker.fallback import missing_sources, read_recipe
-
-    try:
-        recipe = read_recipe(settings, template_id)
-    except WorkerError:
-        return False
-    return recipe is not None and not missing_sources(settings, recipe)
-
-
-def self_check(worker: Worker) -> SelfCheck:
-    """With a default template: the header of each of its weight files, then one 1-step 64 px generation
-    through the serving path (the pipeline called directly: FUSELINE_MIN_SIZE does not apply; the
-    runtime-LoRA fallback where it serves the template). Without one: the weight files of each preloaded
-    template present on the volume. Never raises; the result says what failed, naming the file where a
-    file is at fault."""
-    from worker.pipelines import available_templates
-
-    settings = worker.settings
-    started = time.perf_counter()
-
-    def result(ok: bool, mode: str, templates: list[str], error: Any = None, **extra: Any) -> SelfCheck:
-        ms = round((time.perf_counter() - started) * 1000, 1)
-        return SelfCheck(ok, mode, templates, ms, None if error is None else str(error), **extra)
-
-    default = settings.default_template
-    if default:
-        files_error: WorkerError | None = None
-        if (settings.models_dir / default).is_dir():
-            try:
-                check_weight_files(default, settings.models_dir / default)
-            except WorkerError as exc:
-                files_error = exc  # fatal unless the fallback serves the template instead
-        try:
-            entry = _generate_once(worker, default)
-        except WorkerError as exc:
-            return result(False, "generate", [default], files_error or exc)
-        except Exception as exc:  # a bug or a broken library: still a reason not to take jobs
-            reason = files_error or f"template {default!r}: {type(exc).__name__}: {exc}"
-            return result(False, "generate", [default], reason)
-        if files_error is not None and not entry.degraded:
-            return result(False, "generate", [default], files_error)
-        return result(True, "generate", [default], degraded=[default] if entry.degraded else [])
-    present = available_templates(settings)
-    wanted = [t for t in (settings.preload or present) if t in present]
-    degraded = []
-    for template_id in wanted:
-        try:
-            check_weight_files(template_id, settings.models_dir / template_id)
-        except WorkerError as exc:
-            if not _fallback_ready(settings, template_id):
-                return result(False, "files", wanted, exc, degraded=degraded)
-            degraded.append(template_id)
-    return result(True, "files" if wanted else "none", wanted, degraded=degraded)
-
-
-def _generate_once(worker: Worker, template_id: str) -> LoadedTemplate:
-    from worker.generate import generate
-    from worker.inputs import GenerationParameters, OutputOptions
-
-    entry, _ = worker.cache.get(template_id)
-    params = GenerationParameters(
-        template=template_id,
-        prompt=SELF_CHECK_PROMPT,
-        negative_prompt="",
-        width=SELF_CHECK_SIZE,
-        height=SELF_CHECK_SIZE,
-        steps=1,
-        guidance_scale=entry.folder.defaults.guidance_scale,
-        seed=0,
-        num_images=1,
-        scheduler="default",
-        output=OutputOptions(),
-    )
-    generate(entry, params)  # raises ImageInvalid on NaN/Inf or a black frame
-    return entry
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _nvidia_driver() -> str | None:
-    """The kernel driver's version ("550.54.15"), from the file the NVIDIA driver exposes on Linux."""
-    try:
-        text = Path("/proc/driver/nvidia/version").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    match = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]+)", text)
-    return match.group(1) if match else None
-
-
-def environment(device: str) -> dict[str, Any]:
-    """Versions, CUDA and the GPU's memory (or "cpu"), for the start report."""
-    import torch
-
-    out: dict[str, Any] = {
-        "versions": {
-            "python": platform.python_version(),
-            **{name: _version(name) for name in ("torch", "diffusers", "transformers", "runpod", "fuseline")},
-        },
-        "device": device,
-        "cuda": {"version": torch.version.cuda, "driver": _nvidia_driver()},
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info(device)
-        out["gpu"] = {
-            "name": torch.cuda.get_device_name(device),
-            "free_bytes": int(free),
-            "total_bytes": int(total),
-        }
-    else:
-        out["gpu"] = "cpu"
-    return out
-
-
-def start_fields(worker: Worker, problems: list[str], check: SelfCheck) -> dict[str, Any]:
-    from worker.pipelines import available_templates
-
-    settings = worker.settings
-    try:
-        free = shutil.disk_usage(settings.volume).free
-    except OSError:
-        free = None
-    sync = getattr(worker, "sync_summary", None)
-    return {
-        **environment(worker.device),
-        "volume": {"path": str(settings.volume), "free_bytes": free},
-        "templates_present": available_templates(settings),
-        "default_template": settings.default_template,
-        "templates_synced": sorted(sync["templates"]) if sync else [],
-        "sync": sync,
-        "problems": problems,
-        "self_check": check.fields(),
-    }
-
-
-def log_start(
-    worker: Worker, problems: list[str], check: SelfCheck, logger: logging.Logger = log
-) -> dict[str, Any]:
-    """Log the `worker.start` event (error level when the self-check failed) and return its fields."""
-    fields = start_fields(worker, problems, check)
-    if check.ok:
-        level, message = (logging.WARNING if problems else logging.INFO), "worker started"
-        if problems:
-            message += f" with {len(problems)} template problem(s); jobs for those templates will fail"
-    else:
-        level, message = logging.ERROR, f"self-check failed, not taking jobs: {check.error}"
-    log_event(logger, "worker.start", message, level=level, **fields)
-    return fields
-
-
-def recorded(current_worker: Callable[[], Worker | None]) -> Callable[[Handler], Handler]:
+def recorded(current_worker: Callable[[], Any]) -> Callable[[Handler], Handler]:
     """Decorate the RunPod handler so that every job it runs is recorded (`job.done`/`job.failed`) and
     counted. `current_worker` gives the process's worker when there is one (its device for peak VRAM,
     its settings for FUSELINE_COUNTERS_EVERY)."""

@@ -1,7 +1,7 @@
 """Image upload for `output.return: "s3"`: one object per image, answered with a presigned GET URL.
 
 The bucket, prefix and URL lifetime come from the worker's settings (FUSELINE_OUTPUT_*); the endpoint and
-credentials from the standard AWS_* variables boto3 reads, as for the volume sync (worker/remote.py).
+credentials from the standard AWS_* variables boto3 reads, as for the volume sync (fuseline/core/s3.py).
 Errors are `[UPLOAD_FAILED]` with the endpoint, bucket and key at fault, redacted, never a credential.
 """
 
@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fuseline.redact import redact
+from fuseline.core.errors import ConfigInvalid
+from fuseline.core.redact import redact
+from fuseline.core.s3 import S3Config, make_client
 from worker.errors import UploadFailed, UploadNotConfigured
-from worker.remote import S3ConfigError, make_s3_client
 from worker.settings import WorkerSettings
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -44,8 +45,9 @@ _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403",
 
 
 def s3_client() -> Any:
-    """The worker's S3 client (worker.remote.make_s3_client), shared while AWS_* are unchanged; a
-    configuration boto3 refuses is UploadFailed naming the variable (settings refuse most at start).
+    """The worker's S3 client (fuseline.core.s3, configured like the sync's), shared while AWS_* are
+    unchanged; a configuration boto3 refuses is UploadFailed naming the variable (settings refuse most at
+    start).
 
     boto3 clients are thread-safe; building one costs tens of milliseconds, too much to pay per job."""
     env_key = tuple(os.environ.get(name) for name in _CLIENT_ENV)
@@ -54,9 +56,9 @@ def s3_client() -> Any:
         if client is None:
             try:
                 # A job waits on these calls: a 30 s read timeout, not the sync's 60.
-                client = make_s3_client(read_timeout=30)
-            except S3ConfigError as err:
-                raise UploadFailed(f"output bucket not reachable: {redact(str(err))}") from None
+                client = make_client(S3Config.from_env(), read_timeout=30)
+            except ConfigInvalid as err:
+                raise UploadFailed(f"output bucket not reachable: {redact(err.message)}") from None
             _clients[env_key] = client
         return client
 

@@ -1,12 +1,12 @@
 """The shared download cache: files stored by content, `<root>/sha256/<2 hex>/<64 hex>`, with a sidecar
-`<64 hex>.json` (source, size, when). A file's path comes from its hash only: never from a server's
-Content-Disposition or a URL, so no download can choose where it lands.
+`<64 hex>.json` (source, size, when), and `<root>/locks/<64 hex>.lock` held while one is filled. A file's
+path comes from its hash only: never from a server's Content-Disposition or a URL, so no download can
+choose where it lands.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -14,26 +14,21 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from fuseline.redact import redact
+from fuseline.core.files import atomic_write, local_lock
+from fuseline.core.redact import redact
+from stages.settings import BuildSettings
 from stages.sources.errors import SourceError
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def default_cache_dir() -> Path:
-    """FUSELINE_CACHE_DIR, else $XDG_CACHE_HOME/fuseline, else ~/.cache/fuseline."""
-    if os.environ.get("FUSELINE_CACHE_DIR"):
-        return Path(os.environ["FUSELINE_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "fuseline"
-
-
 class DownloadCache:
-    """Content-addressed files under `root`. Safe across processes: filling one hash holds an flock on
-    its shard folder, so two DVC stages fetching the same LoRA download it once."""
+    """Content-addressed files under `root` (default: the build settings' download cache). Safe across
+    processes: filling one hash holds a lock on it, so two DVC stages fetching the same LoRA download it
+    once."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
-        self.root = Path(root) if root is not None else default_cache_dir()
+        self.root = Path(root) if root is not None else BuildSettings.from_env().download_cache
 
     def path_for(self, sha256: str) -> Path:
         sha = _check_sha(sha256)
@@ -57,16 +52,12 @@ class DownloadCache:
 
     @contextlib.contextmanager
     def locked(self, sha256: str) -> Iterator[Path]:
-        """Hold the shard's lock; yields the target path."""
+        """Hold the lock of one hash (`<root>/locks/<hash>.lock`, kept apart from the content); yields the
+        target path."""
         path = self.path_for(sha256)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with local_lock(self.root / "locks" / f"{path.name}.lock"):
             yield path
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
 
     def fetch(self, sha256: str, fill: Callable[[Path], object], *, source: str, url: str = "") -> Path:
         """The cached file for `sha256`; on a miss, `fill(target)` must create `target` (verified)."""
@@ -92,9 +83,7 @@ class DownloadCache:
             "url": redact(url),
             "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        tmp = path.with_name(f".{path.name}.json.tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, self.sidecar_for(sha256))
+        atomic_write(self.sidecar_for(sha256), json.dumps(record, indent=2) + "\n")
 
 
 def _check_sha(sha256: str) -> str:

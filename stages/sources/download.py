@@ -30,7 +30,8 @@ from typing import Any
 
 import requests
 
-from fuseline.redact import redact
+from fuseline.core.redact import redact
+from stages.settings import BuildSettings
 from stages.sources.errors import SourceError
 
 log = logging.getLogger("fuseline.sources")
@@ -59,13 +60,14 @@ class RetryPolicy:
     read_timeout: float = 60.0
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> RetryPolicy:
-        """Defaults, with FUSELINE_DOWNLOAD_RETRY_SECONDS / FUSELINE_DOWNLOAD_ATTEMPTS applied."""
-        values: dict[str, Any] = {}
-        if os.environ.get("FUSELINE_DOWNLOAD_RETRY_SECONDS"):
-            values["total_seconds"] = float(os.environ["FUSELINE_DOWNLOAD_RETRY_SECONDS"])
-        if os.environ.get("FUSELINE_DOWNLOAD_ATTEMPTS"):
-            values["max_attempts"] = int(os.environ["FUSELINE_DOWNLOAD_ATTEMPTS"])
+    def from_settings(cls, settings: BuildSettings | None = None, **overrides: Any) -> RetryPolicy:
+        """Defaults, with FUSELINE_DOWNLOAD_RETRY_SECONDS / FUSELINE_DOWNLOAD_ATTEMPTS from the build settings
+        (read from the environment when none are given)."""
+        settings = settings or BuildSettings.from_env()
+        values: dict[str, Any] = {
+            "total_seconds": settings.download_retry_seconds,
+            "max_attempts": settings.download_attempts,
+        }
         values.update(overrides)
         return cls(**values)
 
@@ -216,6 +218,157 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
     return first, total
 
 
+class _Transfer:
+    """The state of one download across its attempts: the partial file and its validator, the running
+    sha256 of the bytes kept, the offsets resumed at, the progress display."""
+
+    def __init__(
+        self, dest: Path, expected: str | None, first_url: str, label: str, auth_hint: str | None
+    ) -> None:
+        self.label, self.auth_hint, self.expected = label, auth_hint, expected
+        self.part, self.meta_path = part_path(dest), _part_meta_path(dest)
+        # What the partial file belongs to: the pinned hash, or the URL without its (secret) query.
+        self.identity = expected or first_url.split("?", 1)[0]
+        self.validator = _load_validator(self.part, self.meta_path, self.identity)
+        self.hasher: Any = None
+        self.hashed = 0
+        self.resumed: list[int] = []
+        self.bar: _Progress | None = None
+        self.final_url = first_url
+
+    def size_on_disk(self) -> int:
+        return self.part.stat().st_size if self.part.exists() else 0
+
+    def _start_over(self) -> None:
+        _truncate(self.part)
+        self.hasher, self.hashed, self.validator = None, 0, None
+
+    def request_headers(self, headers: Mapping[str, str] | None) -> tuple[int, dict[str, str]]:
+        """(offset to resume at, headers) for the next attempt; the kept prefix goes through the hash."""
+        offset = self.size_on_disk()
+        if offset and not self.validator:
+            # Without an ETag or Last-Modified there is no If-Range, and a server whose file changed would
+            # answer the Range with 206 and the new bytes, spliced after the old prefix.
+            log.info("%s: the server gave no ETag/Last-Modified to resume against; starting over", self.label)
+            _truncate(self.part)
+            offset, self.hasher, self.hashed = 0, None, 0
+        if self.hasher is None or self.hashed != offset:
+            # Resume: the prefix already on disk goes through the same hash as the new bytes.
+            self.hasher, self.hashed = _sha256_of_file(self.part) if offset else hashlib.sha256(), offset
+        # identity: Range offsets count the file's bytes, which a gzip-encoded answer would not.
+        req_headers = {"Accept-Encoding": "identity", **(headers or {})}
+        if offset:
+            req_headers["Range"] = f"bytes={offset}-"
+            if self.validator:
+                req_headers["If-Range"] = self.validator
+        return offset, req_headers
+
+    def receive(self, resp: requests.Response, offset: int, progress: bool | None, interval: float) -> None:
+        """Take one answer: raise SourceError for a final failure, _Retry for a transient one; otherwise
+        write its body after the kept prefix (or from scratch), hashed and fsynced."""
+        self.final_url = redact(resp.url)
+        total = self._check_status(resp, offset)
+        if total is _COMPLETE:
+            return
+        if resp.status_code == 206:
+            self.resumed.append(offset)
+            log.info("%s: resuming at %s", self.label, _mib(offset))
+        else:
+            if offset:
+                log.info(
+                    "%s: server sent the whole file (Range ignored or file changed); restarting", self.label
+                )
+            offset = 0
+            self.hasher, self.hashed = hashlib.sha256(), 0
+            self.validator = _validator(resp.headers)
+            _save_validator(self.meta_path, self.identity, self.validator)
+        content_type = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type in _PAGE_CONTENT_TYPES:
+            head = resp.raw.read(512, decode_content=True)
+            raise _page_error(self.label, redact(resp.url), content_type, head, self.auth_hint)
+        if self.bar is None:
+            self.bar = _Progress(self.label, total, offset, progress, interval)
+        else:
+            self.bar.total, self.bar.done = total, offset
+        self._write_body(resp, offset, content_type)
+        if total is not None and self.hashed != total:
+            raise _Retry(f"connection ended at byte {self.hashed} of {total}")
+
+    def _check_status(self, resp: requests.Response, offset: int) -> Any:
+        """The size the body should reach (None: unknown), _COMPLETE when the partial file already holds
+        the whole file; raises for an answer that carries no usable body."""
+        status, label = resp.status_code, self.label
+        if status in (401, 403):
+            reason = "Unauthorized" if status == 401 else "Forbidden"
+            raise SourceError(
+                "AUTH_REQUIRED" if status == 401 else "FORBIDDEN",
+                f"{label}: {redact(resp.url)} answered {status} {reason}"
+                f"{_body_note(resp)}; {self.auth_hint or 'this URL needs credentials'}",
+            )
+        if status in (404, 410):
+            raise SourceError(
+                "NOT_FOUND",
+                f"{label}: {redact(resp.url)} answered {status}: the file is not there; check the source in "
+                "templates.json",
+            )
+        if status in RETRY_STATUSES:
+            raise _Retry(
+                f"HTTP {status}{_body_note(resp)}", parse_retry_after(resp.headers.get("Retry-After"))
+            )
+        if status == 416 and offset:
+            _, total = _content_range(resp.headers.get("Content-Range"))
+            if total == offset:  # the partial file is already complete
+                return _COMPLETE
+            self._start_over()
+            raise _Retry(f"HTTP 416 for bytes={offset}- (server has {total} bytes); starting over")
+        if status not in (200, 206):
+            raise SourceError(
+                "HTTP_ERROR", f"{label}: {redact(resp.url)} answered HTTP {status}{_body_note(resp)}"
+            )
+        if status == 206:
+            first, total = _content_range(resp.headers.get("Content-Range"))
+            if first != offset:
+                self._start_over()
+                raise _Retry(f"server resumed at byte {first}, not {offset}; starting over")
+            return total
+        return int(resp.headers["Content-Length"]) if resp.headers.get("Content-Length") else None
+
+    def _write_body(self, resp: requests.Response, offset: int, content_type: str) -> None:
+        assert self.bar is not None
+        with self.part.open("ab" if offset else "wb") as fh:
+            # A fresh body's start is sniffed before anything of it is kept: a login wall is not a model.
+            head: bytes | None = None if offset else b""
+            for chunk in resp.iter_content(CHUNK):
+                if head is not None:
+                    head += chunk
+                    if len(head) < _HEAD_SNIFF:
+                        continue
+                    if looks_like_page(head):
+                        raise _page_error(self.label, redact(resp.url), content_type, head, self.auth_hint)
+                    chunk, head = head, None
+                self._keep(fh, chunk)
+            if head:  # a body shorter than the sniff window
+                if looks_like_page(head):
+                    raise _page_error(self.label, redact(resp.url), content_type, head, self.auth_hint)
+                self._keep(fh, head)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _keep(self, fh: Any, chunk: bytes) -> None:
+        fh.write(chunk)
+        self.hasher.update(chunk)
+        self.hashed += len(chunk)
+        assert self.bar is not None
+        self.bar.update(len(chunk))
+
+    def discard(self) -> None:
+        _remove(self.part, self.meta_path)
+
+
+# A partial file that already holds the whole file (the server answered 416 with its size).
+_COMPLETE = object()
+
+
 def download(
     url: str | Callable[[], str],
     dest: str | os.PathLike[str],
@@ -241,7 +394,7 @@ def download(
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    policy = policy or RetryPolicy.from_env()
+    policy = policy or RetryPolicy.from_settings()
     label = label or dest.name
     make_url = url if callable(url) else (lambda: url)
 
@@ -262,145 +415,20 @@ def download(
     own_session = session is None
     session = session or new_session()
     expected = sha256.lower() if sha256 else None
-    part, meta_path = part_path(dest), _part_meta_path(dest)
-    # What the partial file belongs to: the pinned hash, or the URL without its (secret) query.
-    identity = expected or first_url.split("?", 1)[0]
-
-    validator = _load_validator(part, meta_path, identity)
-    hasher: Any = None
-    hashed = 0
+    transfer = _Transfer(dest, expected, first_url, label, auth_hint)
     attempts = failures = 0
-    resumed: list[int] = []
     deadline = time.monotonic() + policy.total_seconds
     started = time.monotonic()
-    bar: _Progress | None = None
-    final_url = first_url
     try:
         while True:
             attempts += 1
-            offset = part.stat().st_size if part.exists() else 0
-            if offset and not validator:
-                # Without an ETag or Last-Modified there is no If-Range, and a server whose file changed
-                # would answer the Range with 206 and the new bytes, spliced after the old prefix.
-                log.info("%s: the server gave no ETag/Last-Modified to resume against; starting over", label)
-                _truncate(part)
-                offset, hasher, hashed = 0, None, 0
-            if hasher is None or hashed != offset:
-                # Resume: the prefix already on disk goes through the same hash as the new bytes.
-                hasher, hashed = _sha256_of_file(part) if offset else hashlib.sha256(), offset
-            # identity: Range offsets count the file's bytes, which a gzip-encoded answer would not.
-            req_headers = {"Accept-Encoding": "identity", **(headers or {})}
-            if offset:
-                req_headers["Range"] = f"bytes={offset}-"
-                if validator:
-                    req_headers["If-Range"] = validator
-            before = offset
+            offset, req_headers = transfer.request_headers(headers)
             try:
                 attempt_url = url_of()
-                with session.get(
-                    attempt_url,
-                    headers=req_headers,
-                    stream=True,
-                    timeout=(policy.connect_timeout, policy.read_timeout),
-                ) as resp:
-                    final_url = redact(resp.url)
-                    status = resp.status_code
-                    if status in (401, 403):
-                        raise SourceError(
-                            "AUTH_REQUIRED" if status == 401 else "FORBIDDEN",
-                            f"{label}: {redact(resp.url)} answered {status} "
-                            f"{'Unauthorized' if status == 401 else 'Forbidden'}"
-                            f"{_body_note(resp)}; {auth_hint or 'this URL needs credentials'}",
-                        )
-                    if status in (404, 410):
-                        raise SourceError(
-                            "NOT_FOUND",
-                            f"{label}: {redact(resp.url)} answered {status}: the file is not there; "
-                            "check the source in templates.json",
-                        )
-                    if status in RETRY_STATUSES:
-                        raise _Retry(
-                            f"HTTP {status}{_body_note(resp)}",
-                            parse_retry_after(resp.headers.get("Retry-After")),
-                        )
-                    if status == 416 and offset:
-                        _, total = _content_range(resp.headers.get("Content-Range"))
-                        if total == offset:  # the partial file is already complete
-                            break
-                        _truncate(part)
-                        hasher, hashed, validator = None, 0, None
-                        raise _Retry(
-                            f"HTTP 416 for bytes={offset}- (server has {total} bytes); starting over"
-                        )
-                    if status not in (200, 206):
-                        raise SourceError(
-                            "HTTP_ERROR",
-                            f"{label}: {redact(resp.url)} answered HTTP {status}{_body_note(resp)}",
-                        )
-                    if status == 206:
-                        first, total = _content_range(resp.headers.get("Content-Range"))
-                        if first != offset:
-                            _truncate(part)
-                            hasher, hashed, validator = None, 0, None
-                            raise _Retry(f"server resumed at byte {first}, not {offset}; starting over")
-                        resumed.append(offset)
-                        log.info("%s: resuming at %s", label, _mib(offset))
-                    else:
-                        total = (
-                            int(resp.headers["Content-Length"])
-                            if resp.headers.get("Content-Length")
-                            else None
-                        )
-                        if offset:
-                            log.info(
-                                "%s: server sent the whole file (Range ignored or file changed); restarting",
-                                label,
-                            )
-                        offset = 0
-                        hasher, hashed = hashlib.sha256(), 0
-                        validator = _validator(resp.headers)
-                        _save_validator(meta_path, identity, validator)
-                    content_type = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
-                    if content_type in _PAGE_CONTENT_TYPES:
-                        raise _page_error(
-                            label,
-                            redact(resp.url),
-                            content_type,
-                            resp.raw.read(512, decode_content=True),
-                            auth_hint,
-                        )
-                    if bar is None:
-                        bar = _Progress(label, total, offset, progress, progress_interval)
-                    else:
-                        bar.total, bar.done = total, offset
-                    mode = "ab" if offset else "wb"
-                    with part.open(mode) as fh:
-                        head = None if offset else b""
-                        for chunk in resp.iter_content(CHUNK):
-                            if head is not None:
-                                # Sniff the start of a fresh body before keeping anything of it.
-                                head += chunk
-                                if len(head) < _HEAD_SNIFF:
-                                    continue
-                                if looks_like_page(head):
-                                    raise _page_error(label, redact(resp.url), content_type, head, auth_hint)
-                                chunk, head = head, None
-                            fh.write(chunk)
-                            hasher.update(chunk)
-                            hashed += len(chunk)
-                            bar.update(len(chunk))
-                        if head:  # a body shorter than the sniff window
-                            if looks_like_page(head):
-                                raise _page_error(label, redact(resp.url), content_type, head, auth_hint)
-                            fh.write(head)
-                            hasher.update(head)
-                            hashed += len(head)
-                            bar.update(len(head))
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                    if total is not None and hashed != total:
-                        raise _Retry(f"connection ended at byte {hashed} of {total}")
-                    break
+                timeout = (policy.connect_timeout, policy.read_timeout)
+                with session.get(attempt_url, headers=req_headers, stream=True, timeout=timeout) as resp:
+                    transfer.receive(resp, offset, progress, progress_interval)
+                break
             except _Retry as exc:
                 reason, retry_after = exc.reason, exc.retry_after
             except (
@@ -412,8 +440,7 @@ def download(
             except requests.RequestException as exc:  # invalid URL, too many redirects, ...: not transient
                 raise SourceError("HTTP_ERROR", f"{label}: {type(exc).__name__}: {exc}") from None
             # One failed attempt: wait and go again, unless the budget is spent.
-            now_size = part.stat().st_size if part.exists() else 0
-            failures = 1 if now_size > before else failures + 1  # progress resets the backoff
+            failures = 1 if transfer.size_on_disk() > offset else failures + 1  # progress resets the backoff
             delay = retry_after if retry_after is not None else policy.backoff(failures)
             elapsed = time.monotonic() - started
             if attempts >= policy.max_attempts or time.monotonic() + delay > deadline:
@@ -436,19 +463,18 @@ def download(
             isinstance(exc, SourceError) and exc.code == "DOWNLOAD_FAILED"
         )
         if not keep:
-            _remove(part, meta_path)
+            transfer.discard()
         raise
     finally:
-        if bar is not None:
-            bar.close()
+        if transfer.bar is not None:
+            transfer.bar.close()
         if own_session:
             session.close()
 
-    digest = hasher.hexdigest()
-    size = hashed
+    digest = transfer.hasher.hexdigest()
     if expected and digest != expected:
-        _remove(part, meta_path)
-        if resumed and not _from_scratch:
+        transfer.discard()
+        if transfer.resumed and not _from_scratch:
             # The kept prefix may come from an older upload that a reused validator did not reveal.
             log.warning("%s: sha256 mismatch after resuming; downloading the whole file again", label)
             return download(
@@ -467,15 +493,17 @@ def download(
             )
         raise SourceError(
             "SHA256_MISMATCH",
-            f"{label}: downloaded {size} bytes from {first_url} with sha256 {digest}, but the catalog pins "
-            f"{expected}; the file was removed. Either the upload changed or the pin is wrong: check the "
-            "source, then fix sha256 in templates.json (fuseline lock fills it from Civitai/HF metadata)",
+            f"{label}: downloaded {transfer.hashed} bytes from {first_url} with sha256 {digest}, but the "
+            f"catalog pins {expected}; the file was removed. Either the upload changed or the pin is wrong: "
+            "check the source, then fix sha256 in templates.json (fuseline lock fills it from Civitai/HF "
+            "metadata)",
         )
-    os.replace(part, dest)
-    _remove(meta_path)
+    os.replace(transfer.part, dest)
+    _remove(transfer.meta_path)
+    bar = transfer.bar
     if bar is not None and not bar._bar and bar.enabled:
         log.info("%s", bar.line())
-    return DownloadResult(dest, digest, size, attempts, resumed, final_url)
+    return DownloadResult(dest, digest, transfer.hashed, attempts, transfer.resumed, transfer.final_url)
 
 
 def _body_note(resp: requests.Response) -> str:
@@ -538,7 +566,7 @@ def request_json(
     sleep: Callable[[float], None] = time.sleep,
 ) -> Any:
     """GET a JSON API resource with the same retry rules as downloads (429/5xx/connection errors)."""
-    policy = policy or RetryPolicy.from_env()
+    policy = policy or RetryPolicy.from_settings()
     own = session is None
     session = session or new_session()
     started = time.monotonic()

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from fuseline.redact import redact
-from stages.runtime import StageError
+from fuseline.core.redact import redact
+from stages.errors import StageError
 
 
 class SourceError(StageError):
     """A download or lookup failure the user can fix. `code` is stable (tests and callers match on it);
     the message names the source, what happened and the fix, and never carries a secret: it is passed
-    through `fuseline.redact.redact` here, so no caller can forget to."""
+    through `fuseline.core.redact.redact` here, so no caller can forget to."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(code, redact(message))

@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fuseline.catalog import ParsedSource
+from fuseline.core.catalog.sources import ParsedSource
+from fuseline.core.files import sha256_file
 from stages.sources.errors import SourceError
-from stages.sources.local import sha256_file
 from stages.sources.safety import check_pickle_policy
 
 TOKEN_HINT = "set HF_TOKEN to a Hugging Face access token that can read it (and accept the repo's terms)"

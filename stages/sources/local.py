@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
+from fuseline.core.files import sha256_file
 from stages.sources.errors import SourceError
 from stages.sources.safety import check_pickle_policy
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    hasher = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            hasher.update(block)
-    return hasher.hexdigest()
 
 
 def fetch_local(path: Path, *, source: str, sha256: str | None, allow_pickle: bool) -> Path:

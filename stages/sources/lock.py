@@ -11,17 +11,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from json.decoder import scanstring
 from pathlib import Path
 from typing import Any
 
-from fuseline.catalog import CatalogError, format_path, parse_catalog, parse_source
-from fuseline.catalog import SourceError as SourceStringError
+from fuseline.core.catalog.loading import parse_catalog
+from fuseline.core.catalog.problems import CatalogError, format_path
+from fuseline.core.catalog.sources import SourceStringError, parse_source
+from fuseline.core.files import atomic_write
 from stages.sources.base_models import FAMILIES
 from stages.sources.civitai import CivitaiClient
+from stages.sources.download import RetryPolicy
 from stages.sources.errors import SourceError
 from stages.sources.hf import hf_file_sha256
 
@@ -173,6 +175,7 @@ def lock_catalog(
     verify: bool = False,
     dry_run: bool = False,
     family: str = "sdxl",
+    policy: RetryPolicy | None = None,
 ) -> LockReport:
     """Fill missing sha256 pins of civitai: and hf:<file> sources in the catalog at `path`.
 
@@ -216,7 +219,7 @@ def lock_catalog(
             continue
         base_model = None
         if parsed.scheme == "civitai":
-            client = client or CivitaiClient()
+            client = client or CivitaiClient(policy=policy)
             version = client.model_version(parsed.version_id or "0")
             base_model = version.base_model
             found = version.primary_file().sha256
@@ -255,7 +258,8 @@ def lock_catalog(
                 f"{path}: after filling sha256 pins the catalog does not validate (nothing written):\n{exc}",
             ) from None
         if not dry_run:
-            _write_atomic(path, new_text)
+            # Text as it is (CRLF line ends kept); the file's permission bits too.
+            atomic_write(path, new_text, mode=path.stat().st_mode & 0o7777)
     return LockReport(path, entries, changed)
 
 
@@ -282,18 +286,3 @@ def _pin_edit(text: str, node: _Node, sha_node: _Node | None, sha: str) -> tuple
         newline = "\r\n" if "\r\n" in text else "\n"
         return source_node.end, source_node.end, f',{newline}{between}"sha256": {json.dumps(sha)}'
     return source_node.end, source_node.end, f', "sha256": {json.dumps(sha)}'
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    mode = path.stat().st_mode & 0o7777
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
-from fuseline.catalog import Catalog, ParsedSource, Source, parse_source
+from fuseline.core.catalog.model import Catalog, Source
+from fuseline.core.catalog.sources import ParsedSource, parse_source
+from fuseline.core.files import local_lock
 from stages.sources.cache import DownloadCache
 from stages.sources.civitai import CivitaiClient, fetch_civitai
 from stages.sources.download import RetryPolicy, download
@@ -86,7 +85,7 @@ def _fetch_remote(
         incoming = cache.root / "incoming" / hashlib.sha256(parsed.raw.encode()).hexdigest()[:32]
         # Two stages fetching the same unpinned source would write the same .part file: one at a time,
         # as DownloadCache.locked does for pinned ones.
-        with _flocked(incoming.with_name(incoming.name + ".lock")):
+        with local_lock(incoming.with_name(incoming.name + ".lock")):
             result = get(incoming, None)
             with cache.locked(result.sha256) as target:
                 os.replace(incoming, target)
@@ -94,19 +93,6 @@ def _fetch_remote(
         path = target
     check_pickle_policy(path, allow_pickle=allow_pickle, source=parsed.raw)
     return path
-
-
-@contextlib.contextmanager
-def _flocked(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on `lock_path` (created if missing; left in place, it is empty)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def source_from_text(text: str, *, sha256: str | None = None, allow_pickle: bool = False) -> Source:

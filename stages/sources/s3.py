@@ -1,5 +1,5 @@
 """s3://bucket/key sources: boto3 signs a GET URL (credentials and endpoint from the standard AWS_*
-variables, AWS_ENDPOINT_URL included), and the shared HTTP engine downloads it.
+variables, AWS_ENDPOINT_URL included, through fuseline.core.s3), and the shared HTTP engine downloads it.
 
 Why presign instead of s3transfer's download_file: s3transfer neither resumes a partial file nor hashes
 while streaming; the HTTP engine does both, and retries the same way for every source. A fresh URL is
@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from fuseline.core.errors import ConfigInvalid
+from fuseline.core.s3 import S3Config, make_client
 from stages.sources.download import DownloadResult, RetryPolicy, download
 from stages.sources.errors import SourceError
 
@@ -22,19 +24,9 @@ PRESIGN_SECONDS = 3600
 
 
 def s3_client() -> Any:
-    """A boto3 S3 client configured from the environment. Without credentials it signs nothing
-    (public buckets); with a custom endpoint it uses path-style addressing, which every S3-compatible
-    server supports (virtual-host style needs wildcard DNS they often lack)."""
-    import boto3
-    import botocore
-    from botocore.config import Config
-
-    session = boto3.session.Session()
-    custom_endpoint = bool(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
-    options: dict[str, Any] = {"s3": {"addressing_style": "path" if custom_endpoint else "auto"}}
-    if session.get_credentials() is None:
-        options["signature_version"] = botocore.UNSIGNED
-    return session.client("s3", config=Config(**options))
+    """An S3 client configured from the environment (fuseline.core.s3: the AWS_* variables, one
+    addressing rule). Without any credentials it signs nothing: public buckets."""
+    return make_client(S3Config.from_env(), unsigned_without_credentials=True)
 
 
 def download_s3(
@@ -48,8 +40,8 @@ def download_s3(
 ) -> DownloadResult:
     try:
         client = client or s3_client()
-    except Exception as exc:  # botocore config errors (bad region, bad endpoint URL)
-        raise SourceError("S3_CONFIG", f"s3://{bucket}/{key}: cannot configure boto3: {exc}") from None
+    except ConfigInvalid as exc:  # a malformed AWS_ENDPOINT_URL or FUSELINE_S3_ADDRESSING, a bad region
+        raise SourceError("S3_CONFIG", f"s3://{bucket}/{key}: {exc.message}") from None
 
     def signed_url() -> str:
         return client.generate_presigned_url(

@@ -1,38 +1,15 @@
-"""What a weights file really is, from its first bytes, and the pickle refusal built on it.
+"""The pickle refusal for downloaded sources: a pickle-based file is refused unless the catalog allows it.
 
-The extension is not trusted: a `.bin` can be safetensors, a `.safetensors` can be a renamed pickle.
+The extension is not trusted: fuseline.core.safetensors_io.sniff_format reads the file's first bytes (a
+`.bin` can be safetensors, a `.safetensors` can be a renamed pickle).
 """
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
+from fuseline.core.safetensors_io import PICKLE_SUFFIXES, sniff_format
 from stages.sources.errors import SourceError
-
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-# A safetensors header is a JSON object; anything near this size is not a real header.
-_MAX_SAFETENSORS_HEADER = 100 * 2**20
-
-
-def sniff_format(path: str | Path) -> str:
-    """ "safetensors", "pickle" (a raw pickle stream), "torch-zip" (torch.save's zip holding data.pkl),
-    "empty", or "unknown"."""
-    path = Path(path)
-    with path.open("rb") as fh:
-        head = fh.read(16)
-    size = path.stat().st_size
-    if not head:
-        return "empty"
-    if len(head) >= 9:
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if 2 <= header_len <= min(_MAX_SAFETENSORS_HEADER, size - 8) and head[8:9] == b"{":
-            return "safetensors"
-    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:  # PROTO opcode, protocol 2-5
-        return "pickle"
-    if head[:4] == b"PK\x03\x04":
-        return "torch-zip"
-    return "unknown"
 
 
 def check_pickle_policy(path: str | Path, *, allow_pickle: bool, source: str) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import bcrypt
 import pytest
 
-from fuseline.testing.servers import free_port
+from testkit.servers import free_port
 from tests.image.buildah import BUILD_INFO, REPO, build_info, buildah
 
 pytestmark = pytest.mark.image

@@ -35,10 +35,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fuseline.demo import Demo
-from fuseline.testing.project import VENV_BIN, dvc_env
-from fuseline.testing.runpod_queue import RunpodQueue
-from fuseline.testing.servers import SeaweedS3
+from testkit.demo import Demo
+from testkit.project import VENV_BIN, dvc_env
+from testkit.runpod_queue import RunpodQueue
+from testkit.servers import SeaweedS3
 from tests.image.buildah import BUILDAH, IMAGE, REPO, build_info, buildah, image_command
 from tests.worker.sync_fixtures import RecordingProxy
 

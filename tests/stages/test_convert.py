@@ -11,14 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from stages.checkpoint_kind import (
-    CheckpointFormatError,
-    classify_file,
-    classify_keys,
-    read_safetensors_header,
-)
+from fuseline.core.safetensors_io import SafetensorsError, read_header
+from stages.checkpoint_kind import classify_file, classify_keys
 from stages.convert import DEFAULT_CONFIG_DIR, convert_checkpoint
-from stages.runtime import StageError
+from stages.errors import StageError
 from stages.vae import convert_vae
 
 COMPONENT_WEIGHTS = {
@@ -104,7 +100,7 @@ def test_unknown_keys_are_unknown():
 
 
 def test_header_reader_matches_safetensors(kit):
-    tensors, _ = read_safetensors_header(kit.single_file)
+    tensors = read_header(kit.single_file).tensors
     with safe_open(kit.single_file, "pt") as fh:
         assert set(tensors) == set(fh.keys())
         key = next(iter(tensors))
@@ -115,22 +111,22 @@ def test_truncated_file_is_reported_with_its_name(kit, tmp_path):
     data = kit.single_file.read_bytes()
     truncated = tmp_path / "half.safetensors"
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointFormatError, match=r"half\.safetensors.*truncated"):
-        read_safetensors_header(truncated)
+    with pytest.raises(SafetensorsError, match=r"half\.safetensors.*truncated"):
+        read_header(truncated)
     with pytest.raises(StageError, match=r"half\.safetensors.*truncated") as info:
         convert_checkpoint(truncated, tmp_path / "out", config_dir=kit.config_dir)
     assert info.value.code == "CHECKPOINT_CORRUPT"
     tiny = tmp_path / "tiny.safetensors"
     tiny.write_bytes(data[:5])
-    with pytest.raises(CheckpointFormatError, match="too short"):
-        read_safetensors_header(tiny)
+    with pytest.raises(SafetensorsError, match="too short"):
+        read_header(tiny)
 
 
 def test_garbage_header_is_reported(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes((20).to_bytes(8, "little") + b"{not json at all!!!}" + b"\0" * 10)
-    with pytest.raises(CheckpointFormatError, match=r"bad\.safetensors.*not valid JSON"):
-        read_safetensors_header(bad)
+    with pytest.raises(SafetensorsError, match=r"bad\.safetensors.*not valid JSON"):
+        read_header(bad)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -313,9 +309,9 @@ def test_stage_main_writes_artifacts(kit, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "templates.json").write_text(json.dumps(_catalog(kit)))
-    convert.main("tiny")
+    convert.main("tiny", out=Path("artifacts/base/tiny"))
     assert_same_tensors(kit.diffusers_dir, tmp_path / "artifacts/base/tiny")
-    vae.main()
+    vae.main(out=Path("artifacts/vae"))
     assert (tmp_path / "artifacts/vae/config.json").is_file()
     assert [p.name for p in (tmp_path / "artifacts").iterdir() if p.name.startswith(".")] == []
 
@@ -323,8 +319,8 @@ def test_stage_main_writes_artifacts(kit, tmp_path, monkeypatch):
 def test_stage_main_fetches_download_sources(kit, tmp_path, monkeypatch):
     # A civitai: checkpoint goes through the download cache; here the local look-alike has no such
     # version, so the stage fails naming the source (and never reaches the real site).
-    from fuseline.testing.civitai import CivitaiServer
     from stages import convert
+    from testkit.civitai import CivitaiServer
 
     monkeypatch.chdir(tmp_path)
     catalog = _catalog(kit, source="civitai:12345", sha256="a" * 64)
@@ -333,11 +329,11 @@ def test_stage_main_fetches_download_sources(kit, tmp_path, monkeypatch):
         for key, value in {**civ.env(), "FUSELINE_CACHE_DIR": str(tmp_path / "cache")}.items():
             monkeypatch.setenv(key, value)
         with pytest.raises(StageError, match="civitai:12345") as info:
-            convert.main("tiny")
+            convert.main("tiny", out=Path("artifacts/base/tiny"))
         assert info.value.code == "NOT_FOUND"
         assert [r.path for r in civ.api.requests] == ["/api/v1/model-versions/12345"]
     with pytest.raises(StageError, match="no checkpoint 'other'"):
-        convert.main("other")
+        convert.main("other", out=Path("artifacts/base/other"))
 
 
 def test_failed_conversion_leaves_no_output(kit, tmp_path, monkeypatch):
@@ -346,7 +342,7 @@ def test_failed_conversion_leaves_no_output(kit, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "templates.json").write_text(json.dumps(_catalog(kit, sha256="f" * 64)))
     with pytest.raises(StageError) as info:
-        convert.main("tiny")
+        convert.main("tiny", out=Path("artifacts/base/tiny"))
     assert info.value.code == "SHA256_MISMATCH"
     assert not (tmp_path / "artifacts/base/tiny").exists()
     assert list((tmp_path / "artifacts/base").iterdir()) == []
@@ -406,7 +402,7 @@ def test_full_size_sgm_checkpoint_is_sdxl_and_maps_onto_the_configs(sdxl_base_me
         convert_open_clip_checkpoint,
     )
 
-    from fuseline.testing.sgm import clip_to_sgm, open_clip_to_sgm, unet_to_sgm, vae_to_sgm
+    from testkit.sgm import clip_to_sgm, open_clip_to_sgm, unet_to_sgm, vae_to_sgm
 
     unet, vae, te2 = sdxl_base_meta["unet"], sdxl_base_meta["vae"], sdxl_base_meta["text_encoder_2"]
     checkpoint = {

@@ -10,19 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from stages.export import (
-    BufferPool,
-    PoolClosed,
-    ShardWriter,
-    TensorSpec,
-    export_component,
-    find_weight_files,
-    index_file_name,
-    safetensors_layout,
-    shard_file_name,
-    tensor_shapes,
-)
-from stages.runtime import StageError
+from stages.errors import StageError
+from stages.export import BufferPool, PoolClosed, export_component
+from stages.shards import ShardWriter, index_file_name, safetensors_layout, shard_file_name
+from stages.tensor_files import TensorSpec, find_weight_files, tensor_shapes
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:

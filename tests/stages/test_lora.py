@@ -8,16 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fuseline.testing.loras import SPECS, kit_lora_factors, read_metadata
-from fuseline.testing.lycoris import CASES as LYCORIS_CASES
-from fuseline.testing.lycoris import load_lycoris_network, lycoris_targets
+from fuseline.core.manifest import CheckpointRef, VaeRef
+from fuseline.core.safetensors_io import sniff_format
+from stages.errors import StageError
 from stages.fuse import LoraFactors
 from stages.lora import COMPONENTS, LoraInput, read_lora, refused_format
 from stages.lycoris import LohaFactors, LokrFactors, TuckerLoconFactors
-from stages.merge import read_base_layout
-from stages.runtime import StageError
+from stages.merge import TemplateIdentity, merge_template, read_base_layout
+from testkit.loras import SPECS, kit_lora_factors, read_metadata
+from testkit.lycoris import CASES as LYCORIS_CASES
+from testkit.lycoris import load_lycoris_network, lycoris_targets
 
 SUPPORTED = ["kohya_sgm", "kohya_diffusers", "kohya_te", "locon", "peft", "dora"]
 # Keys per adapted module in the file: kohya down/up/alpha; PEFT lora_A/lora_B (+ DoRA magnitude).
@@ -211,7 +214,7 @@ def test_keys_dropped_by_the_conversion_are_caught(kit, layout, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------
-# LyCORIS files (made by the LyCORIS library, fuseline.testing.lycoris)
+# LyCORIS files (made by the LyCORIS library, testkit.lycoris)
 
 LYCORIS_KINDS = {
     "loha": LohaFactors,
@@ -309,3 +312,37 @@ def test_lycoris_module_for_a_layer_the_base_lacks_is_refused(lycoris_loras, lay
         state[key.replace("attentions_0", "attentions_7")] = state.pop(key)
     with pytest.raises(StageError, match=r"has no tensor down_blocks\.1\.attentions\.7\.proj_in\.weight"):
         _read(_save_lycoris(tmp_path, state), layout)
+
+
+def _copy_with_0x80_first_byte(source: Path, dest: Path) -> Path:
+    """`source`'s tensors and metadata re-saved with a padding metadata entry sized so that the header
+    length is 128 mod 256: the file's first byte is 0x80, pickle's PROTO opcode (1 in 32 real files)."""
+    with safe_open(source, "pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        metadata = handle.metadata() or {}
+    for pad in range(512):
+        save_file(tensors, dest, metadata={**metadata, "padding": "x" * pad})
+        if dest.read_bytes()[0] == 0x80:
+            return dest
+    raise AssertionError("no padding gave a header length of 128 mod 256")
+
+
+def test_a_lora_whose_header_length_starts_with_0x80_is_read_and_merges(kit, layout, tmp_path):
+    # Issue 15: a valid safetensors LoRA starting with 0x80 was taken for a pickle (LORA_PICKLE).
+    odd = _copy_with_0x80_first_byte(kit.loras["kohya_sgm"], tmp_path / "odd.safetensors")
+    assert sniff_format(odd) == "safetensors"
+    loaded, original = _read(odd, layout), _read(kit.loras["kohya_sgm"], layout)
+    assert loaded.placed_keys == original.placed_keys and set(loaded.factors) == set(original.factors)
+
+    def merge(path: Path, out: Path) -> dict[str, bytes]:
+        identity = TemplateIdentity(
+            template="odd", checkpoint=CheckpointRef(id="tiny", source="file:tiny"),
+            vae=VaeRef(source="file:vae"), spec_hash="0" * 64,
+        )  # fmt: skip
+        lora = LoraInput(path=path, scale=0.8, name="file:odd.safetensors")
+        merge_template(kit.diffusers_dir, kit.vae_dir, [lora], out, identity=identity,
+                       prediction_type="epsilon", shard_size_mb=1)  # fmt: skip
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*.safetensors")}
+
+    # The same weights, bit for bit, as the merge of the original file.
+    assert merge(odd, tmp_path / "odd-model") == merge(kit.loras["kohya_sgm"], tmp_path / "model")

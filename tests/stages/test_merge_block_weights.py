@@ -15,13 +15,14 @@ import json
 import pytest
 import torch
 
-from fuseline.manifest import ModelManifest
-from fuseline.testing.loras import KOHYA_PREFIX, LoraTarget, kohya_name, random_pair
+from fuseline.core.manifest import ModelManifest
+from stages.errors import StageError
 from stages.lora import LoraInput
 from stages.merge import main, merge_template
-from stages.runtime import StageError
+from testkit.loras import KOHYA_PREFIX, LoraTarget, kohya_name, random_pair
 from tests.stages.test_merge_oracle import (
     IDENTITY,
+    PATHS,
     SHARD_MB,
     _project,
     read_base_tensors,
@@ -172,7 +173,7 @@ def test_stage_applies_a_preset_from_the_catalog(kit, tmp_path, monkeypatch):
     loras = [{"source": "file:loras/kohya_te.safetensors", "scale": 0.7, "block_weights": "SDXL-OUTALL"}]
     project = _project(tmp_path, kit, loras)
     monkeypatch.chdir(project)
-    main("demo")
+    main("demo", **PATHS)
     out = project / "artifacts" / "models" / "demo"
     manifest = ModelManifest.read(out)
     assert manifest.loras[0].block_weights == [1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1]

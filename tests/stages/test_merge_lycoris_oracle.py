@@ -1,7 +1,7 @@
 """The merge stage on LyCORIS files made by the LyCORIS library, proven against LyCORIS's own forward pass.
 
 Files: LoHa, LoKr and Tucker LoCon (LyCORIS `create_network` + `save_weights` on the kit pipeline, fp16,
-fuseline.testing.lycoris), including the Tucker/CP conv variants, LoKr with full `lokr_w1`/`lokr_w2` and
+testkit.lycoris), including the Tucker/CP conv variants, LoKr with full `lokr_w1`/`lokr_w2` and
 with both halves factorised (`lokr_w1_a/b`, `lokr_w2_a/b`), and kohya-format DoRA (`dora_scale`, per output
 and per input channel, on a LoRA and on a LoHa).
 
@@ -22,10 +22,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fuseline.testing.lycoris import CASES as LYCORIS_CASES
-from fuseline.testing.lycoris import forward_weights, load_lycoris_network
 from stages.lora import LoraInput
 from stages.merge import merge_template
+from testkit.lycoris import CASES as LYCORIS_CASES
+from testkit.lycoris import forward_weights, load_lycoris_network
 from tests.stages.test_merge_oracle import (
     IDENTITY,
     SHARD_MB,

@@ -18,11 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fuseline.manifest import CheckpointRef, ManifestError, ModelManifest, VaeRef
-from stages.export import index_file_name
+from fuseline.core.manifest import CheckpointRef, ManifestError, ModelManifest, VaeRef
+from stages.errors import StageError
 from stages.lora import LoraInput
 from stages.merge import TemplateIdentity, main, merge_template
-from stages.runtime import StageError
+from stages.shards import index_file_name
 
 # Merging several adapters into one model: PEFT warns about the second adapter config, which is the point.
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
@@ -259,7 +259,15 @@ def test_failure_while_writing_leaves_no_output(kit, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------
-# main(id): the stage as DVC runs it, from templates.json and params.yaml in the working directory
+# main(id, paths): the stage as DVC runs it, from templates.json and params.yaml in the working directory
+
+
+# The paths dvc.yaml passes on the stage's command line, relative to the project.
+PATHS = {
+    "base": Path("artifacts/base/tiny"),
+    "vae": Path("artifacts/vae"),
+    "out": Path("artifacts/models/demo"),
+}
 
 
 def _project(tmp_path: Path, kit, loras: list[dict]) -> Path:
@@ -281,7 +289,7 @@ def _project(tmp_path: Path, kit, loras: list[dict]) -> Path:
 
 
 def test_main_builds_the_template_from_the_catalog(kit, tmp_path, monkeypatch):
-    from fuseline.catalog import load_catalog
+    from fuseline.core.catalog.loading import load_catalog
 
     loras = [
         {"source": "file:loras/kohya_te.safetensors", "scale": 0.7},
@@ -289,7 +297,7 @@ def test_main_builds_the_template_from_the_catalog(kit, tmp_path, monkeypatch):
     ]
     project = _project(tmp_path, kit, loras)
     monkeypatch.chdir(project)
-    main("demo")
+    main("demo", **PATHS)
     out = project / "artifacts" / "models" / "demo"
     manifest = ModelManifest.read(out)
     catalog = load_catalog(project / "templates.json")
@@ -309,7 +317,7 @@ def test_main_builds_the_template_from_the_catalog(kit, tmp_path, monkeypatch):
 
 def test_main_fetches_remote_lora_sources(kit, tmp_path, monkeypatch):
     # A civitai: LoRA comes from the download cache (here: the local Civitai look-alike, on a miss).
-    from fuseline.testing.civitai import CivitaiServer
+    from testkit.civitai import CivitaiServer
 
     with CivitaiServer(tmp_path / "civitai") as civ:
         version = civ.add_version(12345, kit.loras["locon"], name="locon.safetensors")
@@ -317,7 +325,7 @@ def test_main_fetches_remote_lora_sources(kit, tmp_path, monkeypatch):
             monkeypatch.setenv(key, value)
         loras = [{"source": "civitai:12345", "sha256": version.sha256, "scale": 1.0}]
         monkeypatch.chdir(_project(tmp_path, kit, loras))
-        main("demo")
+        main("demo", **PATHS)
         assert [r.path for r in civ.api.requests if r.path.startswith("/api/download/")] == [
             "/api/download/models/12345"
         ]
@@ -328,4 +336,4 @@ def test_main_fetches_remote_lora_sources(kit, tmp_path, monkeypatch):
 def test_main_refuses_an_unknown_template(kit, tmp_path, monkeypatch):
     monkeypatch.chdir(_project(tmp_path, kit, []))
     with pytest.raises(StageError, match="demo"):
-        main("nope")
+        main("nope", **PATHS)

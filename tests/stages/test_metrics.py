@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fuseline.cli import app
-from fuseline.report import STATS_DIR, stats_path
-from stages.lora import read_safetensors_header
+from fuseline.core.build_metrics import STATS_DIR, stats_path
+from fuseline.core.safetensors_io import read_header
 from stages.runtime import io_counters, io_delta, write_stage_metrics
 from tests.fixtures.project import REPO, dvc_env, make_dvc_project
 
@@ -42,7 +42,7 @@ TOY_STAGE = textwrap.dedent(
         held = bytearray(b"x") * ({alloc} * 2**20)  # repeated, so every page is written (resident)
         del held
         log.info("connecting with key %s", secret)
-        from fuseline.logs import log_event
+        from fuseline.core.logs import log_event
         log_event(log, "toy.used", "used a url", url=f"s3://bucket/x?X-Amz-Signature={{secret}}", n=len(data))
         record_metrics(source=f"https://example.com/l.safetensors?token={{secret}}", ratio=float("nan"))
         if os.environ.get("TOY_FAIL"):
@@ -119,8 +119,9 @@ def test_fetch_receipt_error_line_is_redacted_like_a_stage_error(tmp_path):
     # `fetch --receipt` prints its own error line for people (print(), outside the logging redaction): a
     # secret in it (here in the group a caller passed) must be masked as in the stage.failed event.
     env = dict(os.environ, AWS_SECRET_ACCESS_KEY=SECRET, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    command = ["--receipt", f"templates.{SECRET}", "--receipt-out", "r.json", "--catalog", "none.json"]
     proc = subprocess.run(
-        [sys.executable, "-m", "stages.fetch", "--receipt", f"templates.{SECRET}", "--catalog", "none.json"],
+        [sys.executable, "-m", "stages.fetch", *command],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -151,19 +152,27 @@ def test_io_delta_counts_plain_reads_and_writes(tmp_path):
     assert io_delta(None, before) == dict.fromkeys(delta)
 
 
+def resolve(path: str, layout: dict[str, str]) -> str:
+    """A dvc.yaml path with its `${layout.<name>}` variables filled in (as DVC fills them)."""
+    for name, value in layout.items():
+        path = path.replace(f"${{layout.{name}}}", value)
+    return path
+
+
 def test_dvc_yaml_declares_every_stage_metrics_file_cached():
     import yaml
 
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    for name, stage in stages.items():
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    layout = next(v["layout"] for v in pipeline["vars"] if isinstance(v, dict) and "layout" in v)
+    for name, stage in pipeline["stages"].items():
         body = stage.get("do", stage)
         item_id = "${key}" if "foreach" in stage else "vae"
         declared = {
-            path: opts for entry in body.get("metrics", []) for path, opts in (
+            resolve(path, layout): opts for entry in body.get("metrics", []) for path, opts in (
                 entry.items() if isinstance(entry, dict) else [(entry, {})])
         }  # fmt: skip
         # Cached on purpose: `dvc push --run-cache` leaves a `cache: false` output's content behind, and
-        # another machine's `dvc repro --pull` then re-runs the stage (tests/test_publish_build.py).
+        # another machine's `dvc repro --pull` then re-runs the stage (tests/publish/test_publish_build.py).
         assert declared.get(stats_path(name, item_id).as_posix()) == {}, (name, declared)
 
 
@@ -219,7 +228,7 @@ def test_dvc_repro_logs_every_stage_as_json_without_the_secret(built):
     started = {(r["stage"], r["id"]) for r in records if r["event"] == "stage.start"}
     assert set(done) == started == STAGES
     merge = done[("merge", TEMPLATE)]
-    assert merge["template"] == TEMPLATE and merge["unplaced_keys"] == 0
+    assert merge["template"] == TEMPLATE
     assert merge["bytes_written"] >= merge["model_bytes"]  # the export writes the model with write()
     assert done[("convert", "tiny-diffusers")]["checkpoint"] == "tiny-diffusers"
     # The LoRA whose path holds the secret was logged (by name) and redacted.
@@ -240,13 +249,13 @@ def test_dvc_metrics_show_lists_build_metrics_per_template(built):
     merge = files[stats_path("merge", TEMPLATE).as_posix()]["data"]
     model = project.root / "artifacts/models" / TEMPLATE
     assert merge["model_bytes"] == sum(p.stat().st_size for p in model.rglob("*") if p.is_file())
-    # Placed keys per LoRA are the manifest's, per component and in total; unplaced recounted from files.
+    # Placed keys per LoRA are the manifest's, per component and in total: every key of each file.
     manifest = json.loads((model / "fuseline.json").read_text())
     for index, (ref, spec) in enumerate(zip(manifest["loras"], loras, strict=True)):
         entry = merge["loras"][str(index)]
         assert entry["placed_keys"] == ref["placed_keys"] and entry["scale"] == spec["scale"]
-        header, _ = read_safetensors_header(Path(spec["source"].removeprefix("file:")), "x")
-        assert entry["file_keys"] == len(header) and entry["unplaced_keys"] == 0
+        header = read_header(Path(spec["source"].removeprefix("file:")))
+        assert entry["file_keys"] == len(header.tensors) == sum(ref["placed_keys"].values())
     assert (
         merge["loras"]["0"]["placed_keys"]["unet"] > 0
         and merge["loras"]["0"]["placed_keys"]["text_encoder"] == 0

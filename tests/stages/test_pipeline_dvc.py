@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.code_deps import import_closure, pipeline, stage_command_module
 from tests.fixtures.project import DvcProject, make_dvc_project
 
 pytestmark = pytest.mark.slow
@@ -87,6 +88,40 @@ def test_first_repro_runs_every_stage_once(project):
 
 def test_second_repro_runs_nothing(project):
     assert project.repro() == []
+
+
+# Modules at different depths of the stages' imports: each edit must mark changed exactly the stages whose
+# command imports the module (issue 15: merge did not list stages/runtime.py, stages/sources/ and others, so
+# an edit there left stale models that `dvc repro` called up to date).
+EDITED_MODULES = (
+    "stages/lora.py",  # merge only
+    "fuseline/core/manifest.py",  # merge and verify
+    "stages/sources/civitai.py",  # every stage that fetches or materializes a source
+    "fuseline/core/logs.py",  # every stage
+)
+
+
+@pytest.mark.parametrize("module", EDITED_MODULES)
+def test_editing_a_module_marks_exactly_the_stages_importing_it_changed(project, module):
+    importers = {
+        name.split("@")[0]
+        for name, stage in pipeline(project.root)["stages"].items()
+        if module in import_closure(stage_command_module(stage))
+    }
+    path = project.root / module
+    original = path.read_bytes()
+    path.write_bytes(original + b"\n# an edit\n")
+    try:
+        changed = project.status()
+    finally:
+        path.write_bytes(original)
+    assert changed, module
+    assert {name.split("@")[0] for name in changed} == importers
+    expected = {s for s in ALL_FIRST_RUN if s.split("@")[0] in importers}
+    assert set(changed) == expected
+    for entries in changed.values():
+        assert entries == [{"changed deps": {module: "modified"}}], entries
+    assert project.status() == {}
 
 
 def test_shared_components_are_stored_once(project):

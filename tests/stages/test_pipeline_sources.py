@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from fuseline.catalog import load_catalog
-from fuseline.testing.civitai import CivitaiServer, safetensors_bytes
-from stages.fetch import read_receipt, receipt_path, write_receipt
+from fuseline.core.catalog.loading import load_catalog
+from stages.errors import StageError
+from stages.fetch import write_receipt
 from stages.local_files import materialize
-from stages.runtime import StageError
+from stages.receipts import check_group, read_receipt
+from testkit.civitai import CivitaiServer, safetensors_bytes
 from tests.fixtures.project import DvcProject, make_dvc_project
 
 DOWNLOAD = "/api/download/models/"
@@ -89,14 +90,14 @@ def test_receipts_record_hashes_and_are_identical_across_machines(civitai, tmp_p
         catalog = load_catalog(small_project(root, civitai))
         groups = ("checkpoints.base", "templates.one")
         for group in groups:
-            write_receipt(catalog, group, root / "cache", root=root)
-        receipts.append({g: receipt_path(g, root).read_bytes() for g in groups})
+            write_receipt(catalog, group, root / f"{group}.json", root / "cache")
+        receipts.append({g: (root / f"{g}.json").read_bytes() for g in groups})
         for data in receipts[-1].values():
             assert str(tmp_path).encode() not in data and civitai.api_key.encode() not in data
     # Different folders and caches, same bytes: the run-cache and a `dvc pull` agree everywhere.
     assert receipts[0] == receipts[1]
 
-    lora = read_receipt("templates.one", tmp_path / "a")
+    lora = read_receipt(tmp_path / "a/templates.one.json", "templates.one")
     assert lora["templates.one.loras[1]"] == {
         "where": "templates.one.loras[1]",
         "source": "civitai:302",
@@ -104,7 +105,7 @@ def test_receipts_record_hashes_and_are_identical_across_machines(civitai, tmp_p
         "sha256": civitai.versions[302].sha256,  # unpinned in the catalog: the receipt has its hash
         "size": civitai.versions[302].size,
     }
-    ckpt = read_receipt("checkpoints.base", tmp_path / "a")
+    ckpt = read_receipt(tmp_path / "a/checkpoints.base.json", "checkpoints.base")
     base = (tmp_path / "a/models/base.safetensors").read_bytes()
     assert ckpt["checkpoints.base"]["sha256"] == hashlib.sha256(base).hexdigest()
     assert ckpt["checkpoints.base.config"]["kind"] == "folder"
@@ -114,8 +115,8 @@ def test_receipts_record_hashes_and_are_identical_across_machines(civitai, tmp_p
 
 def test_materialize_uses_the_receipt_hash_and_refetches_on_a_miss(civitai, tmp_path):
     catalog = load_catalog(small_project(tmp_path, civitai))
-    write_receipt(catalog, "templates.one", tmp_path / "cache", root=tmp_path)
-    receipt = read_receipt("templates.one", tmp_path)
+    write_receipt(catalog, "templates.one", tmp_path / "receipt.json", tmp_path / "cache")
+    receipt = read_receipt(tmp_path / "receipt.json", "templates.one")
     lora = catalog.templates["one"].loras[1]  # unpinned: only the receipt knows its sha256
     civitai.clear_requests()
 
@@ -146,8 +147,8 @@ def test_materialize_uses_the_receipt_hash_and_refetches_on_a_miss(civitai, tmp_
 
 def test_a_receipt_for_another_source_is_refused(civitai, tmp_path):
     catalog = load_catalog(small_project(tmp_path, civitai))
-    write_receipt(catalog, "templates.one", tmp_path / "cache", root=tmp_path)
-    receipt = read_receipt("templates.one", tmp_path)
+    write_receipt(catalog, "templates.one", tmp_path / "receipt.json", tmp_path / "cache")
+    receipt = read_receipt(tmp_path / "receipt.json", "templates.one")
     receipt["templates.one.loras[1]"]["source"] = "civitai:999"
     with pytest.raises(StageError) as err:
         materialize(catalog, catalog.templates["one"].loras[1], "templates.one.loras[1]", receipt=receipt)
@@ -157,9 +158,9 @@ def test_a_receipt_for_another_source_is_refused(civitai, tmp_path):
 def test_an_unknown_group_names_the_choices(civitai, tmp_path):
     catalog = load_catalog(small_project(tmp_path, civitai))
     with pytest.raises(StageError, match="templates: one"):
-        write_receipt(catalog, "templates.nope", tmp_path / "cache", root=tmp_path)
+        write_receipt(catalog, "templates.nope", tmp_path / "receipt.json", tmp_path / "cache")
     with pytest.raises(StageError) as err:
-        receipt_path("loras.one")
+        check_group("loras.one")
     assert err.value.code == "RECEIPT_GROUP"
 
 

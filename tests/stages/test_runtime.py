@@ -1,30 +1,12 @@
-"""Stage plumbing: atomic output folders, clean errors, own peak RSS."""
+"""Stage plumbing: params, clean errors, own peak RSS (atomic output folders: tests/core/test_files.py)."""
 
 import subprocess
 import sys
 
 import pytest
 
-from stages.runtime import StageError, atomic_output_dir, load_params, run_stage
-
-
-def test_atomic_output_dir_renames_into_place_on_success(tmp_path):
-    final = tmp_path / "models" / "a"
-    with atomic_output_dir(final) as tmp:
-        (tmp / "w.safetensors").write_bytes(b"x")
-        assert not final.exists()
-    assert (final / "w.safetensors").read_bytes() == b"x"
-    assert [p.name for p in final.parent.iterdir()] == ["a"]
-
-
-def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
-    final = tmp_path / "models" / "a"
-    final.mkdir(parents=True)
-    (final / "old").write_text("stale")
-    with pytest.raises(RuntimeError), atomic_output_dir(final) as tmp:
-        (tmp / "half").write_text("partial")
-        raise RuntimeError("boom")
-    assert list(final.parent.iterdir()) == []
+from stages.errors import StageError
+from stages.runtime import load_params, run_stage
 
 
 def test_load_params_names_the_missing_section(tmp_path):

@@ -7,9 +7,11 @@ import traceback
 
 import pytest
 
-from fuseline.testing.civitai import CivitaiServer, safetensors_bytes
-from stages.sources import CivitaiClient, DownloadCache, RetryPolicy, SourceError, check_base_model
-from stages.sources.civitai import fetch_civitai
+from stages.sources.cache import DownloadCache
+from stages.sources.civitai import CivitaiClient, check_base_model, fetch_civitai
+from stages.sources.download import RetryPolicy
+from stages.sources.errors import SourceError
+from testkit.civitai import CivitaiServer, safetensors_bytes
 
 FAST = RetryPolicy(total_seconds=5, backoff_base=0.05, backoff_max=0.2, connect_timeout=2, read_timeout=5)
 

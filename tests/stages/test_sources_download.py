@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from fuseline.testing.civitai import safetensors_bytes
-from fuseline.testing.servers import Response
 from stages.sources.download import RetryPolicy, download, looks_like_page, parse_retry_after, part_path
 from stages.sources.errors import SourceError
+from testkit.civitai import safetensors_bytes
+from testkit.servers import Response
 
 FAST = RetryPolicy(total_seconds=5, backoff_base=0.05, backoff_max=0.2, connect_timeout=2, read_timeout=5)
 SIZE = 3_000_000
@@ -184,7 +184,7 @@ def test_404_is_not_retried(served, tmp_path):
 
 
 def test_connection_refused_is_retried_until_the_budget_ends(tmp_path):
-    from fuseline.testing.servers import free_port
+    from testkit.servers import free_port
 
     url = f"http://127.0.0.1:{free_port()}/m.safetensors"
     with pytest.raises(SourceError) as info:

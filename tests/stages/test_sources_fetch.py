@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from fuseline.catalog import load_catalog, parse_source
-from fuseline.testing.civitai import CivitaiServer, safetensors_bytes
-from fuseline.testing.servers import Response
+from fuseline.core.catalog.loading import load_catalog
+from fuseline.core.catalog.sources import parse_source
+from stages.errors import StageError
 from stages.fetch import fetch_source, place
-from stages.runtime import StageError
 from stages.sources.cache import DownloadCache
 from stages.sources.download import RetryPolicy, download
 from stages.sources.resolve import _fetch_remote
+from testkit.civitai import CivitaiServer, safetensors_bytes
+from testkit.servers import Response
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -143,3 +144,23 @@ def test_concurrent_fetches_of_one_unpinned_source_take_turns(tmp_path, http_ser
     assert errors == [] and len(paths) == 2
     assert peak[0] == 1 and len(srv.requests) == 2
     assert paths[0] == paths[1] and paths[0].read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("FUSELINE_DOWNLOAD_RETRY_SECONDS", "soon"), ("FUSELINE_DOWNLOAD_ATTEMPTS", "0")],
+)
+def test_a_bad_build_setting_stops_the_stage_with_config_invalid(tmp_path, variable, value):
+    # A stage parses its FUSELINE_* settings once, at start: a bad one is CONFIG_INVALID naming it, never a
+    # ValueError traceback in the middle of a download (as FUSELINE_DOWNLOAD_RETRY_SECONDS=soon was).
+    env = {**os.environ, "PYTHONPATH": str(REPO), variable: value}
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.fetch", "--receipt", "vae", "--receipt-out", "r.json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "[CONFIG_INVALID]" in proc.stderr and variable in proc.stderr and "Traceback" not in proc.stderr

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from fuseline.catalog import parse_source
-from fuseline.testing.civitai import safetensors_bytes
-from stages.sources import DownloadCache, SourceError, fetch, source_from_text
+from fuseline.core.catalog.sources import parse_source
+from stages.sources.cache import DownloadCache
+from stages.sources.errors import SourceError
 from stages.sources.hf import CONFIG_FOLDER_PATTERNS, fetch_hf, hf_download_kwargs
+from stages.sources.resolve import fetch, source_from_text
+from testkit.civitai import safetensors_bytes
 
 REV = "462165984030d82259a11f4367a4eed129e94a7b"
 

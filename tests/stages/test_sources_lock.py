@@ -7,10 +7,13 @@ import json
 
 import pytest
 
-from fuseline.catalog import load_catalog
-from fuseline.testing.civitai import CivitaiServer, safetensors_bytes
-from fuseline.testing.servers import RangeHTTPServer, Response
-from stages.sources import CivitaiClient, RetryPolicy, SourceError, lock_catalog
+from fuseline.core.catalog.loading import load_catalog
+from stages.sources.civitai import CivitaiClient
+from stages.sources.download import RetryPolicy
+from stages.sources.errors import SourceError
+from stages.sources.lock import lock_catalog
+from testkit.civitai import CivitaiServer, safetensors_bytes
+from testkit.servers import RangeHTTPServer, Response
 
 REV = "462165984030d82259a11f4367a4eed129e94a7b"
 FAST = RetryPolicy(total_seconds=3, backoff_base=0.05)

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from fuseline.manifest import CheckpointRef, ModelManifest, VaeRef
-from stages.runtime import StageError
+from fuseline.core.manifest import CheckpointRef, ModelManifest, VaeRef
+from stages.errors import StageError
 from stages.verify import VerifySettings, image_metrics, verify_model
 
 VAE_WEIGHTS = Path("vae/diffusion_pytorch_model.fp16.safetensors")

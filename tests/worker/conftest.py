@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from fuseline.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
-from fuseline.testing.models import Kit
+from fuseline.core.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
+from testkit.models import Kit
 
 TEMPLATE = "tiny"
 # Spec hashes are opaque to the worker; these only need to differ per template.
@@ -133,7 +133,7 @@ def settings(volume: Path):
 @pytest.fixture(scope="session")
 def tiny_worker(settings):
     """A CPU worker over the session volume; its pipelines stay cached for every test that uses it."""
-    from worker.handler import Worker
+    from worker.serving import Worker
 
     return Worker(settings)
 

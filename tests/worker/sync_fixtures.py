@@ -29,9 +29,9 @@ from pathlib import Path
 
 import pytest
 
-from fuseline.manifest import CheckpointRef, ModelManifest, VaeRef
-from fuseline.release import Release, ReleasedTemplate, release_key
-from fuseline.testing.servers import SeaweedS3
+from fuseline.core.manifest import CheckpointRef, ModelManifest, VaeRef
+from fuseline.core.release import Release, ReleasedTemplate, release_key
+from testkit.servers import SeaweedS3
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable

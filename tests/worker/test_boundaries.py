@@ -28,8 +28,12 @@ def test_every_error_type_has_a_known_code() -> None:
 # The modules a job's output passes through (volume sync runs at start and has codes of its own).
 SERVING_MODULES = (
     "errors",
+    "device",
+    "folders",
     "generate",
     "handler",
+    "serving",
+    "startup",
     "images",
     "inputs",
     "pipelines",
@@ -77,7 +81,7 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def test_worker_source_never_imports_dvc_or_stages() -> None:
-    for path in WORKER.glob("*.py"):
+    for path in WORKER.rglob("*.py"):
         for module in imported_modules(path):
             top = module.split(".")[0]
             assert top not in ("dvc", "stages", "dvc_s3", "dvc_data"), f"{path.name} imports {module}"
@@ -99,7 +103,7 @@ def logged_events() -> set[str]:
     """Every event name the worker passes to log_event as a literal, plus job.done/job.failed (chosen at
     run time in telemetry.finish_job)."""
     names = {"job.done", "job.failed"}
-    for path in WORKER.glob("*.py"):
+    for path in WORKER.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "log_event":
                 event = node.args[1]
@@ -127,3 +131,22 @@ def test_every_worker_log_event_and_counter_is_documented() -> None:
         for anchor in re.findall(r"\(#([a-z-]+)\)", path.read_text()):
             headings = re.findall(r"^#+ (.+)$", text, re.M)
             assert anchor in {h.lower().replace(" ", "-") for h in headings}, f"{path.name}: #{anchor}"
+
+
+def test_importing_the_sync_loads_no_torch() -> None:
+    # `python -X importtime -c "import worker.sync"`: the sync runs before any model is loaded (and as its
+    # own CLI); torch and diffusers would cost it seconds for nothing.
+    code = "import worker.sync, worker.sync.cli, worker.sync.templates"
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert "worker.sync.templates" in imported  # the report lists the modules imported
+    heavy = {
+        name for name in imported if name.split(".")[0] in ("torch", "diffusers", "transformers", "peft")
+    }
+    assert not heavy, sorted(heavy)[:10]

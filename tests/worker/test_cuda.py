@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 
 from tests.worker.conftest import SMALL, TEMPLATE
 from worker.errors import OutOfMemory
-from worker.handler import VRAM_SHARE, Worker
+from worker.serving import VRAM_SHARE, Worker
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
 def cuda_worker(settings) -> Worker:
-    return Worker(replace(settings, device="cuda"))
+    return Worker(settings.model_copy(update={"device": "cuda"}))
 
 
 def test_fp16_on_cuda_and_reproducible(cuda_worker: Worker) -> None:

@@ -13,7 +13,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from tests.worker.conftest import SMALL, TEMPLATE
-from worker.errors import ModelInvalid, unrecoverable_device_error
+from worker.device import unrecoverable_device_error
+from worker.errors import ModelInvalid
 from worker.handler import get_worker, handler
 
 pytestmark = pytest.mark.usefixtures("served")
@@ -115,13 +116,12 @@ def test_a_cuda_error_while_loading_is_not_taken_for_a_broken_folder(kit, settin
     """Loading the merged folder, or the runtime-LoRA fallback, meets a CUDA error: it propagates as is
     (like out-of-memory), not as MODEL_INVALID, and the fallback is not tried on the broken GPU; the job
     answers CUDA_ERROR with refresh_worker, and the start reports it as a problem instead of crashing."""
-    from dataclasses import replace
 
     from tests.worker.test_fallback import TEMPLATE as STYLED
     from tests.worker.test_fallback import make_volume, recipe_for, settings_for
     from worker.fallback import load_serving
-    from worker.handler import Worker
     from worker.pipelines import load_template
+    from worker.serving import Worker
 
     fallback_ready = settings_for(make_volume(tmp_path, kit, recipes=[recipe_for(kit)]))
     with DeviceFails():
@@ -129,7 +129,9 @@ def test_a_cuda_error_while_loading_is_not_taken_for_a_broken_folder(kit, settin
             load_template(settings, TEMPLATE, "cpu")
         with pytest.raises(torch.AcceleratorError):
             load_serving(fallback_ready, STYLED, "cpu")
-        problems = Worker(replace(settings, default_template=TEMPLATE, preload=(TEMPLATE,))).startup()
+        problems = Worker(
+            settings.model_copy(update={"default_template": TEMPLATE, "preload": (TEMPLATE,)})
+        ).startup()
     assert problems == [f"template {TEMPLATE!r}: AcceleratorError: CUDA error: device-side assert triggered"]
     worker = get_worker()
     worker.cache.evict(TEMPLATE)

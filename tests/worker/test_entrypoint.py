@@ -114,3 +114,27 @@ def test_repo_test_input_json_is_a_valid_job() -> None:
     assert set(job) == {"input"}
     request = parse_input(job["input"], WorkerSettings(default_template="any"))
     assert request.prompt
+
+
+def test_a_bad_setting_stops_the_start_with_config_invalid(volume: Path, tmp_path: Path) -> None:
+    # Issue 15: FUSELINE_SYNC_WORKERS=eight reached the start-up sync and crashed it with a traceback; every
+    # FUSELINE_* value is parsed once, before anything runs, and a bad one is CONFIG_INVALID naming it.
+    env = worker_env(volume) | {
+        "FUSELINE_RELEASE": str(tmp_path / "remote/releases/main.json"),
+        "FUSELINE_SYNC_WORKERS": "eight",
+        "FUSELINE_LOG_FORMAT": "json",
+    }
+    proc = subprocess.run(
+        [*WORKER_COMMAND, "--test_input", json.dumps(JOB)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    records = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    (invalid,) = [r for r in records if r["event"] == "worker.config_invalid"]
+    assert invalid["message"].startswith("[CONFIG_INVALID] ")
+    assert "FUSELINE_SYNC_WORKERS='eight' is not an integer" in invalid["message"]

@@ -22,26 +22,25 @@ import pytest
 import torch
 from PIL import Image
 
-from fuseline.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
-from fuseline.release import LoraSummary, Release, ReleasedTemplate, release_key
+from fuseline.core.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
+from fuseline.core.release import LoraSummary, Release, ReleasedTemplate, release_key
 from tests.worker.conftest import SMALL, TEST_ENV
 from worker.errors import ModelInvalid, UnknownTemplate
-from worker.fallback import (
+from worker.fallback import adapter_name, read_recipe
+from worker.fallback import main as fallback_main
+from worker.serving import Worker
+from worker.settings import load_settings
+from worker.sync.recipes import (
     Recipe,
     RecipeLora,
-    adapter_name,
     checkpoint_dir,
     checkpoint_dir_name,
     lora_path,
-    read_recipe,
     recipe_from_release,
     recipe_path,
     write_recipe,
 )
-from worker.fallback import main as fallback_main
-from worker.handler import Worker
-from worker.settings import load_settings
-from worker.sync import sync_templates
+from worker.sync.templates import sync_templates
 
 # Merging several adapters: PEFT warns about the second adapter config, which is the point.
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
@@ -133,9 +132,9 @@ def make_volume(root: Path, kit, *, merged: Path | None = None, recipes=(), sour
     for recipe in recipes:
         write_recipe(root, recipe)
     if sources:
-        link_tree(kit.diffusers_dir, checkpoint_dir(settings, CHECKPOINT))
+        link_tree(kit.diffusers_dir, checkpoint_dir(settings.volume, CHECKPOINT))
         for name, _ in LORAS:
-            link_file(kit.loras[name], lora_path(settings, sha256_of(kit.loras[name])))
+            link_file(kit.loras[name], lora_path(settings.volume, sha256_of(kit.loras[name])))
     return root
 
 
@@ -262,7 +261,7 @@ def test_merged_folder_refused_as_incomplete_falls_back(kit, merged, tmp_path: P
 def test_lora_with_wrong_sha256_is_model_invalid_naming_the_file(kit, tmp_path: Path) -> None:
     volume = make_volume(tmp_path, kit, recipes=[recipe_for(kit)])
     settings = settings_for(volume)
-    wrong = lora_path(settings, sha256_of(kit.loras["peft"]))
+    wrong = lora_path(settings.volume, sha256_of(kit.loras["peft"]))
     wrong.unlink()
     link_file(kit.loras["locon"], wrong)  # another LoRA under this one's name
     with pytest.raises(ModelInvalid) as caught:
@@ -276,7 +275,7 @@ def test_lora_with_wrong_sha256_is_model_invalid_naming_the_file(kit, tmp_path: 
 def test_pickle_lora_is_refused_without_loading_it(kit, tmp_path: Path) -> None:
     volume = make_volume(tmp_path, kit, recipes=[recipe_for(kit)])
     settings = settings_for(volume)
-    path = lora_path(settings, sha256_of(kit.loras["peft"]))
+    path = lora_path(settings.volume, sha256_of(kit.loras["peft"]))
     path.unlink()
     torch.save({"lora_unet_x.lora_down.weight": torch.zeros(1)}, path)  # a zip-pickle, as torch.save writes
     with pytest.raises(ModelInvalid, match=r"is a pickle \(torch\.save\) file") as caught:
@@ -299,7 +298,7 @@ def test_recipe_without_its_files_is_unknown_template_saying_what_is_missing(
 ) -> None:
     volume = make_volume(tmp_path, kit, recipes=[recipe_for(kit)], sources=False)
     settings = settings_for(volume)
-    pickle = lora_path(settings, sha256_of(kit.loras["peft"])).with_suffix(".ckpt")
+    pickle = lora_path(settings.volume, sha256_of(kit.loras["peft"])).with_suffix(".ckpt")
     pickle.parent.mkdir(parents=True)
     pickle.write_bytes(b"\x80\x04")  # only its name is looked at: a pickle is never opened
     with pytest.raises(UnknownTemplate) as caught:
@@ -307,13 +306,15 @@ def test_recipe_without_its_files_is_unknown_template_saying_what_is_missing(
     message = str(caught.value)
     assert message.startswith(f"[UNKNOWN_TEMPLATE] no template {TEMPLATE!r}")
     assert "runtime-LoRA fallback: the volume lacks" in message
-    assert f"{checkpoint_dir(settings, CHECKPOINT)}/" in message
-    assert str(lora_path(settings, sha256_of(kit.loras["kohya_te"]))) in message
+    assert f"{checkpoint_dir(settings.volume, CHECKPOINT)}/" in message
+    assert str(lora_path(settings.volume, sha256_of(kit.loras["kohya_te"]))) in message
     assert ".ckpt there is a pickle file, refused" in message
     # The operator's check lists the same paths.
     assert fallback_main(["--volume", str(volume)]) == 2
     out = capsys.readouterr().out
-    assert f"{TEMPLATE}: NOT ready, missing:" in out and f"{checkpoint_dir(settings, CHECKPOINT)}/" in out
+    assert (
+        f"{TEMPLATE}: NOT ready, missing:" in out and f"{checkpoint_dir(settings.volume, CHECKPOINT)}/" in out
+    )
 
 
 def test_recipe_with_another_spec_hash_than_expected_is_refused(kit, tmp_path: Path) -> None:
@@ -436,7 +437,7 @@ def test_fallback_serves_a_lora_whose_header_length_has_a_0x80_low_byte(kit, tmp
     )
     volume = make_volume(tmp_path, kit, recipes=[recipe])
     settings = settings_for(volume)
-    lora_path(settings, sha256).write_bytes(data)
+    lora_path(settings.volume, sha256).write_bytes(data)
     result = Worker(settings).run(JOB)
     assert result["degraded"] is True and result["template"]["loras"][0]["sha256"] == sha256
 
@@ -449,9 +450,14 @@ def test_a_merged_folder_installed_while_the_fallback_loads_makes_the_entry_stal
 ) -> None:
     """The merged folder's marker is taken before the merged load is tried: a sync that installs the
     folder while the (slow) fallback loads leaves an entry found stale at the next job."""
-    from fuseline.logs import event_fields
-    from worker.fallback import load_runtime_loras, load_serving, merged_became_available, merged_marker
-    from worker.handler import resolve_template
+    from fuseline.core.logs import event_fields
+    from worker.fallback import (
+        load_runtime_loras,
+        load_serving,
+        merged_became_available,
+        merged_marker,
+        resolve_template,
+    )
 
     volume = make_volume(tmp_path, kit, recipes=[recipe_for(kit)])
     settings = settings_for(volume)
@@ -473,9 +479,9 @@ def test_a_merged_folder_installed_while_the_fallback_loads_makes_the_entry_stal
 def test_a_template_only_the_fallback_serves_is_a_template_of_the_worker(fallback_worker, caplog) -> None:
     """Recipe and sources present, no merged folder: listed as present, checked at start (degraded, not
     a problem), named among the available templates of an UNKNOWN_TEMPLATE error."""
-    from fuseline.logs import event_fields
-    from worker.pipelines import available_templates
-    from worker.telemetry import self_check
+    from fuseline.core.logs import event_fields
+    from worker.folders import available_templates
+    from worker.startup import self_check
 
     settings = fallback_worker.settings
     assert available_templates(settings) == [PLAIN, TEMPLATE]
@@ -501,9 +507,8 @@ def test_a_release_entry_the_recipe_refuses_is_a_warning_not_a_sync_failure(
 ) -> None:
     """A LoRA sha256 that is not 64 hex digits and an unknown prediction_type make no recipe; the
     template itself syncs: no failure counted, no start problem, one warning event naming the template."""
-    from dataclasses import replace
 
-    from fuseline.logs import event_fields
+    from fuseline.core.logs import event_fields
     from tests.worker.conftest import TEMPLATE as TINY
     from tests.worker.test_observability import publish_local
 
@@ -512,7 +517,11 @@ def test_a_release_entry_the_recipe_refuses_is_a_warning_not_a_sync_failure(
     data["templates"][TINY]["loras"] = [{"source": "civitai:1", "sha256": "ABC123", "scale": 1.0}]
     data["templates"][TINY]["prediction_type"] = "sideways"
     release.write_text(json.dumps(data))
-    synced = Worker(replace(settings, volume=tmp_path / "fresh", release=str(release), preload=(TINY,)))
+    synced = Worker(
+        settings.model_copy(
+            update={"volume": tmp_path / "fresh", "release": str(release), "preload": (TINY,)}
+        )
+    )
     with caplog.at_level("WARNING", logger="fuseline.worker"):
         assert synced.sync_volume() == []
     assert synced.sync_summary["failures"] == 0 and synced.sync_summary["templates"] == {TINY: "synced"}

@@ -13,7 +13,8 @@ from PIL import Image
 
 from tests.worker.conftest import SMALL, TEMPLATE
 from worker.errors import ERROR_CODES
-from worker.handler import ProgressThrottle, Worker, handler, is_production, runpod_progress
+from worker.handler import ProgressThrottle, handler, is_production, runpod_progress
+from worker.serving import Worker
 
 pytestmark = pytest.mark.usefixtures("served")
 
@@ -216,9 +217,12 @@ def test_production_mode_detection() -> None:
 
 
 def test_startup_checks_preloads_and_warms_the_default(settings) -> None:
-    from dataclasses import replace
 
-    worker = Worker(replace(settings, default_template=TEMPLATE, preload=(TEMPLATE, "wrong-name", "nope")))
+    worker = Worker(
+        settings.model_copy(
+            update={"default_template": TEMPLATE, "preload": (TEMPLATE, "wrong-name", "nope")}
+        )
+    )
     problems = worker.startup()
     assert len(problems) == 2
     assert (

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fuseline.testing.servers import RangeHTTPServer, RecordedRequest, Response
+from testkit.servers import RangeHTTPServer, RecordedRequest, Response
 from tests.worker.image_samples import encoded
 from worker.errors import ImageFetchFailed, ImageInvalid
 from worker.image_fetch import address_refusal, describe_url, fetch_s3_object, fetch_url

@@ -69,9 +69,12 @@ def image_files(root: Path) -> dict[str, str]:
 
 
 def worker_modules(tree: Path) -> list[str]:
+    """Every module of the worker package (`__main__` modules run their command when imported: left out,
+    their package's import covers what they import)."""
     return sorted(
         ".".join(path.relative_to(tree).with_suffix("").parts).removesuffix(".__init__")
         for path in (tree / "worker").rglob("*.py")
+        if path.name != "__main__.py"
     )
 
 
@@ -155,6 +158,7 @@ def test_the_file_set_check_fails_when_a_module_is_missing(tmp_path: Path) -> No
     (tmp_path / "fuseline").mkdir()
     for context_path in image_files(REPO).values():
         if context_path.startswith("fuseline/"):
+            (tmp_path / context_path).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / context_path, tmp_path / context_path)
     imported = {m for p in (tmp_path / "worker").rglob("*.py") for m in repo_imports(p)}
     victims = {module_file(tmp_path, m) for m in imported if m.startswith("fuseline.") and ":" not in m}

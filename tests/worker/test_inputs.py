@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from fuseline.catalog import Defaults
-from worker.errors import ConfigInvalid, InvalidInput, ModelInvalid
+from fuseline.core.catalog.model import Defaults
+from fuseline.core.errors import ConfigInvalid
+from fuseline.core.serving import DEFAULT_MAX_PIXELS
+from worker.errors import InvalidInput, ModelInvalid
 from worker.inputs import MAX_SEED, OutputOptions, parse_input, resolve_parameters
-from worker.settings import DEFAULT_MAX_PIXELS, WorkerSettings, load_settings
+from worker.settings import WorkerSettings, load_settings
 
 SETTINGS = WorkerSettings(default_template=None)
 OK = {"template": "t", "prompt": "a"}

@@ -11,19 +11,20 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 import worker.handler
-from fuseline.logs import setup_logging
-from fuseline.redact import redact
+from fuseline.core.logs import setup_logging
+from fuseline.core.redact import redact
 from tests.worker.conftest import SMALL, TEMPLATE
 from tests.worker.test_entrypoint import worker_env
-from worker.handler import SELF_CHECK_FAILED, Worker, handler
-from worker.telemetry import COUNTERS, self_check
+from worker.handler import SELF_CHECK_FAILED, handler
+from worker.serving import Worker
+from worker.startup import self_check
+from worker.telemetry import COUNTERS
 
 # Known secret values: none may reach a log line, whichever path carries them there.
 AWS_SECRET = "aws-SECRET-value-4242424242"
@@ -77,7 +78,7 @@ def test_each_job_logs_one_record_and_the_counters_add_up(
 ) -> None:
     served = worker.handler.get_worker()
     # A counters event after every job, so each one can be checked against the job before it.
-    monkeypatch.setattr(served, "settings", replace(served.settings, counters_every=1))
+    monkeypatch.setattr(served, "settings", served.settings.model_copy(update={"counters_every": 1}))
     # On CUDA the VAE runs in fp16; cast it here so the hot VAE really overflows to NaN (see test_handler).
     served.cache.get("hot-vae")[0].pipe.vae.to(torch.float16)
     cached_before = len(served.cache.loaded())
@@ -156,7 +157,7 @@ def test_each_job_logs_one_record_and_the_counters_add_up(
 
 
 def test_self_check_generates_with_the_default_template(settings) -> None:
-    check = self_check(Worker(replace(settings, default_template=TEMPLATE)))
+    check = self_check(Worker(settings.model_copy(update={"default_template": TEMPLATE})))
     assert (check.ok, check.mode, check.templates, check.error) == (True, "generate", [TEMPLATE], None)
     assert check.ms > 0
 
@@ -174,18 +175,22 @@ def corrupt_volume(volume: Path, target: Path) -> Path:
 
 def test_self_check_without_default_checks_each_preloaded_folder(settings, volume: Path, tmp_path: Path):
     broken = corrupt_volume(volume, tmp_path)
-    check = self_check(Worker(replace(settings, volume=tmp_path, default_template=None, preload=None)))
+    check = self_check(
+        Worker(settings.model_copy(update={"volume": tmp_path, "default_template": None, "preload": None}))
+    )
     assert (check.ok, check.mode, check.templates) == (False, "files", [TEMPLATE])
     assert check.error.startswith(f"[MODEL_INVALID] template '{TEMPLATE}': {broken}: not a readable")
     # The intact session volume passes the same check.
-    assert self_check(Worker(replace(settings, default_template=None, preload=(TEMPLATE,)))).ok
+    assert self_check(
+        Worker(settings.model_copy(update={"default_template": None, "preload": (TEMPLATE,)}))
+    ).ok
 
 
 def publish_local(volume: Path, template: str, remote: Path) -> str:
     """`template`'s folder pushed to a local DVC remote as `dvc push` lays it out (files/md5/<2>/<30>, the
     folder listing as `<md5 of its JSON>.dir`), and a release naming it; returns the release's path."""
-    from fuseline.manifest import ModelManifest
-    from fuseline.release import Release, ReleasedTemplate, object_key, release_key
+    from fuseline.core.manifest import ModelManifest
+    from fuseline.core.release import Release, ReleasedTemplate, object_key, release_key
 
     folder = volume / "models" / template
     listing, size = [], 0
@@ -221,7 +226,7 @@ def test_sync_is_reported_and_counted(
     before = COUNTERS.snapshot()
     release = publish_local(volume, TEMPLATE, tmp_path / "remote")
     fresh = tmp_path / "fresh-volume"
-    synced = Worker(replace(settings, volume=fresh, release=release, preload=(TEMPLATE,)))
+    synced = Worker(settings.model_copy(update={"volume": fresh, "release": release, "preload": (TEMPLATE,)}))
     assert synced.sync_volume() == []
     folder_files = [p for p in (volume / "models" / TEMPLATE).rglob("*") if p.is_file()]
     unique = {hashlib.md5(p.read_bytes()).hexdigest(): p.stat().st_size for p in folder_files}
@@ -229,7 +234,7 @@ def test_sync_is_reported_and_counted(
     # The remote gone (its folder named after a secret, which must not be logged): the sync fails, the
     # template synced before is kept.
     down = tmp_path / RUNPOD_KEY / "releases" / "main.json"
-    kept = Worker(replace(settings, volume=fresh, release=str(down), preload=(TEMPLATE,)))
+    kept = Worker(settings.model_copy(update={"volume": fresh, "release": str(down), "preload": (TEMPLATE,)}))
     problems = kept.sync_volume()
 
     ok, failed = [r for r in events(captured.getvalue()) if r["event"] == "sync.done"]
@@ -311,7 +316,7 @@ def test_only_jobs_count_as_cache_traffic_and_retries(settings, volume: Path, tm
     from worker.telemetry import job_record
 
     before = COUNTERS.snapshot()
-    hot = Worker(replace(settings, default_template="hot-vae", preload=("hot-vae",)))
+    hot = Worker(settings.model_copy(update={"default_template": "hot-vae", "preload": ("hot-vae",)}))
     assert hot.startup() == []
     hot.cache.get("hot-vae")[0].pipe.vae.to(torch.float16)  # overflows to NaN: the self-check retries
     check = self_check(hot)
@@ -322,7 +327,7 @@ def test_only_jobs_count_as_cache_traffic_and_retries(settings, volume: Path, tm
     with job_record({"id": "counted"}, hot.device) as record:
         hot.run({"template": "hot-vae", "prompt": "a cat", **SMALL, "seed": 1})
     assert record.retries == ["image_check"]
-    broken = Worker(replace(settings, volume=tmp_path, default_template=None))
+    broken = Worker(settings.model_copy(update={"volume": tmp_path, "default_template": None}))
     corrupt_volume(volume, tmp_path)
     for job_id in ("broken-1", "broken-2"):
         with job_record({"id": job_id}, broken.device), pytest.raises(ModelInvalid, match="could not load"):
@@ -332,7 +337,8 @@ def test_only_jobs_count_as_cache_traffic_and_retries(settings, volume: Path, tm
 
 
 def test_counters_every_is_a_setting() -> None:
-    from worker.settings import SettingsError, load_settings
+    from fuseline.core.errors import ConfigInvalid as SettingsError
+    from worker.settings import load_settings
 
     assert load_settings({}).counters_every == 50
     assert load_settings({"FUSELINE_COUNTERS_EVERY": "0"}).counters_every == 0
@@ -344,7 +350,7 @@ def test_counters_every_is_a_setting() -> None:
 def test_on_runpod_a_failed_self_check_goes_through_the_fitness_hook(volume: Path, tmp_path: Path) -> None:
     """The real job loop (RunPod's queue played by RunpodQueue): the SDK's fitness hook reports the reason
     to RunPod as unhealthy and ends the worker before it takes the queued job."""
-    from fuseline.testing.runpod_queue import RunpodQueue
+    from testkit.runpod_queue import RunpodQueue
 
     broken = corrupt_volume(volume, tmp_path / "volume")
     with RunpodQueue() as queue:
@@ -391,7 +397,7 @@ def test_self_check_accepts_a_broken_default_the_fallback_serves(kit, volume: Pa
 def test_peak_vram_is_recorded_on_cuda(settings, captured: io.StringIO) -> None:
     from worker.telemetry import finish_job, job_record
 
-    cuda_worker = Worker(replace(settings, device="cuda"))
+    cuda_worker = Worker(settings.model_copy(update={"device": "cuda"}))
     with job_record({"id": "gpu"}, cuda_worker.device) as record:
         result = cuda_worker.run({"template": TEMPLATE, "prompt": "a cat", **SMALL})
         finish_job(record, result)

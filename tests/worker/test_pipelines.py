@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,13 +11,8 @@ import torch
 
 from tests.worker.conftest import SPEC_HASH, TEMPLATE, copy_template
 from worker.errors import ModelInvalid, UnknownTemplate
-from worker.pipelines import (
-    PipelineCache,
-    available_templates,
-    check_template_folder,
-    folder_weight_bytes,
-    load_template,
-)
+from worker.folders import available_templates, check_template_folder, folder_weight_bytes
+from worker.pipelines import PipelineCache, load_template
 
 
 def test_available_templates_are_folders_with_a_manifest(settings) -> None:
@@ -42,7 +36,7 @@ def test_unknown_template_lists_what_is_there(settings) -> None:
 
 def test_empty_volume_says_so(settings, tmp_path: Path) -> None:
     with pytest.raises(UnknownTemplate, match=r"available: none \(the volume holds no model folders\)"):
-        check_template_folder(replace(settings, volume=tmp_path), "tiny")
+        check_template_folder(settings.model_copy(update={"volume": tmp_path}), "tiny")
 
 
 def test_folder_without_manifest_is_refused(settings) -> None:
@@ -64,13 +58,13 @@ def test_invalid_manifest_is_refused(settings, scratch_volume: Path, volume: Pat
     with pytest.raises(
         ModelInvalid, match=r"fuseline.json: invalid \(1 problems\): spec_hash: Field required"
     ):
-        check_template_folder(replace(settings, volume=scratch_volume), TEMPLATE)
+        check_template_folder(settings.model_copy(update={"volume": scratch_volume}), TEMPLATE)
 
 
 def test_spec_hash_must_match_when_configured(settings) -> None:
-    ok = replace(settings, expected_spec_hashes={TEMPLATE: SPEC_HASH})
+    ok = settings.model_copy(update={"expected_spec_hashes": {TEMPLATE: SPEC_HASH}})
     assert check_template_folder(ok, TEMPLATE).manifest.spec_hash == SPEC_HASH
-    stale = replace(settings, expected_spec_hashes={TEMPLATE: "f" * 64})
+    stale = settings.model_copy(update={"expected_spec_hashes": {TEMPLATE: "f" * 64}})
     with pytest.raises(
         ModelInvalid, match=re.escape(f"spec_hash '{SPEC_HASH}' differs from the expected 'fff")
     ):
@@ -88,7 +82,7 @@ def test_folder_missing_weights_is_a_model_error(settings, scratch_volume: Path,
     folder = copy_template(volume, TEMPLATE, scratch_volume)
     (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").unlink()
     with pytest.raises(ModelInvalid, match=r"diffusers could not load .* as an fp16 SDXL folder"):
-        load_template(replace(settings, volume=scratch_volume), TEMPLATE, "cpu")
+        load_template(settings.model_copy(update={"volume": scratch_volume}), TEMPLATE, "cpu")
 
 
 def test_truncated_weights_are_a_model_error(settings, scratch_volume: Path, volume: Path) -> None:
@@ -98,7 +92,7 @@ def test_truncated_weights_are_a_model_error(settings, scratch_volume: Path, vol
     weights.unlink()  # a hard link: replace, never write through it
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelInvalid, match=r"diffusers could not load .* as an fp16 SDXL folder"):
-        load_template(replace(settings, volume=scratch_volume), TEMPLATE, "cpu")
+        load_template(settings.model_copy(update={"volume": scratch_volume}), TEMPLATE, "cpu")
 
 
 def test_prediction_type_must_agree_with_the_scheduler(settings, scratch_volume: Path, volume: Path) -> None:
@@ -110,7 +104,7 @@ def test_prediction_type_must_agree_with_the_scheduler(settings, scratch_volume:
     with pytest.raises(
         ModelInvalid, match=r"prediction_type 'epsilon' but fuseline.json says 'v_prediction'"
     ):
-        load_template(replace(settings, volume=scratch_volume), TEMPLATE, "cpu")
+        load_template(settings.model_copy(update={"volume": scratch_volume}), TEMPLATE, "cpu")
 
 
 def test_loads_fp32_on_cpu(settings) -> None:
@@ -178,7 +172,7 @@ def test_cached_pipeline_leases_its_version_until_evicted(
 ) -> None:
     """A synced layout (models/tiny -> .v.tiny.<hash>): sync switching to a new version and collecting
     garbage spares the version a cached pipeline was loaded from, until the cache drops it."""
-    from worker.volume import MARKER_NAME, Volume
+    from worker.sync.volume import MARKER_NAME, Volume
 
     vol = Volume(scratch_volume)
     old = copy_template(volume, TEMPLATE, scratch_volume, f".v.{TEMPLATE}.{'a' * 32}")
@@ -186,7 +180,7 @@ def test_cached_pipeline_leases_its_version_until_evicted(
     for version in (old, new):
         (version / MARKER_NAME).write_text(json.dumps({"dir_md5": version.name[-32:] + ".dir"}))
     vol.switch(TEMPLATE, old)
-    cache = PipelineCache(CountingLoader(replace(settings, volume=scratch_volume)), max_count=1)
+    cache = PipelineCache(CountingLoader(settings.model_copy(update={"volume": scratch_volume})), max_count=1)
     entry, _ = cache.get(TEMPLATE)
     assert entry.folder.path == old  # the version itself, not the link a sync may switch
     assert [p.parent for p in (scratch_volume / "models").glob("*.leases/*")] == [vol.leases_dir(old)]

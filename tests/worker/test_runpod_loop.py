@@ -9,7 +9,7 @@ lookup of the worker and of its heartbeat process, and refuses any that leaves l
 shows the guard catches the SDK's own network probe when production mode's default is overridden.
 
 Slow by nature: the SDK asks for the next job at most once a second while it holds one (see
-fuseline/testing/runpod_queue.py), so 50 jobs take about a minute however small they are.
+testkit/runpod_queue.py), so 50 jobs take about a minute however small they are.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from fuseline.catalog import Defaults
-from fuseline.testing.runpod_queue import RunpodQueue
+from fuseline.core.catalog.model import Defaults
+from testkit.runpod_queue import RunpodQueue
 from tests.worker.conftest import SPEC_HASH, TEMPLATE, TEST_ENV
 
 WORKER_COMMAND = (sys.executable, "-m", "worker.handler")

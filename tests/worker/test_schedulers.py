@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from worker.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES, SCHEDULERS, build_scheduler
+from fuseline.core.serving import DEFAULT_SCHEDULER, SCHEDULER_NAMES, SCHEDULERS
+from worker.schedulers import build_scheduler
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,15 @@ projection changes every pixel.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 
 import numpy
 import pytest
 from PIL import Image
 
+from fuseline.core.errors import ConfigInvalid
 from tests.worker.conftest import SMALL, TEMPLATE
-from worker.errors import ConfigInvalid
-from worker.speed import SpeedOptions, parse_speed_options
+from worker.settings import SpeedOptions
 
 JOB = {"template": TEMPLATE, "prompt": "a lighthouse at dusk", "seed": 7, **SMALL}
 
@@ -35,9 +34,9 @@ def plain(tiny_worker) -> numpy.ndarray:
 
 
 def worker_with(settings, speed: SpeedOptions):
-    from worker.handler import Worker
+    from worker.serving import Worker
 
-    return Worker(dataclasses.replace(settings, speed=speed))
+    return Worker(settings.model_copy(update={"speed": speed}))
 
 
 def assert_same_image(image: numpy.ndarray, reference: numpy.ndarray) -> None:
@@ -81,15 +80,15 @@ def test_compile_runs_the_compiled_unet_and_keeps_the_image(settings, plain) -> 
 
 
 def test_parse_speed_options() -> None:
-    assert not parse_speed_options({})
-    parsed = parse_speed_options(
+    assert not SpeedOptions.from_env({})
+    parsed = SpeedOptions.from_env(
         {"FUSELINE_SPEED": " Compile, channels_last,compile ", "FUSELINE_COMPILE_MODE": "max-autotune"}
     )
     assert parsed.options == ("compile", "channels_last") and parsed.compile_mode == "max-autotune"
     with pytest.raises(ConfigInvalid, match=r"unknown option.*turbo.*valid: channels_last"):
-        parse_speed_options({"FUSELINE_SPEED": "channels_last,turbo"})
+        SpeedOptions.from_env({"FUSELINE_SPEED": "channels_last,turbo"})
     with pytest.raises(ConfigInvalid, match="does not include 'compile'"):
-        parse_speed_options({"FUSELINE_COMPILE_MODE": "max-autotune"})
+        SpeedOptions.from_env({"FUSELINE_COMPILE_MODE": "max-autotune"})
 
 
 def test_compile_warms_the_default_template_at_its_default_size(settings, volume, tmp_path, caplog) -> None:
@@ -98,17 +97,17 @@ def test_compile_warms_the_default_template_at_its_default_size(settings, volume
     compiles for 64 px only)."""
     import torch
 
-    from fuseline.logs import event_fields
+    from fuseline.core.logs import event_fields
     from tests.worker.conftest import copy_template, make_manifest, write_manifest
-    from worker.handler import Worker
+    from worker.serving import Worker
 
     folder = copy_template(volume, TEMPLATE, tmp_path, "warm")
     (folder / "fuseline.json").unlink()  # a hard link to the session volume's: replace, never edit
     write_manifest(folder, make_manifest("warm", "3" * 64), defaults={"width": 320, "height": 256})
     speed = SpeedOptions(options=("compile",), compile_backend="aot_eager")
     worker = Worker(
-        dataclasses.replace(
-            settings, volume=tmp_path, default_template="warm", preload=("warm",), speed=speed
+        settings.model_copy(
+            update={"volume": tmp_path, "default_template": "warm", "preload": ("warm",), "speed": speed}
         )
     )
     frames = torch._dynamo.utils.counters["frames"]["ok"]
@@ -119,7 +118,9 @@ def test_compile_warms_the_default_template_at_its_default_size(settings, volume
     assert torch._dynamo.utils.counters["frames"]["ok"] > frames  # dynamo compiled the UNet's forward
     # Without `compile` there is nothing to warm: no extra generation at start.
     caplog.clear()
-    plain = Worker(dataclasses.replace(settings, volume=tmp_path, default_template="warm", preload=("warm",)))
+    plain = Worker(
+        settings.model_copy(update={"volume": tmp_path, "default_template": "warm", "preload": ("warm",)})
+    )
     with caplog.at_level("INFO", logger="fuseline.worker"):
         assert plain.startup() == []
     assert not [r for r in caplog.records if event_fields(r)[0] == "template.warmed"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,8 @@ import pytest
 # Before the import below: its asserts (assert_complete, ...) get pytest's detailed messages too.
 pytest.register_assert_rewrite("tests.worker.sync_fixtures")
 
-from fuseline.release import object_key  # noqa: E402
+from fuseline.core.errors import ConfigInvalid  # noqa: E402
+from fuseline.core.release import object_key  # noqa: E402
 from tests.worker.sync_fixtures import (  # noqa: E402
     BIG,
     PART,
@@ -32,9 +34,12 @@ from tests.worker.sync_fixtures import (  # noqa: E402
     sync_cmd,
     write_release,
 )
-from worker.locks import LockTimeout, VolumeLock  # noqa: E402
-from worker.sync import main, sync_templates  # noqa: E402
-from worker.volume import ListingUnsafe, Volume, leased, parse_listing  # noqa: E402
+from worker.settings import load_settings  # noqa: E402
+from worker.sync.cli import main  # noqa: E402
+from worker.sync.errors import ListingUnsafe, LockTimeout  # noqa: E402
+from worker.sync.locks import VolumeLock  # noqa: E402
+from worker.sync.templates import sync_templates  # noqa: E402
+from worker.sync.volume import Volume, leased, parse_listing  # noqa: E402
 
 pytestmark = pytest.mark.s3
 pytest_plugins = ["tests.worker.sync_fixtures"]
@@ -76,6 +81,34 @@ def test_cli_reads_environment(dvc_remote: DvcRemote, tmp_path: Path) -> None:
     assert "tpl-b: synced" in done.stdout
     assert_complete(tmp_path, dvc_remote.b1)
     assert main(["--release", release, "--volume", str(tmp_path), "--template", "nope"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("FUSELINE_SYNC_WORKERS", "eight", "FUSELINE_SYNC_WORKERS='eight' is not an integer"),
+        ("FUSELINE_SYNC_PART_SIZE", "0", "FUSELINE_SYNC_PART_SIZE=0 must be at least 1"),
+        ("FUSELINE_SYNC_LOCK_STALE", "soon", "FUSELINE_SYNC_LOCK_STALE='soon' is not a number"),
+        ("FUSELINE_SYNC_OBJECT_GRACE", "-1", "FUSELINE_SYNC_OBJECT_GRACE='-1' must be at least 0"),
+    ],
+)
+def test_a_bad_sync_setting_is_config_invalid_never_a_traceback(
+    dvc_remote: DvcRemote, tmp_path: Path, monkeypatch, variable: str, value: str, expected: str
+) -> None:
+    # Issue 15: FUSELINE_SYNC_WORKERS=eight escaped sync_templates (documented "never raises") as a
+    # ValueError traceback at worker start.
+    release = write_release(dvc_remote.local, "bad-env", {"tpl-b": dvc_remote.b1.released})
+    monkeypatch.setenv(variable, value)
+    report = sync_templates(release, tmp_path / "volume")
+    assert not report.ok and report.error.startswith("[CONFIG_INVALID] ") and expected in report.error
+    assert [(t.template, t.status) for t in report.templates] == []  # nothing fetched, nothing on the volume
+    # The CLI (its own settings) and the worker's start (WorkerSettings) refuse it the same way.
+    env = _env({variable: value, "FUSELINE_RELEASE": release, "FUSELINE_VOLUME": str(tmp_path / "cli")})
+    done = subprocess.run([PYTHON, "-m", "worker.sync"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "[CONFIG_INVALID]" in done.stderr and expected in done.stderr
+    assert "Traceback" not in done.stderr
+    with pytest.raises(ConfigInvalid, match=re.escape(expected)):
+        load_settings({variable: value, "FUSELINE_RELEASE": release})
 
 
 def test_warm_start_ten_templates_under_a_second(dvc_remote: DvcRemote, proxy, tmp_path: Path) -> None:
@@ -216,7 +249,7 @@ def test_release_update_switches_atomically_while_old_is_read(dvc_remote: DvcRem
     assert sync_templates(v1, tmp_path, part_size=PART).ok
     reader_code = (
         "import sys, hashlib, pathlib\n"
-        "from worker.volume import leased\n"
+        "from worker.sync.volume import leased\n"
         f"with leased({str(tmp_path)!r}, 'tpl-a') as folder:\n"
         "    print(folder, flush=True)\n"
         "    sys.stdin.readline()\n"
@@ -363,10 +396,10 @@ def test_synced_folder_loads_in_the_worker(kit, tmp_path: Path) -> None:
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from fuseline.manifest import CheckpointRef, ModelManifest, VaeRef
+    from fuseline.core.manifest import CheckpointRef, ModelManifest, VaeRef
     from tests.worker.sync_fixtures import DVC, released_entry
-    from worker.handler import Worker
     from worker.pipelines import load_template
+    from worker.serving import Worker
     from worker.settings import load_settings
 
     project, remote = tmp_path / "project", tmp_path / "remote"
@@ -438,12 +471,12 @@ def test_copies_where_the_filesystem_refuses_hard_links(
     is not available here. Proves the fallback path, not any particular filesystem."""
     import errno
 
-    import worker.volume
+    import worker.sync.volume
 
     def refuse(*_: object) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(worker.volume.os, "link", refuse)
+    monkeypatch.setattr(worker.sync.volume.os, "link", refuse)
     release = write_release(dvc_remote.local, "nolink", {"tpl-b": dvc_remote.b1.released})
     assert sync_templates(release, tmp_path, part_size=PART).ok
     assert_complete(tmp_path, dvc_remote.b1)
@@ -456,7 +489,7 @@ def test_copies_where_the_filesystem_refuses_hard_links(
 
 
 def test_journal_ignores_a_line_cut_short_by_a_kill(tmp_path: Path) -> None:
-    from worker.sync import _done_parts
+    from worker.sync.objects import _done_parts
 
     volume = Volume(tmp_path)
     volume.ensure()
@@ -481,7 +514,7 @@ def test_partial_being_stored_is_not_zeroed_by_a_concurrent_sync(
     must still have its md5."""
     from types import SimpleNamespace
 
-    from worker.sync import _done_parts, _finish_object
+    from worker.sync.objects import _done_parts, _finish_object
 
     volume = Volume(tmp_path)
     volume.ensure()
@@ -501,7 +534,7 @@ def test_partial_being_stored_is_not_zeroed_by_a_concurrent_sync(
 
 
 def test_done_parts_without_journal_keeps_the_partial_bytes(tmp_path: Path) -> None:
-    from worker.sync import _done_parts
+    from worker.sync.objects import _done_parts
 
     volume = Volume(tmp_path)
     volume.ensure()
@@ -514,7 +547,7 @@ def test_done_parts_without_journal_keeps_the_partial_bytes(tmp_path: Path) -> N
 def test_release_rejects_template_ids_that_are_not_catalog_ids() -> None:
     from pydantic import ValidationError
 
-    from fuseline.release import Release, ReleasedTemplate
+    from fuseline.core.release import Release, ReleasedTemplate
 
     entry = ReleasedTemplate(
         dir_md5="0" * 32 + ".dir", path="m", size=1, nfiles=1, spec_hash="s", checkpoint="file:x"
@@ -530,8 +563,8 @@ def test_template_named_tmp_does_not_collect_another_templates_build(
 ) -> None:
     """Sync of template `tmp` garbage-collects while sync of `tpl-a` builds: the build folder is not a
     version of `tmp`."""
-    import worker.volume
-    from worker.volume import Entry
+    import worker.sync.volume
+    from worker.sync.volume import Entry
 
     volume = Volume(tmp_path)
     volume.ensure()
@@ -539,7 +572,7 @@ def test_template_named_tmp_does_not_collect_another_templates_build(
     src.write_bytes(b"model")
     md5 = hashlib.md5(b"model").hexdigest()
     volume.commit_object(md5, src)
-    real_place = worker.volume.place
+    real_place = worker.sync.volume.place
     collected: list[Path] = []
 
     def racing_place(source: Path, dest: Path) -> None:
@@ -547,7 +580,7 @@ def test_template_named_tmp_does_not_collect_another_templates_build(
             collected.extend(volume.collect_garbage(template))
         real_place(source, dest)
 
-    monkeypatch.setattr(worker.volume, "place", racing_place)
+    monkeypatch.setattr(worker.sync.volume, "place", racing_place)
     version = volume.build_version("tpl-a", "f" * 32 + ".dir", [Entry(md5, "a/b.bin")], {"dir_md5": "x"})
     assert collected == []
     assert (version / "a/b.bin").read_bytes() == b"model"
@@ -577,9 +610,9 @@ def test_update_removes_old_version_and_its_objects_keeps_shared(
 
 
 def test_lock_heartbeat_survives_a_failed_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import worker.locks
+    import worker.sync.locks
 
-    real_read = worker.locks._read
+    real_read = worker.sync.locks._read
     failures = {"left": 2}
 
     def flaky_read(path: Path) -> str | None:
@@ -591,7 +624,7 @@ def test_lock_heartbeat_survives_a_failed_read(tmp_path: Path, monkeypatch: pyte
         return real_read(path)
 
     with VolumeLock(tmp_path / "x.lock", heartbeat=0.05, stale_after=1.0) as lock:
-        monkeypatch.setattr(worker.locks, "_read", flaky_read)
+        monkeypatch.setattr(worker.sync.locks, "_read", flaky_read)
         time.sleep(0.4)  # several beats, the first ones meeting the failed reads
         assert failures["left"] == 0
         lock.check()  # still ours: no LockLost

@@ -9,18 +9,19 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 
 import pytest
 import requests
 from PIL import Image
 
-from fuseline.redact import redact
-from fuseline.testing.servers import SeaweedS3, free_port
+from fuseline.core.errors import ConfigInvalid
+from fuseline.core.redact import redact
+from testkit.servers import SeaweedS3, free_port
 from tests.worker.conftest import SMALL, TEMPLATE
-from worker.errors import ConfigInvalid, UploadFailed, UploadNotConfigured
-from worker.handler import Worker, get_worker, handler
+from worker.errors import UploadFailed, UploadNotConfigured
+from worker.handler import get_worker, handler
 from worker.inputs import parse_input
+from worker.serving import Worker
 from worker.settings import WorkerSettings, load_settings
 from worker.upload import ImageUploader, object_key
 
@@ -235,7 +236,7 @@ def output_bucket(aws_like_s3: SeaweedS3) -> str:
 
 @pytest.fixture(scope="module")
 def s3_worker(settings, output_bucket: str) -> Worker:
-    return Worker(replace(settings, output_bucket=output_bucket, output_prefix="jobs"))
+    return Worker(settings.model_copy(update={"output_bucket": output_bucket, "output_prefix": "jobs"}))
 
 
 def test_worker_uploads_the_same_png_it_would_return_inline(s3_env, s3_worker, tiny_worker) -> None:
@@ -323,7 +324,8 @@ def test_s3_addressing_is_validated(monkeypatch) -> None:
         load_settings({"FUSELINE_S3_ADDRESSING": "vhost"})
     assert load_settings({"FUSELINE_S3_ADDRESSING": "Virtual"}).output_bucket is None
     # Past the settings (e.g. the sync CLI): the sync and the upload refuse it with the same message.
-    from worker.remote import S3Remote, SyncError
+    from worker.sync.errors import SyncError
+    from worker.sync.remote import S3Remote
 
     monkeypatch.setenv("FUSELINE_S3_ADDRESSING", "vhost")
     with pytest.raises(SyncError, match=r"s3://models: FUSELINE_S3_ADDRESSING='vhost' must be"):
@@ -333,7 +335,7 @@ def test_s3_addressing_is_validated(monkeypatch) -> None:
 
 
 def test_sync_and_upload_clients_share_one_configuration(s3_env, monkeypatch) -> None:
-    from worker.remote import S3Remote
+    from worker.sync.remote import S3Remote
     from worker.upload import s3_client
 
     monkeypatch.setenv("FUSELINE_S3_ADDRESSING", "virtual")

@@ -1,0 +1,5 @@
+"""`python -m fuseline.cli ...`: the `fuseline` command."""
+
+from fuseline.cli import app
+
+app()

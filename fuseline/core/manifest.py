@@ -1,0 +1,103 @@
+"""`fuseline.json`: what an exported model folder is (template, sources and their sha256, scales, spec hash).
+
+The build writes it next to the weights; the worker reads it and refuses a folder whose manifest does not
+match the template it was asked to serve. Only pydantic and the standard library here (the worker imports
+it). The file is written with sorted keys and no timestamps, so the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fuseline.core.catalog.model import Defaults
+from fuseline.core.errors import FuselineError
+
+MANIFEST_NAME = "fuseline.json"
+MANIFEST_FORMAT = 1
+
+
+class ManifestError(FuselineError):
+    """A model folder without a readable, valid manifest. Its callers name their own code (the worker's
+    MODEL_INVALID, the verify stage's MANIFEST_INVALID, publishing's BAD_MANIFEST): str() is the message."""
+
+    code = "MANIFEST_INVALID"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CheckpointRef(_Frozen):
+    id: str
+    source: str
+    sha256: str | None = None
+
+
+class VaeRef(_Frozen):
+    source: str = Field(description="Catalog source of the VAE, or `checkpoint` when the checkpoint's own.")
+    sha256: str | None = None
+
+
+class LoraRef(_Frozen):
+    source: str
+    sha256: str = Field(description="SHA-256 of the LoRA file that was fused (computed while reading it).")
+    scale: float
+    placed_keys: dict[str, int] = Field(
+        description="Keys of the LoRA file placed on each component (unet, text_encoder, text_encoder_2); "
+        "together they are every key of the file."
+    )
+    block_weights: list[float] | None = Field(
+        default=None,
+        # Absent from the file when unused, so manifests of LoRAs without block weights stay byte-identical.
+        exclude_if=lambda value: value is None,
+        description="The per-block strengths fused (12 or 20 values in the A1111 LoRA Block Weight order, "
+        "a preset resolved to its values); absent: one strength for every module.",
+    )
+
+
+class ModelManifest(_Frozen):
+    format: Literal[1] = MANIFEST_FORMAT
+    template: str
+    checkpoint: CheckpointRef
+    loras: list[LoraRef] = Field(description="In fusing order.")
+    vae: VaeRef
+    prediction_type: Literal["epsilon", "v_prediction"]
+    dtype: Literal["float16"] = "float16"
+    variant: Literal["fp16"] = "fp16"
+    spec_hash: str = Field(
+        description="Catalog.spec_hash(template): the resolved spec this folder was built from."
+    )
+    fuseline_version: str
+    defaults: Defaults | None = Field(
+        default=None,
+        description="The template's generation defaults from the catalog; the worker serves them when a "
+        "request leaves a setting out (absent: the worker's global defaults).",
+    )
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+    def write(self, folder: str | os.PathLike[str]) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike[str]) -> ModelManifest:
+        path = Path(folder) / MANIFEST_NAME
+        try:
+            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ManifestError(
+                f"{path}: no manifest; the folder is not a fuseline export (re-run the merge)"
+            ) from None
+        except ValidationError as exc:
+            raise ManifestError(f"{path}: invalid manifest ({exc.error_count()} problems):\n{exc}") from None

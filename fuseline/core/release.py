@@ -1,0 +1,101 @@
+"""The release manifest: which published model folder (by DVC hash) each template of a channel serves.
+
+Publishing writes it to the remote (`releases/<channel>.json`, plus an immutable copy
+`releases/<channel>/<timestamp>.json`) only after every object it names is on the remote; the worker's
+sync reads it and needs nothing else (no DVC, no git) to fetch and verify every file of every template.
+Only pydantic and the standard library here: the worker imports this module.
+
+Objects live in DVC's remote layout under the remote's root: `files/md5/<2 hex>/<30 hex>` for a file and
+`files/md5/<2 hex>/<30 hex>.dir` for a folder's listing (JSON `[{"md5": ..., "relpath": ...}, ...]`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import PurePosixPath
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fuseline.core.catalog.model import ID_PATTERN
+
+RELEASE_FORMAT = 1
+MD5_DIR_PATTERN = re.compile(r"^[0-9a-f]{32}\.dir$")
+MD5_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"  # also the history object's name: sortable, no ':' (unsafe in keys)
+
+
+def object_key(md5: str) -> str:
+    """Key of a DVC object (file md5, or `<md5>.dir` for a folder listing) relative to the remote root."""
+    return f"files/md5/{md5[:2]}/{md5[2:]}"
+
+
+def release_key(channel: str) -> str:
+    return f"releases/{channel}.json"
+
+
+def history_key(channel: str, timestamp: str) -> str:
+    return f"releases/{channel}/{timestamp}.json"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSummary(_Frozen):
+    source: str
+    sha256: str
+    scale: float
+
+
+class ReleasedTemplate(_Frozen):
+    dir_md5: str = Field(description="DVC hash of the model folder, `<32 hex>.dir` (its listing object).")
+    path: str = Field(description="Where the folder lies in the build project, e.g. artifacts/models/<id>.")
+    size: int = Field(ge=0, description="Bytes of all files in the folder.")
+    nfiles: int = Field(ge=1)
+    spec_hash: str = Field(description="ModelManifest.spec_hash of the folder's fuseline.json.")
+    checkpoint: str = Field(description="Checkpoint source the model was built from.")
+    loras: list[LoraSummary] = Field(default_factory=list)
+    prediction_type: str = "epsilon"
+
+    @field_validator("dir_md5")
+    @classmethod
+    def _dir_md5(cls, value: str) -> str:
+        if not MD5_DIR_PATTERN.match(value):
+            raise ValueError(f"dir_md5 must be 32 lowercase hex digits followed by .dir, got {value!r}")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _relative_path(cls, value: str) -> str:
+        p = PurePosixPath(value)
+        if p.is_absolute() or ".." in p.parts:
+            raise ValueError(f"path must be relative without '..', got {value!r}")
+        return value
+
+
+class Release(_Frozen):
+    format: int = RELEASE_FORMAT
+    channel: str
+    created: str = Field(description=f"UTC time of publishing, {TIMESTAMP_FORMAT}; names the history copy.")
+    git_commit: str | None = None
+    templates: dict[str, ReleasedTemplate]
+
+    @field_validator("templates")
+    @classmethod
+    def _template_ids(cls, value: dict[str, ReleasedTemplate]) -> dict[str, ReleasedTemplate]:
+        # Sync joins these keys into volume paths (models/<id>, locks/<id>.lock): only catalog ids pass.
+        bad = [key for key in value if not re.match(ID_PATTERN, key)]
+        if bad:
+            raise ValueError(
+                f"template ids {bad!r} are not catalog ids (pattern {ID_PATTERN}: lowercase letters, digits "
+                "and inner dashes); republish the release from templates.json"
+            )
+        return value
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Release:
+        return cls.model_validate_json(text)

@@ -1,0 +1,59 @@
+"""What the worker serves: its scheduler names and its image size rules, one table for the catalog and the
+worker alike (the catalog refuses a template default the worker would refuse; the worker applies the same
+rules to requests and to the defaults a fuseline.json carries).
+
+Data only: the diffusers classes are named here as strings and built by worker/schedulers.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# "default": the scheduler saved in the model folder (what the export chose for the checkpoint).
+DEFAULT_SCHEDULER = "default"
+
+# Names follow the A1111/ComfyUI sampler names users know: name -> (diffusers class, config overrides).
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "dpmpp_2m_sde_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "dpmpp_sde": ("DPMSolverSinglestepScheduler", {}),
+}
+
+SCHEDULER_NAMES: tuple[str, ...] = (DEFAULT_SCHEDULER, *SCHEDULERS)
+
+# SDXL's trained resolutions (1024x1024, 1152x896, 1344x768, ...) are all multiples of 64, and 64 keeps the
+# latent grid divisible through every UNet downsampling level.
+SIZE_MULTIPLE = 64
+# SDXL's trained range; a worker's FUSELINE_MIN_SIZE may lower the floor (tests use tiny models at 64 px).
+DEFAULT_MIN_SIZE = 256
+MAX_SIZE = 2048
+# 1536x1536 = 2048x1152: the largest images SDXL is commonly run at without tiling artefacts. A worker's
+# FUSELINE_MAX_PIXELS may change it.
+DEFAULT_MAX_PIXELS = 1536 * 1536
+
+
+def size_problem(value: int, min_size: int = DEFAULT_MIN_SIZE) -> str | None:
+    """Why a width or height is not one the worker serves, or None when it is."""
+    if value % SIZE_MULTIPLE or not min_size <= value <= MAX_SIZE:
+        return f"a multiple of {SIZE_MULTIPLE} between {min_size} and {MAX_SIZE}"
+    return None
+
+
+def scheduler_problem(name: str) -> str | None:
+    """Why a scheduler name is not one the worker knows, or None when it is."""
+    if name not in SCHEDULER_NAMES:
+        return f"one of {', '.join(SCHEDULER_NAMES)}"
+    return None

@@ -1,0 +1,166 @@
+"""Serving jobs: the worker's settings, its pipeline cache, and the job flow from raw input to the output
+dict (input checks, template defaults, generation with one out-of-memory retry, encoding or upload).
+
+The RunPod entry point around it is worker/handler.py; the start-up it runs once is worker/startup.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fuseline.core.logs import log_event
+from worker import startup
+from worker.device import default_device, free_memory, is_out_of_memory
+from worker.errors import OutOfMemory
+from worker.fallback import (
+    degraded_warning,
+    load_serving,
+    merged_became_available,
+    resolve_template,
+    template_weight_bytes,
+)
+from worker.inputs import GenerationInput, parse_input, resolve_parameters
+from worker.pipelines import LoadedTemplate, PipelineCache
+from worker.settings import WorkerSettings
+from worker.telemetry import note_parameters, note_retry
+
+log = logging.getLogger("fuseline.worker")
+
+# Share of the card's memory the cached pipelines may hold (the rest is for activations and the VAE).
+VRAM_SHARE = 0.75
+
+
+class Worker:
+    """Settings, the pipeline cache, and the job flow from raw input to the output dict."""
+
+    # SyncReport.summary() of the start-up sync (None: no FUSELINE_RELEASE), for the worker.start event.
+    sync_summary: dict[str, Any] | None = None
+
+    def __init__(self, settings: WorkerSettings, device: str | None = None):
+        self.settings = settings
+        self.device = device or default_device(settings.device)
+        on_cuda = self.device.startswith("cuda")
+        max_bytes = settings.vram_budget_bytes
+        if on_cuda and max_bytes is None:
+            import torch
+
+            max_bytes = int(torch.cuda.get_device_properties(self.device).total_memory * VRAM_SHARE)
+        bytes_per_value = 2 if on_cuda else 4
+        self.cache = PipelineCache(
+            # The merged folder, else the runtime-LoRA fallback (worker/fallback.py); a cached fallback is
+            # dropped at the next job once a valid merged folder is there (is_stale).
+            loader=lambda template_id: load_serving(settings, template_id, self.device),
+            max_count=settings.max_pipelines,
+            max_bytes=max_bytes if on_cuda else None,
+            estimate=lambda t: template_weight_bytes(settings, t, bytes_per_value),
+            on_evict=lambda _entry: free_memory(),
+            is_stale=lambda entry: merged_became_available(settings, entry),
+        )
+
+    def startup(self) -> list[str]:
+        """The start-up (worker/startup.py): sync, preload checks, the default template loaded and warmed;
+        returns the problems found."""
+        return startup.prepare(self)
+
+    def sync_volume(self) -> list[str]:
+        """The start-up's sync of the volume from FUSELINE_RELEASE (worker/startup.py)."""
+        return startup.sync_volume(self)
+
+    def template_id(self, request: GenerationInput) -> str:
+        template_id = request.template or self.settings.default_template
+        assert template_id is not None  # parse_input refuses a request without one
+        return template_id
+
+    def run(self, raw_input: Any, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        job_started = time.perf_counter()
+        # Imported at the first job: generate and images import torch, which `import worker.handler`
+        # (and the start-up's configuration checks) should not pay for.
+        from worker.generate import generate
+        from worker.images import encode_image, to_base64
+
+        request = parse_input(raw_input, self.settings)
+        template_id = self.template_id(request)
+        # Resolved once from the folder's manifest, before any loading: a retry reuses the same seed.
+        folder = resolve_template(self.settings, template_id)  # the merged folder, else the fallback's
+        params = resolve_parameters(request, template_id, folder.defaults, self.settings)
+        note_parameters(params)
+
+        def attempt() -> tuple[LoadedTemplate, bool, Any]:
+            entry, loaded_now = self.cache.get(template_id)
+            return entry, loaded_now, generate(entry, params, progress)
+
+        try:
+            entry, loaded_now, result = attempt()
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            # Free every other pipeline and cached allocation, then try once more.
+            dropped = self.cache.evict_all_except(template_id)
+            free_memory()
+            note_retry("oom")
+            log_event(
+                log,
+                "job.oom_retry",
+                f"out of memory; evicted {dropped or 'nothing'} and retrying once",
+                level=logging.WARNING,
+                template=template_id,
+                evicted=dropped,
+            )
+            try:
+                entry, loaded_now, result = attempt()
+            except Exception as retry_exc:
+                if is_out_of_memory(retry_exc):
+                    raise OutOfMemory(
+                        f"template {template_id!r} at {params.width}x{params.height}, "
+                        f"{params.num_images} image(s): out of GPU memory also after freeing cached "
+                        "pipelines; ask for fewer or smaller images"
+                    ) from None
+                raise
+            result.warnings.append("ran out of GPU memory once; freed cached pipelines and retried")
+
+        started = time.perf_counter()
+        fmt, quality = params.output.format, params.output.quality
+        encoded = [encode_image(image, fmt, quality) for image in result.images]
+        encode_ms = (time.perf_counter() - started) * 1000
+        upload_ms: float | None = None
+        if params.output.return_ == "s3":
+            from worker.upload import ImageUploader
+
+            started = time.perf_counter()
+            images = ImageUploader.from_settings(self.settings).upload(encoded, fmt, result.seeds)
+            upload_ms = (time.perf_counter() - started) * 1000
+        else:
+            images = [
+                {"data": to_base64(data), "format": fmt, "seed": seed}
+                for data, seed in zip(encoded, result.seeds, strict=True)
+            ]
+        manifest = entry.folder.manifest
+        if entry.folder.degraded_reason is not None:
+            result.warnings.append(degraded_warning(template_id, entry.folder.degraded_reason))
+        return {
+            "images": images,
+            "template": {
+                "id": template_id,
+                "model_hash": manifest.spec_hash,
+                "checkpoint": manifest.checkpoint.model_dump(mode="json"),
+                "loras": [
+                    {"source": lora.source, "sha256": lora.sha256, "scale": lora.scale}
+                    for lora in manifest.loras
+                ],
+            },
+            "parameters": params.public(),
+            "timings_ms": {
+                "load": round(entry.load_ms if loaded_now else 0.0, 1),
+                "inference": round(result.inference_ms, 1),
+                "decode": round(result.decode_ms, 1),
+                "encode": round(encode_ms, 1),
+                "total": round((time.perf_counter() - job_started) * 1000, 1),
+                **({"upload": round(upload_ms, 1)} if upload_ms is not None else {}),
+            },
+            # True: served by the runtime-LoRA fallback, not the merged model (see the warning).
+            "degraded": entry.degraded,
+            "warnings": result.warnings,
+        }
