@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -29,7 +30,6 @@ from fuseline.publish.gc import find_local_garbage
 from fuseline.publish.project import (
     changed_templates,
     git_commit,
-    print_changed_templates,
     read_lock,
     run_dvc,
     stale_templates,
@@ -229,15 +229,27 @@ def tiny_project(tmp_path: Path) -> Path:
     return project
 
 
-def test_print_changed_templates_prints_the_json_list_ci_reads(tmp_path, capsys):
+def test_ci_plan_prints_the_json_list_and_writes_the_github_output(tmp_path):
+    """`fuseline ci plan`, as the workflows run it: the list on stdout, `templates=<list>` appended to
+    $GITHUB_OUTPUT (the build matrix) and a line to $GITHUB_STEP_SUMMARY."""
     project = tiny_project(tmp_path)
     (project / "ok").write_text("")
     assert run_dvc(project, "repro").returncode == 0
-    print_changed_templates(project)
-    assert json.loads(capsys.readouterr().out) == []
+    output, summary = tmp_path / "github-output", tmp_path / "summary.md"
+    env = {**os.environ, "GITHUB_OUTPUT": str(output), "GITHUB_STEP_SUMMARY": str(summary)}
+
+    def plan() -> list[str]:
+        proc = subprocess.run(
+            [str(VENV_BIN / "fuseline"), "ci", "plan"], cwd=project, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    assert plan() == []
     (project / "dvc.yaml").write_text(TINY_PIPELINE.replace("echo w >", "echo w2 >"))
-    print_changed_templates(project)
-    assert json.loads(capsys.readouterr().out) == ["alpha"]
+    assert plan() == ["alpha"]
+    assert output.read_text().splitlines() == ["templates=[]", 'templates=["alpha"]']
+    assert '`["alpha"]`' in summary.read_text()
 
 
 def test_publish_refuses_a_template_whose_verify_failed(tmp_path):
@@ -444,7 +456,7 @@ def test_workflows_pass_actionlint_and_make_lint_runs_it(tmp_path):
     broken = tmp_path / ".github" / "workflows"
     broken.mkdir(parents=True)
     text = (WORKFLOWS / "main.yml").read_text()
-    text = text.replace('"verify@${{ matrix.template }}"', "verify@$TEMPLATE").replace(
+    text = text.replace('"${{ matrix.template }}" --remote s3', "$TEMPLATE --remote s3").replace(
         "needs: [plan, build]", "needs: [plan, bulid]"
     )
     (broken / "main.yml").write_text(text)
@@ -458,13 +470,10 @@ def test_main_workflow_builds_each_template_then_restores_and_publishes():
     jobs = flow["jobs"]
     build_steps = " ".join(s.get("run", "") for s in jobs["build"]["steps"])
     assert "fromJSON(needs.plan.outputs.templates)" in str(jobs["build"]["strategy"]["matrix"]["template"])
-    assert "dvc repro --pull" in build_steps and "dvc push --run-cache" in build_steps
+    assert "fuseline ci plan" in " ".join(s.get("run", "") for s in jobs["plan"]["steps"])
+    assert 'fuseline ci build "${{ matrix.template }}" --remote s3' in build_steps
     publish_steps = [s.get("run", "") for s in jobs["publish"]["steps"]]
-    order = [
-        next(i for i, s in enumerate(publish_steps) if needle in s)
-        for needle in ("make setup", "dvc repro --pull", "git commit", "fuseline publish")
-    ]
-    assert order == sorted(order)
+    assert publish_steps[-2:] == ["make setup", ".venv/bin/fuseline ci publish --remote s3 --channel main"]
     for job in jobs.values():
         assert any(s.get("run") == "make setup" for s in job["steps"])
     # Credentials come from repository secrets only.
@@ -474,6 +483,20 @@ def test_main_workflow_builds_each_template_then_restores_and_publishes():
     settings = (REPO / "docs" / "publishing.md").read_text().split("## CI", 1)[1].split("\n## ", 1)[0]
     for name in re.findall(r"\$\{\{\s*(?:secrets|vars)\.(\w+)", text):
         assert f"`{name}`" in settings, name
+
+
+def test_publishing_workflows_run_only_make_targets_and_fuseline_commands():
+    """Every step the build/publish workflows run on GitHub is a make target or a `fuseline` command, each of
+    which the tests here run too (`fuseline ci plan` above, `fuseline ci build|publish` in
+    tests/publish/test_publish_build.py)."""
+    for name in ("main.yml", "pr.yml"):
+        flow = yaml.safe_load((WORKFLOWS / name).read_text())
+        for job in flow["jobs"].values():
+            for step in job["steps"]:
+                if "run" in step:
+                    command = step["run"].strip()
+                    assert "\n" not in command, f"{name}: one command per step: {command!r}"
+                    assert re.match(r"^(make [a-z-]+|\.venv/bin/fuseline [a-z]+\b)", command), (name, command)
 
 
 def test_committed_dvc_config_has_the_remotes_and_no_secrets(tmp_path):
