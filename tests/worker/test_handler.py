@@ -158,6 +158,16 @@ def test_malformed_jobs_give_a_string_error_with_its_code(job, expected: str) ->
     assert expected in error_of(job)
 
 
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+@pytest.mark.parametrize("text", ["(lighthouse:1" + "0" * 40 + ")", "(" * 930 + "lighthouse"])
+def test_weights_beyond_float32_are_capped_not_an_internal_error(field: str, text: str) -> None:
+    # Found by an adversarial pass: the weight went into a float32 tensor before it was capped.
+    fields = {"prompt": "a lighthouse", field: text}
+    result = handler({"id": "test", "input": {**SMALL, **fields, "steps": 1}})
+    assert "error" not in result, result["error"]
+    assert result["images"]
+
+
 def test_fp16_vae_overflow_is_retried_in_fp32(tiny_worker) -> None:
     """A VAE whose activations overflow fp16 (as SDXL's original VAE can) decodes to NaN in fp16.
 
