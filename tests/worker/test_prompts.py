@@ -124,7 +124,8 @@ def test_hard_limit_is_reported_not_silent(kit_pipeline) -> None:
     assert ours.prompt_embeds.shape[1] == MAX_CHUNKS * 77
     assert ours.warnings == [
         f"prompt has {count} tokens in {MAX_CHUNKS + 1} chunks (75 tokens each at most; BREAK starts a new "
-        f"one); only the first {MAX_CHUNKS} chunks ({MAX_CHUNKS * 75} tokens) were used, 10 tokens were dropped"
+        f"one); only the first {MAX_CHUNKS} chunks ({MAX_CHUNKS * 75} tokens) were used, "
+        "10 tokens were dropped"
     ]
 
 
