@@ -81,6 +81,18 @@ class Release(_Frozen):
     git_commit: str | None = None
     templates: dict[str, ReleasedTemplate]
 
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: int) -> int:
+        # A newer publisher may change what the fields mean: reading a format as if it were ours could
+        # sync the wrong folders, so only the formats this code knows are read.
+        if value != RELEASE_FORMAT:
+            raise ValueError(
+                f"release format {value} is not one this fuseline reads (it reads format {RELEASE_FORMAT}); "
+                "publish the release with the same fuseline version as the worker, or update the worker"
+            )
+        return value
+
     @field_validator("templates")
     @classmethod
     def _template_ids(cls, value: dict[str, ReleasedTemplate]) -> dict[str, ReleasedTemplate]:

@@ -355,6 +355,12 @@ def assert_complete(volume: Path, version: Version) -> None:
     assert marker["dir_md5"] == version.dir_md5
 
 
+def sync_statuses(stderr: str) -> dict[str, str]:
+    """{template: status} from the `sync.template` events `python -m worker.sync` logs (JSON lines, piped)."""
+    records = [json.loads(line) for line in stderr.splitlines()]
+    return {r["template"]: r["status"] for r in records if r["event"] == "sync.template"}
+
+
 def sync_cmd(release: str, volume: Path, *templates: str) -> list[str]:
     cmd = [PYTHON, "-m", "worker.sync", "--release", release, "--volume", str(volume)]
     for template in templates:
