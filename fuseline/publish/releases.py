@@ -14,7 +14,14 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from fuseline.core.release import TIMESTAMP_FORMAT, Release, history_key, object_key, release_key
+from fuseline.core.release import (
+    RELEASE_ID_PATTERN,
+    TIMESTAMP_FORMAT,
+    Release,
+    history_key,
+    object_key,
+    release_key,
+)
 from fuseline.publish.errors import PublishError
 from fuseline.publish.project import (
     built_templates,
@@ -73,20 +80,31 @@ def _check_channel(channel: str) -> None:
         )
 
 
-def _free_timestamp(store: ObjectStore, channel: str, now: datetime) -> str:
-    # History copies are immutable: two publishes in one second get distinct names, never an overwrite.
-    for offset in range(120):
-        stamp = (now + timedelta(seconds=offset)).strftime(TIMESTAMP_FORMAT)
-        if not store.exists(history_key(channel, stamp)):
-            return stamp
-    raise PublishError("BUSY", f"channel {channel!r}: 120 releases within two minutes; wait and retry")
+# Ids tried after the one asked for, one second apart, before a publish gives up.
+MAX_ID_TRIES = 120
 
 
-def write_release(store: ObjectStore, release: Release) -> None:
-    """History copy first, then the channel pointer: a crash in between leaves the old release current."""
-    data = release.to_json().encode()
-    store.write(history_key(release.channel, release.created), data)
-    store.write(release_key(release.channel), data)
+def write_release(store: ObjectStore, release: Release) -> Release:
+    """History copy first, then the channel pointer: a crash in between leaves the old release current.
+
+    History copies are immutable and their id is their time: the copy is created exclusively
+    (`ObjectStore.create`: a hard link on a local remote, a conditional put on S3), so of two publishes
+    in the same second (two clones, two CI jobs) exactly one gets the id; the other takes the next free
+    second. No check-then-write: the store itself decides. Returns the release as written (`created` is the
+    id it got)."""
+    start = datetime.strptime(release.created, TIMESTAMP_FORMAT).replace(tzinfo=UTC)
+    for offset in range(MAX_ID_TRIES):
+        stamp = (start + timedelta(seconds=offset)).strftime(TIMESTAMP_FORMAT)
+        candidate = release.model_copy(update={"created": stamp})
+        data = candidate.to_json().encode()
+        if store.create(history_key(release.channel, stamp), data):
+            store.write(release_key(release.channel), data)
+            return candidate
+    raise PublishError(
+        "BUSY",
+        f"channel {release.channel!r}: {MAX_ID_TRIES} releases within {MAX_ID_TRIES} s of "
+        f"{release.created}; wait and retry",
+    )
 
 
 @dataclass(frozen=True)
@@ -148,10 +166,9 @@ def publish(
             f"{store.description}: {len(missing)} objects of the release are not on the remote "
             f"(first: {missing[0]}) (fix: {fix}; the current release is untouched)",
         )
-    created = _free_timestamp(store, channel, now or datetime.now(UTC))
+    created = (now or datetime.now(UTC)).strftime(TIMESTAMP_FORMAT)
     release = Release(channel=channel, created=created, git_commit=git_commit(root), templates=templates)
-    write_release(store, release)
-    return PublishResult(release=release, remote=remote.name)
+    return PublishResult(release=write_release(store, release), remote=remote.name)
 
 
 def load_release(store: ObjectStore, key: str, data: bytes) -> Release:
@@ -211,6 +228,13 @@ def rollback(store: ObjectStore, channel: str, to: str) -> Release:
     """Make the history release `to` (its timestamp) the channel's current one again, after checking its
     objects are still all on the remote."""
     _check_channel(channel)
+    if not RELEASE_ID_PATTERN.match(to):
+        # The id names a key under releases/<channel>/: a path (../../x) would name a file outside it.
+        raise PublishError(
+            "BAD_RELEASE_ID",
+            f"{to!r} is not a release id (a UTC time like 20261127T211500Z; fix: pick one from "
+            "`fuseline release list`)",
+        )
     data = store.read(history_key(channel, to))
     if data is None:
         known = ", ".join(r.created for r in release_history(store, channel)) or "none"

@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fuseline.core.errors import ConfigInvalid
-from fuseline.core.files import atomic_write
+from fuseline.core.files import atomic_create, atomic_write
 from fuseline.core.s3 import S3Config, make_client
 from fuseline.publish.errors import PublishError
 
 _CREDENTIAL_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden")
+# A local remote's files are read by every user of the shared folder (the workers syncing from it among
+# them) and never edited in place, only replaced by rename: read-only for all, as DVC writes its objects.
+LOCAL_FILE_MODE = 0o444
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def read(self, key: str) -> bytes | None: ...
     def write(self, key: str, data: bytes) -> None: ...
+    def create(self, key: str, data: bytes) -> bool:
+        """Write `data` at `key` only if nothing is there: True when written, False when `key` exists
+        (it is never overwritten, also when many writers race for it)."""
+        ...
+
     def keys(self, prefix: str) -> Iterator[str]: ...
     def delete(self, keys: Iterable[str]) -> None: ...
 
@@ -99,7 +107,10 @@ class LocalStore:
             return None
 
     def write(self, key: str, data: bytes) -> None:
-        atomic_write(self.root / key, data)
+        atomic_write(self.root / key, data, mode=LOCAL_FILE_MODE)
+
+    def create(self, key: str, data: bytes) -> bool:
+        return atomic_create(self.root / key, data, mode=LOCAL_FILE_MODE)
 
     def keys(self, prefix: str) -> Iterator[str]:
         base = self.root / prefix
@@ -235,6 +246,30 @@ class S3Store:
                 ContentType="application/json",
                 **self.config.write_args,
             )
+
+    def create(self, key: str, data: bytes) -> bool:
+        """A conditional put (`If-None-Match: *`): the store refuses it with 412 when the key exists, and
+        decides between concurrent ones itself (AWS S3 since 2024, SeaweedFS (tested), MinIO, R2). 409 is
+        AWS's answer to a conditional put racing another one: the key is as good as taken."""
+        from botocore.exceptions import ClientError
+
+        with self._errors(f"create {key}"):
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=self._key(key),
+                    Body=data,
+                    ContentType="application/json",
+                    IfNoneMatch="*",
+                    **self.config.write_args,
+                )
+            except ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise
+        return True
 
     def keys(self, prefix: str) -> Iterator[str]:
         with self._errors(f"list {prefix}"):
