@@ -60,6 +60,29 @@ def atomic_write(
     return path
 
 
+def atomic_copy(
+    source: str | os.PathLike[str], path: str | os.PathLike[str], *, mode: int | None = None
+) -> Path:
+    """Copy the file `source` to `path` the way atomic_write writes (whole or not at all), streaming: for
+    files too large to hold in memory (a checkpoint)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path)
+    try:
+        with open(source, "rb") as src, tmp.open("wb") as handle:
+            shutil.copyfileobj(src, handle, 8 << 20)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
 def atomic_create(path: str | os.PathLike[str], data: bytes, *, mode: int | None = None) -> bool:
     """Create `path` with `data` unless something is there already: True when created, False when the name
     was taken (its content untouched). Like atomic_write, a reader never sees half the file: the data goes

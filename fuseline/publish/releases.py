@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,7 +31,8 @@ from fuseline.publish.project import (
     stale_templates,
     unverified_templates,
 )
-from fuseline.publish.stores import ObjectStore, open_store, read_remote_config
+from fuseline.remote.archive import ArchiveReport
+from fuseline.remote.stores import ObjectStore, open_store, read_remote_config
 
 DEFAULT_CHANNEL = "main"
 OBJECTS_PREFIX = "files/md5/"
@@ -107,10 +108,16 @@ def write_release(store: ObjectStore, release: Release) -> Release:
     )
 
 
+# Puts every source of the project's build into the remote's source archive (stages.archive.archive_sources,
+# passed in by the command line: publishing sits beside the build stages and does not import them).
+ArchiveSources = Callable[[Path, ObjectStore], ArchiveReport]
+
+
 @dataclass(frozen=True)
 class PublishResult:
     release: Release
     remote: str
+    sources: ArchiveReport | None = None  # what archiving the sources did (None: not archived)
 
 
 def publish(
@@ -120,9 +127,11 @@ def publish(
     channel: str = DEFAULT_CHANNEL,
     do_push: bool = True,
     now: datetime | None = None,
+    archive_sources: ArchiveSources | None = None,
 ) -> PublishResult:
-    """Push the built templates (and the run-cache), check every object is on the remote, then write the
-    channel's release. Raises PublishError with nothing written when any step fails."""
+    """Push the built templates (and the run-cache), check every object is on the remote, put the build's
+    sources into the remote's source archive (`archive_sources`, with `do_push`), then write the channel's
+    release. Raises PublishError (a RemoteError) with no release written when any step fails."""
     root = Path(root).resolve()
     _check_channel(channel)
     remote = read_remote_config(root, remote_name)
@@ -166,9 +175,11 @@ def publish(
             f"{store.description}: {len(missing)} objects of the release are not on the remote "
             f"(first: {missing[0]}) (fix: {fix}; the current release is untouched)",
         )
+    # Before the release: a released model's sources are in the archive, so it can be rebuilt elsewhere.
+    sources = archive_sources(root, store) if archive_sources is not None and do_push else None
     created = (now or datetime.now(UTC)).strftime(TIMESTAMP_FORMAT)
     release = Release(channel=channel, created=created, git_commit=git_commit(root), templates=templates)
-    return PublishResult(release=write_release(store, release), remote=remote.name)
+    return PublishResult(release=write_release(store, release), remote=remote.name, sources=sources)
 
 
 def load_release(store: ObjectStore, key: str, data: bytes) -> Release:

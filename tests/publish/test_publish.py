@@ -47,7 +47,8 @@ from fuseline.publish.releases import (
     rollback,
     write_release,
 )
-from fuseline.publish.stores import LocalStore, ObjectStore, RemoteConfig, S3Store, read_remote_config
+from fuseline.remote.errors import RemoteError
+from fuseline.remote.stores import LocalStore, ObjectStore, RemoteConfig, S3Store, read_remote_config
 from testkit.servers import free_port
 from tests.worker.sync_fixtures import RecordingProxy
 
@@ -355,7 +356,7 @@ def test_wrong_credentials_give_one_line_without_the_secret(s3_server, s3_bucket
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGKEY")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     store = S3Store(s3_remote(s3_bucket, s3_server.endpoint_url))
-    with pytest.raises(PublishError) as exc:
+    with pytest.raises(RemoteError) as exc:
         store.check()
     message = str(exc.value)
     assert exc.value.code == "BAD_CREDENTIALS"
@@ -369,7 +370,7 @@ def test_missing_bucket_names_it_and_the_fix(s3_server, clean_aws_env, monkeypat
         if name.startswith("AWS_ACCESS") or name.startswith("AWS_SECRET"):
             monkeypatch.setenv(name, value)
     store = S3Store(s3_remote("no-such-bucket-here", s3_server.endpoint_url))
-    with pytest.raises(PublishError) as exc:
+    with pytest.raises(RemoteError) as exc:
         store.check()
     assert exc.value.code == "NO_BUCKET"
     assert "'no-such-bucket-here' does not exist" in str(exc.value)
@@ -382,7 +383,7 @@ def test_unreachable_endpoint_names_it_and_the_fix(clean_aws_env, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-used-secret")
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     store = S3Store(s3_remote("models", endpoint))
-    with pytest.raises(PublishError) as exc:
+    with pytest.raises(RemoteError) as exc:
         store.check()
     assert exc.value.code == "UNREACHABLE"
     assert endpoint in str(exc.value) and "endpointurl" in str(exc.value) and "\n" not in str(exc.value)
@@ -506,7 +507,7 @@ def test_s3_delete_reports_the_keys_the_remote_refused(clean_aws_env, monkeypatc
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         store = S3Store(s3_remote("models", f"http://127.0.0.1:{server.server_port}"))
-        with pytest.raises(PublishError, match=r"could not delete 2 objects: fuseline/files/") as exc:
+        with pytest.raises(RemoteError, match=r"could not delete 2 objects: fuseline/files/") as exc:
             store.delete(["files/md5/aa/b", "files/md5/cc/d"])
     finally:
         server.shutdown()
@@ -631,7 +632,7 @@ def test_committed_dvc_config_has_the_remotes_and_no_secrets(tmp_path):
     assert "/.dvc-remote/" in (REPO / ".gitignore").read_text().splitlines()
     s3 = read_remote_config(project, "s3")
     assert s3.is_s3 and s3.url.startswith("s3://")
-    with pytest.raises(PublishError, match=r"no remote named 'r2' \(known: local, s3;") as exc:
+    with pytest.raises(RemoteError, match=r"no remote named 'r2' \(known: local, s3;") as exc:
         read_remote_config(project, "r2")
     assert exc.value.code == "UNKNOWN_REMOTE" and "\n" not in str(exc.value)
 
