@@ -411,6 +411,16 @@ def test_format_path():
     assert format_path(()) == ""
 
 
+@pytest.mark.parametrize(
+    "text", ["[" * 5000, '{"templates": ' * 3000, '{"a": ' + "[" * 900 + "]" * 900 + "}"]
+)
+def test_json_nested_past_any_catalog_is_a_catalog_error(text):
+    # Found by the fuzz tests: json.loads (and the walks over the document) raised RecursionError.
+    with pytest.raises(CatalogError) as exc:
+        parse_catalog(text)
+    assert exc.value.problems[0].code in ("INVALID_JSON", "NESTED_TOO_DEEP")
+
+
 def test_catalog_error_lists_every_problem_one_per_line():
     data = example()
     data["templates"]["cinematic"]["loras"][0]["scale"] = 9

@@ -24,7 +24,10 @@ def _any_case(word: str) -> str:
 # An https URL with credentials in it would be copied into dvc.lock, fuseline.json and the release manifest.
 _SECRET_QUERY = r"\?(?:[^#\s]*[&;])?(?:" + "|".join(_any_case(p) for p in SECRET_QUERY_PARAMS) + ")="
 SOURCE_PATTERN = (
-    r"^(civitai:[0-9]+"
+    # No control character anywhere (parse_source refuses what str.isprintable does; C0/C1 controls are
+    # what a Python `re` pattern can name of those).
+    r"^(?![^\x00-\x1f\x7f-\x9f]*[\x00-\x1f\x7f-\x9f])"
+    r"(civitai:[0-9]+"
     r"|hf:[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(?:/(?!\.\.?[/@])[^/@\s]+)*@[0-9a-f]{40}"
     r"|https://(?![^\s?#]*" + _SECRET_QUERY + r")[^/\s?#@]+(?:[/?#][^\s]*)?"
     r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(?![^\s?]*" + _SECRET_QUERY + r")[^\s]+"
