@@ -151,6 +151,13 @@ def test_requested_scheduler_is_used() -> None:
         ({"input": {"prompt": "a", "template": "wrong-name"}}, "[MODEL_INVALID] "),
         ({"input": {"prompt": "a", "template": "no-manifest"}}, "[MODEL_INVALID] template 'no-manifest'"),
         ({"input": {"prompt": "a", "width": 2048, "height": 2048}}, "exceeds the budget"),
+        # JSON may carry a lone surrogate ("\\ud800"), which the tokenizer meets with a TypeError: the input
+        # refuses it first (the prompt fuzz tests rely on that).
+        (
+            {"input": {"prompt": "a \ud800 lighthouse"}},
+            "[INVALID_INPUT] 1 problem(s): prompt: Input should be",
+        ),
+        ({"input": {"prompt": "a", "negative_prompt": "\udfff"}}, "negative_prompt: Input should be a valid"),
         ("not a job", "[INVALID_INPUT] job must be an object"),
     ],
 )
