@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -30,7 +31,7 @@ from tests.worker.sync_fixtures import (  # noqa: E402
 )
 from worker.serving import Worker  # noqa: E402
 from worker.settings import WorkerSettings  # noqa: E402
-from worker.startup import SelfCheck, start_fields  # noqa: E402
+from worker.startup import SelfCheck, log_start  # noqa: E402
 from worker.sync.errors import ListingUnsafe, LockTimeout  # noqa: E402
 from worker.sync.locks import VolumeLock, holder_is_gone  # noqa: E402
 from worker.sync.templates import sync_templates  # noqa: E402
@@ -84,7 +85,7 @@ def synced(dvc_remote: DvcRemote, tmp_path: Path) -> tuple[Path, Path, str]:
 
 
 def test_a_release_path_that_is_a_folder_is_coded_and_the_volume_stays_served(
-    dvc_remote: DvcRemote, synced: tuple[Path, Path, str]
+    dvc_remote: DvcRemote, synced: tuple[Path, Path, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     _, volume, release = synced
     Path(release).unlink()
@@ -101,8 +102,14 @@ def test_a_release_path_that_is_a_folder_is_coded_and_the_volume_stays_served(
     worker = Worker(WorkerSettings(volume=volume, release=release, device="cpu"))
     problems = worker.sync_volume()
     assert len(problems) == 1 and problems[0].startswith("[RELEASE_INVALID] ")
-    fields = start_fields(worker, problems, SelfCheck(True, "none", [], 0.0))
+    logger = logging.getLogger("test.worker.start")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        fields = log_start(worker, problems, SelfCheck(True, "files", ["tpl-b"], 0.0), logger)
     assert fields["templates_unsynced"] == ["tpl-b"] and fields["sync"]["error"] == problems[0]
+    (start,) = [r for r in caplog.records if r.name == logger.name]
+    assert start.getMessage() == (
+        f"worker started without its release ({problems[0]}); serving what the volume holds: tpl-b"
+    )
 
 
 @pytest.fixture
