@@ -28,7 +28,7 @@ from fuseline.core.catalog.model import Defaults
 from fuseline.core.files import atomic_dir
 from fuseline.core.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
 from stages.errors import StageError
-from stages.export import Destination, copy_plain_files, export_component, fuse_threads
+from stages.export import Destination, copy_plain_files, export_component, fuse_threads, intra_op_threads
 from stages.fuse import LoraFactors, WeightUpdate, fuse_weight, stacked_lora
 from stages.local_files import materialize
 from stages.lora import COMPONENTS, LoadedLora, LoraInput, read_lora
@@ -214,72 +214,113 @@ def merge_template(
     base_dir, vae_dir, out_dir = Path(base_dir), Path(vae_dir), Path(out_dir)
     _check_base(base_dir, vae_dir)
     shapes, unet_config = read_base_layout(base_dir)
-
-    # Every LoRA is read and placed before anything is written: a bad LoRA fails in seconds.
-    loaded: list[LoadedLora] = [read_lora(lora, shapes, unet_config) for lora in loras]
-    updates: dict[tuple[str, str], list[WeightUpdate]] = {}
-    for lora, spec in zip(loaded, loras, strict=True):
-        strength = _module_strengths(spec, unet_config)
-        for target, factors in lora.factors.items():
-            updates.setdefault(target, []).append(WeightUpdate(factors=factors, scale=strength(*target)))
-
     fused: dict[str, int] = dict.fromkeys(COMPONENTS, 0)
-    with atomic_dir(out_dir) as tmp, WeightFuser(fuse_threads() if threads is None else threads) as fuse:
-        for component in COMPONENTS:
+    # One intra-op setting for the whole merge: the exports below run partly at once, and each sets and
+    # restores torch's thread count, which is global.
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(intra_op_threads(torch_threads))
+    try:
+        with (
+            atomic_dir(out_dir) as tmp,
+            WeightFuser(fuse_threads() if threads is None else threads) as fuse,
+            ThreadPoolExecutor(2, "fuseline-merge-early") as early,
+        ):
+            # What no LoRA touches is written while the LoRAs are read and placed, and diffusers (which
+            # converts kohya key names: seconds of imports) is imported while the LoRA files are hashed
+            # and read. On a 2-core build machine that start-up was a quarter of the merge with one core
+            # idle (B1, docs/benchmarks.md). Errors surface through the futures.
+            untouched = early.submit(_write_untouched, base_dir, vae_dir, tmp, shard_size_mb, prediction_type)
+            importing = early.submit(_import_key_conversion)
+            # Every LoRA is read and placed before any fused weight is written: a bad LoRA fails in seconds.
+            loaded: list[LoadedLora] = [read_lora(lora, shapes, unet_config) for lora in loras]
+            importing.result()
+            updates: dict[tuple[str, str], list[WeightUpdate]] = {}
+            for lora, spec in zip(loaded, loras, strict=True):
+                strength = _module_strengths(spec, unet_config)
+                for target, factors in lora.factors.items():
+                    updates.setdefault(target, []).append(
+                        WeightUpdate(factors=factors, scale=strength(*target))
+                    )
 
-            def transform(
-                name: str, tensor: torch.Tensor, destination: Destination, component: str = component
-            ) -> torch.Tensor:
-                pending = updates.get((component, name))
-                return tensor if not pending else fuse(tensor, pending, destination)
+            for component in COMPONENTS:
 
-            result = export_component(base_dir / component, tmp / component, shard_size_mb, transform)
-            fused[component] = result.transformed
-            log.info(
-                "%s: %d tensors (%d fused) -> %s", component, result.tensors, result.transformed, result.files
-            )
-        export_component(vae_dir, tmp / VAE, shard_size_mb)
+                def transform(
+                    name: str, tensor: torch.Tensor, destination: Destination, component: str = component
+                ) -> torch.Tensor:
+                    pending = updates.get((component, name))
+                    return tensor if not pending else fuse(tensor, pending, destination)
 
-        for entry in sorted(base_dir.iterdir()):
-            if entry.name in (*COMPONENTS, VAE) or entry.name.startswith("."):
-                continue
-            if entry.name == SCHEDULER:
-                _write_scheduler(entry, tmp / SCHEDULER, prediction_type)
-            elif entry.is_dir():
-                copy_plain_files(entry, tmp / entry.name)
-            else:
-                shutil.copyfile(entry, tmp / entry.name)
-        if not (tmp / SCHEDULER / SCHEDULER_CONFIG).is_file():
-            raise StageError(
-                "BASE_INVALID", f"{base_dir} has no {SCHEDULER}/{SCHEDULER_CONFIG}; re-run convert"
-            )
-
-        manifest = ModelManifest(
-            template=identity.template,
-            checkpoint=identity.checkpoint,
-            loras=[
-                LoraRef(
-                    source=spec.name,
-                    sha256=lora.sha256,
-                    scale=float(spec.scale),
-                    placed_keys=lora.placed_keys,
-                    block_weights=None if spec.block_weights is None else list(spec.block_weights),
+                result = export_component(base_dir / component, tmp / component, shard_size_mb, transform)
+                fused[component] = result.transformed
+                log.info(
+                    "%s: %d tensors (%d fused) -> %s",
+                    component,
+                    result.tensors,
+                    result.transformed,
+                    result.files,
                 )
-                for lora, spec in zip(loaded, loras, strict=True)
-            ],
-            vae=identity.vae,
-            prediction_type=prediction_type,
-            spec_hash=identity.spec_hash,
-            defaults=identity.defaults,
-            fuseline_version=__version__,
-        )
-        # Every placed update names a base tensor, so each must have been fused exactly once; checked
-        # before the folder is renamed into place, so a wrong model never appears.
-        if sum(fused.values()) != len(updates):
-            raise StageError("MERGE_INCOMPLETE", f"fused {fused} tensors, expected {len(updates)}")
-        manifest.write(tmp)
-        files = sum(1 for p in tmp.rglob("*") if p.is_file())
+            untouched.result()
+            manifest = _manifest(identity, loaded, loras, prediction_type)
+            # Every placed update names a base tensor, so each must have been fused exactly once; checked
+            # before the folder is renamed into place, so a wrong model never appears.
+            if sum(fused.values()) != len(updates):
+                raise StageError("MERGE_INCOMPLETE", f"fused {fused} tensors, expected {len(updates)}")
+            manifest.write(tmp)
+            files = sum(1 for p in tmp.rglob("*") if p.is_file())
+    finally:
+        torch.set_num_threads(torch_threads)
     return MergeResult(manifest=manifest, fused_tensors=fused, files=files)
+
+
+def _import_key_conversion() -> None:
+    """Import what `read_lora` needs from diffusers (on a thread of its own, beside the LoRA reads)."""
+    import diffusers.loaders  # noqa: F401
+
+
+def _write_untouched(
+    base_dir: Path, vae_dir: Path, tmp: Path, shard_size_mb: float, prediction_type: PredictionType
+) -> None:
+    """The parts of the export no LoRA changes: the catalog's VAE, the scheduler (with the catalog's
+    prediction type), tokenizers, model_index.json."""
+    export_component(vae_dir, tmp / VAE, shard_size_mb)
+    for entry in sorted(base_dir.iterdir()):
+        if entry.name in (*COMPONENTS, VAE) or entry.name.startswith("."):
+            continue
+        if entry.name == SCHEDULER:
+            _write_scheduler(entry, tmp / SCHEDULER, prediction_type)
+        elif entry.is_dir():
+            copy_plain_files(entry, tmp / entry.name)
+        else:
+            shutil.copyfile(entry, tmp / entry.name)
+    if not (tmp / SCHEDULER / SCHEDULER_CONFIG).is_file():
+        raise StageError("BASE_INVALID", f"{base_dir} has no {SCHEDULER}/{SCHEDULER_CONFIG}; re-run convert")
+
+
+def _manifest(
+    identity: TemplateIdentity,
+    loaded: Sequence[LoadedLora],
+    loras: Sequence[LoraInput],
+    prediction_type: PredictionType,
+) -> ModelManifest:
+    return ModelManifest(
+        template=identity.template,
+        checkpoint=identity.checkpoint,
+        loras=[
+            LoraRef(
+                source=spec.name,
+                sha256=lora.sha256,
+                scale=float(spec.scale),
+                placed_keys=lora.placed_keys,
+                block_weights=None if spec.block_weights is None else list(spec.block_weights),
+            )
+            for lora, spec in zip(loaded, loras, strict=True)
+        ],
+        vae=identity.vae,
+        prediction_type=prediction_type,
+        spec_hash=identity.spec_hash,
+        defaults=identity.defaults,
+        fuseline_version=__version__,
+    )
 
 
 def _module_strengths(spec: LoraInput, unet_config: Any) -> Callable[[str, str], float]:
