@@ -168,4 +168,16 @@ def test_b4_sync_quick(tmp_path):
     assert ratios["s5cmd_vs_fuseline_wall_best"] > 0
     assert ratios["target_met"] == (ratios["s5cmd_vs_fuseline_wall_best"] >= 0.9)
     assert ratios["same_bytes"] is True
+    # The verify floor, measured in the same run: md5 of s5cmd's bytes over all cores, every digest checked.
+    for run in results["s5cmd"]:
+        assert run["md5"]["returncode"] == 0 and run["md5"]["mismatches"] == 0
+        assert run["md5"]["files"] == run["objects"] and run["md5"]["wall_s"] > 0
+    floors = ratios["verify_floor_per_run_s"]
+    assert floors == [round(max(r["wall_s"], r["md5"]["wall_s"]), 3) for r in results["s5cmd"]]
+    assert ratios["verify_floor_target_met"] == (ratios["fuseline_vs_verify_floor_best"] <= 1.1)
+    assert ratios["s5cmd_then_md5_vs_fuseline_wall_best"] > 0
+    for runs in results.values():
+        for run in runs:
+            assert run["server_cpu_s"] >= 0 and run["cpu_bound_wall_s"] > 0
+    assert summary["code"]["head"]
     assert not list(tmp_path.glob("b4-work-*")), "the work folder (pushed project, destinations) is removed"
