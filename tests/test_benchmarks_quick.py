@@ -173,7 +173,8 @@ def test_b4_sync_quick(tmp_path):
         assert run["md5"]["returncode"] == 0 and run["md5"]["mismatches"] == 0
         assert run["md5"]["files"] == run["objects"] and run["md5"]["wall_s"] > 0
     floors = ratios["verify_floor_per_run_s"]
-    assert floors == [round(max(r["wall_s"], r["md5"]["wall_s"]), 3) for r in results["s5cmd"]]
+    assert floors == [round(max(r["wall_s"], r["md5"]["cpu_floor_s"]), 3) for r in results["s5cmd"]]
+    assert all(r["md5"]["memory_rate_mb_per_s"] > 0 for r in results["s5cmd"])
     assert ratios["verify_floor_target_met"] == (ratios["fuseline_vs_verify_floor_best"] <= 1.1)
     assert ratios["s5cmd_then_md5_vs_fuseline_wall_best"] > 0
     for runs in results.values():
@@ -181,3 +182,37 @@ def test_b4_sync_quick(tmp_path):
             assert run["server_cpu_s"] >= 0 and run["cpu_bound_wall_s"] > 0
     assert summary["code"]["head"]
     assert not list(tmp_path.glob("b4-work-*")), "the work folder (pushed project, destinations) is removed"
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_b7_disk_quick(tmp_path):
+    """B7 at kit size with the project's default cache type (hard links) and reflink: a cold build from
+    s3:// sources into the download cache, sampled; the edit rebuild works over DVC's read-only links and
+    leaves the status clean; reflink on a filesystem without it fails as DVC's own error, recorded."""
+    from benchmarks import b7_disk
+
+    out = tmp_path / "b7.json"
+    b7_disk.main(
+        ["--quick", "--root", str(tmp_path), "--cache-types", "hardlink,reflink", "--json-out", str(out)]
+    )
+    summary = json.loads(out.read_text())
+    hardlink = summary["results"]["hardlink"]
+    assert "error" not in hardlink, hardlink.get("error")
+    assert hardlink["stages_run"] == [
+        "fetch-checkpoint@synth", "fetch-loras@t1", "fetch-vae", "convert@synth", "vae", "merge@t1"
+    ]  # fmt: skip
+    assert hardlink["samples"] > 1 and hardlink["peak_bytes"] >= hardlink["final_bytes"] > 0
+    split = hardlink["peak_split_bytes"]
+    # The checkpoint was downloaded into the build's own download cache, and outputs reached the DVC cache.
+    assert split["download-cache"] >= summary["checkpoint_bytes"] and split["dvc-cache"] > 0
+    assert sum(split.values()) == hardlink["peak_bytes"]
+    assert hardlink["model_files_linked"] > 0 and hardlink["model_files_read_only"] > 0
+    assert "merge@t1" in hardlink["edit_stages_run"] and hardlink["status_clean"] is True
+    assert hardlink["peak_vs_checkpoint_plus_model"] == round(
+        hardlink["peak_bytes"] / (summary["checkpoint_bytes"] + hardlink["model_bytes"]), 3
+    )
+    if summary["filesystem"] not in ("btrfs", "xfs"):
+        assert "No possible cache link types" in summary["results"]["reflink"]["error"]
+    assert summary["code"]["head"]
+    assert not list(tmp_path.glob("b7-*")), "every build folder is removed"
