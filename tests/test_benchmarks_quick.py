@@ -129,6 +129,17 @@ def test_gpu_quick(tmp_path, monkeypatch):
     for name in gpu.SECTIONS:
         assert sections[name]["status"] == "ok", sections[name].get("traceback")
     assert sections["disk_load"]["weights_identical"]
+    read, first = sections["disk_load"]["volume_read"], sections["disk_load"]["first_image"]
+    assert read["bytes"] == sections["disk_load"]["folder_bytes"] and read["mb_per_s"] > 0
+    assert first["image_finite"] and first["read_floor_s"] > 0
+    assert 0 < first["since_spawn_s"]["imported_at"] < first["since_spawn_s"]["image_at"] <= first["wall_s"]
+    batch = sections["batch"]["by_num_images"]
+    assert [batch[n]["images"] for n in ("1", "2", "4")] == [1, 2, 4]
+    assert all(row["finite"] and row["images_per_gpu_second"] > 0 for row in batch.values())
+    # The CPU has no fp8 matmuls: the section records the worker's refusal, with its code.
+    assert sections["fp8"]["available"] is False
+    assert sections["fp8"]["refused"]["code"] == "CONFIG_INVALID"
+    assert "remove fp8 from FUSELINE_SPEED" in sections["fp8"]["refused"]["message"]
     assert sections["worker"]["available"], sections["worker"].get("why")
     assert sections["flops"]["unet_flops_per_step"] > 0
     assert sections["matmul"]["bf16_tflops"] > 0
@@ -137,6 +148,7 @@ def test_gpu_quick(tmp_path, monkeypatch):
         "channels_last": True,
         "fuse_qkv": True,
         "channels_last+compile": True,
+        "fuse_qkv+channels_last+compile_max_autotune": True,
     }
     assert "fraction_of_bf16_matmul" in summary["variants"]["plain"]
     assert json.loads((tmp_path / "gpu.json").read_text())["ratios"] == summary["ratios"]
