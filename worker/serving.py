@@ -42,6 +42,8 @@ class Worker:
 
     def __init__(self, settings: WorkerSettings, device: str | None = None):
         self.settings = settings
+        # Templates served as the volume holds them because their start-up sync failed.
+        self.sync_unsynced: list[str] = []
         self.device = device or default_device(settings.device)
         # An option the device cannot run fails the start, before any template is loaded.
         check_speed_options(settings.speed, self.device)

@@ -20,7 +20,7 @@ from fuseline.core.manifest import ManifestError, ModelManifest
 from fuseline.core.redact import redact
 from fuseline.core.release import LoraSummary, ReleasedTemplate
 from fuseline.publish.errors import PublishError
-from fuseline.publish.stores import RemoteConfig
+from fuseline.remote.stores import RemoteConfig
 
 MODELS_DIR = "artifacts/models"
 _MERGE_STAGE = re.compile(r"^merge@(?P<id>.+)$")

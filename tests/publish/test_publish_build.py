@@ -29,7 +29,7 @@ from fuseline.cli.publish import register
 from fuseline.core.release import Release, object_key, release_key
 from fuseline.publish.project import project_changed_templates
 from fuseline.publish.releases import dir_listing, missing_objects, release_history
-from fuseline.publish.stores import LocalStore, S3Store, read_remote_config
+from fuseline.remote.stores import LocalStore, S3Store, read_remote_config
 from tests.fixtures.project import REPO, RUNNING_STAGE, DvcProject, dvc_env, make_dvc_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
