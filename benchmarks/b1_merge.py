@@ -36,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks import save_summary, synth_sdxl
+from benchmarks import code_version, save_summary, synth_sdxl
 
 CONTENDERS = ("cp", "fuseline", "naive")
 LORA_SCALES = {"style": 0.8, "detail": 0.5}
@@ -50,7 +50,9 @@ BENCH_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DIFFUSERS_OFFL
 # ---- the contenders' bodies (run inside the child process) -----------------------------------------------
 
 
-def run_fuseline(data: synth_sdxl.SynthPaths, out: Path, shard_size_mb: float = SHARD_SIZE_MB) -> dict:
+def run_fuseline(
+    data: synth_sdxl.SynthPaths, out: Path, shard_size_mb: float = SHARD_SIZE_MB, threads: int | None = None
+) -> dict:
     from fuseline.core.manifest import CheckpointRef, VaeRef
     from stages.lora import LoraInput
     from stages.merge import TemplateIdentity, merge_template
@@ -73,6 +75,7 @@ def run_fuseline(data: synth_sdxl.SynthPaths, out: Path, shard_size_mb: float = 
         identity=identity,
         prediction_type="epsilon",
         shard_size_mb=shard_size_mb,
+        threads=threads,
     )
     return {"fused_tensors": result.fused_tensors, "files": result.files}
 
@@ -95,12 +98,17 @@ def run_naive(data: synth_sdxl.SynthPaths, out: Path) -> dict:
 
 
 def child_main(
-    contender: str, root: Path, out: Path, profile: Path | None, shard_size_mb: float = SHARD_SIZE_MB
+    contender: str,
+    root: Path,
+    out: Path,
+    profile: Path | None,
+    shard_size_mb: float = SHARD_SIZE_MB,
+    fuse_threads: int | None = None,
 ) -> None:
     """Entry point of one contender's subprocess: run it, sync, print one JSON line."""
     data = synth_sdxl.synth_paths(root)
     if contender == "fuseline":
-        body = functools.partial(run_fuseline, shard_size_mb=shard_size_mb)
+        body = functools.partial(run_fuseline, shard_size_mb=shard_size_mb, threads=fuse_threads)
     else:
         body = run_naive
     started = time.perf_counter()
@@ -236,12 +244,15 @@ def contender_command(
     out: Path,
     profile: Path | None,
     shard_size_mb: float = SHARD_SIZE_MB,
+    fuse_threads: int | None = None,
 ) -> list[str]:
     if contender == "cp":
         loras = " ".join(f"'{p}'" for p in data.loras.values())
         return ["bash", "-c", f"cp -r '{data.base_dir}' '{out}' && cat {loras} > /dev/null && sync"]
     command = [sys.executable, "-m", "benchmarks.b1_merge", "--child", contender, "--root", str(data.root)]
     command += ["--out", str(out), "--shard-size-mb", str(shard_size_mb)]
+    if fuse_threads is not None:
+        command += ["--fuse-threads", str(fuse_threads)]
     if profile is not None:
         command += ["--profile-to", str(profile)]
     return command
@@ -307,8 +318,10 @@ def run_benchmark(
     seed: int = 0,
     repeats: int = 1,
     shard_size_mb: float = SHARD_SIZE_MB,
+    fuse_threads: int | None = None,
 ) -> dict:
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    load_at_start = os.getloadavg()
     t0 = time.perf_counter()
     generated = not synth_sdxl.is_complete(synth_sdxl.synth_paths(root), quick, seed)
     data = synth_sdxl.ensure(root, quick, seed, log=log)
@@ -327,7 +340,8 @@ def run_benchmark(
             shutil.rmtree(out, ignore_errors=True)
             warm_inputs(data)
             log(f"running {contender} ({attempt + 1}/{repeats}) ...")
-            runs.append(measure(contender_command(contender, data, out, None, shard_size_mb), env))
+            command = contender_command(contender, data, out, None, shard_size_mb, fuse_threads)
+            runs.append(measure(command, env))
             if out.exists():
                 runs[-1]["output_bytes"] = tree_bytes(out)
             log(f"{contender}: {json.dumps(runs[-1])[:800]}")
@@ -347,6 +361,7 @@ def run_benchmark(
         "quick": quick,
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "code": code_version(),
         "inputs": {
             "root": str(root),
             "base_bytes": tree_bytes(data.base_dir),
@@ -356,6 +371,8 @@ def run_benchmark(
         },
         "repeats": repeats,
         "shard_size_mb": shard_size_mb,
+        "fuse_threads": fuse_threads if fuse_threads is not None else "automatic",
+        "load_avg_start": [round(x, 2) for x in load_at_start],
         "results": results,
         "targets": {"time_vs_cp": TARGET_TIME_RATIO, "peak_rss_bytes": TARGET_PEAK_RSS_BYTES},
     }
@@ -381,7 +398,9 @@ def run_benchmark(
         warm_inputs(data)
         log("profiling fuseline (cProfile) ...")
         profiled = measure(
-            contender_command("fuseline", data, outputs / "fuseline-profiled", profile_path, shard_size_mb),
+            contender_command(
+                "fuseline", data, outputs / "fuseline-profiled", profile_path, shard_size_mb, fuse_threads
+            ),
             env,
         )
         summary["profile"] = {"path": str(profile_path), "wall_s": profiled["wall_s"]}
@@ -434,6 +453,11 @@ def main(argv: list[str] | None = None) -> None:
         default=SHARD_SIZE_MB,
         help="fuseline's export shard size (params.yaml)",
     )
+    parser.add_argument(
+        "--fuse-threads",
+        type=int,
+        help="threads fusing each weight in fuseline (default: stages.export.fuse_threads(), every CPU here)",
+    )
     parser.add_argument("--json-out", type=Path, help="also write the summary here")
     # Internal: run one contender's body in this process.
     parser.add_argument("--child", choices=("fuseline", "naive"), help=argparse.SUPPRESS)
@@ -444,14 +468,21 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault(key, value)
     root = args.root or synth_sdxl.default_root(args.quick)
     if args.child:
-        child_main(args.child, root, args.out, args.profile_to, args.shard_size_mb)
+        child_main(args.child, root, args.out, args.profile_to, args.shard_size_mb, args.fuse_threads)
         return
     contenders = [c for c in args.only.split(",") if c]
     unknown = set(contenders) - set(CONTENDERS)
     if unknown:
         parser.error(f"--only: unknown contenders {sorted(unknown)}; choose from {','.join(CONTENDERS)}")
     summary = run_benchmark(
-        root, args.quick, contenders, args.profile, args.seed, max(1, args.repeats), args.shard_size_mb
+        root,
+        args.quick,
+        contenders,
+        args.profile,
+        args.seed,
+        max(1, args.repeats),
+        args.shard_size_mb,
+        args.fuse_threads,
     )
     print(save_summary(summary, args.json_out), flush=True)
 

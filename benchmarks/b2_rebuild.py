@@ -33,7 +33,6 @@ import os
 import re
 import resource
 import statistics
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -41,8 +40,8 @@ from typing import Any
 
 import yaml
 
-from benchmarks import save_summary
-from testkit.project import COPIED, REPO, RUNNING_STAGE, DvcProject, dvc_env, make_dvc_project
+from benchmarks import code_version, save_summary
+from testkit.project import COPIED, RUNNING_STAGE, DvcProject, dvc_env, make_dvc_project
 
 DEFAULT_ROOT = Path("/tmp/fuseline-bench")
 TARGET_RATIO = 1.2
@@ -55,18 +54,6 @@ LORAS = ("kohya_sgm", "locon", "kohya_te")
 PARAMS = {"verify": {"steps": 2, "width": 64, "height": 64}}
 # DVC prints this for a stage whose result it restores from the run-cache instead of running it.
 CACHED_STAGE = re.compile(r"^Stage '([^']+)' is cached - skipping run", re.MULTILINE)
-
-
-def code_version(paths: tuple[str, ...]) -> dict[str, Any]:
-    """The repo's HEAD and which of `paths` differ from it: the code a figure was measured on."""
-
-    def git(*args: str) -> str:
-        proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
-        # Not stripped on the left: porcelain status lines start with a space for unstaged changes.
-        return proc.stdout.rstrip() if proc.returncode == 0 else ""
-
-    modified = [line[3:] for line in git("status", "--porcelain", "--", *paths).splitlines()]
-    return {"head": git("rev-parse", "--short", "HEAD").strip(), "modified": modified}
 
 
 def template_id(index: int) -> str:

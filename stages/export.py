@@ -42,9 +42,13 @@ CAST_BUFFERS = 2
 # instead of 21 s with one (OpenMP threads spin and wait at every op's barrier for a thread the I/O threads
 # displaced); see docs/benchmarks.md.
 IO_CPUS = 2
-# The transform gets each tensor once and returns it unchanged (nothing to do) or a new tensor. Its result
-# is cast before the transform is called again, so it may live in a buffer the transform reuses.
-Transform = Callable[[str, torch.Tensor], torch.Tensor]
+# The transform gets each tensor once, with `destination`: a function returning the tensor's place in the
+# export (fp16, same shape, a reused buffer). It returns the tensor itself (nothing to do), that destination
+# after writing its result there (the cheapest: no second pass to cast), or any other tensor, which the
+# export casts into the destination. Whatever it returned is cast before it is called again, so a result
+# may live in a buffer the transform reuses. Transformed tensors are checked for fp16 overflow.
+Destination = Callable[[], torch.Tensor]
+Transform = Callable[[str, torch.Tensor, Destination], torch.Tensor]
 
 
 def export_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -157,30 +161,45 @@ class TensorReader:
 
 
 def to_export_dtype(
-    name: str, tensor: torch.Tensor, where: str, out: torch.Tensor | None = None
+    name: str,
+    tensor: torch.Tensor,
+    where: str,
+    out: torch.Tensor | None = None,
+    *,
+    transformed: bool = False,
 ) -> torch.Tensor:
-    """fp16 for floating tensors (integer buffers such as position ids keep their dtype), cast into the
-    byte buffer `out` when one is given. A value that does not fit fp16 would become inf in the served
-    model: fail here instead."""
+    """fp16 for floating tensors (integer buffers such as position ids keep their dtype), cast into `out`
+    (a byte buffer, or an fp16 tensor of the same shape) when one is given. A value that does not fit fp16
+    would become inf in the served model: fail here instead. `transformed`: the tensor was computed (fused),
+    so even an fp16 one is checked."""
     if not tensor.is_floating_point():
         return tensor
     if tensor.dtype == EXPORT_DTYPE:
-        # Already fp16 and untouched (fused tensors arrive in fp32): the cast narrows nothing, so it cannot
-        # overflow. Skipping the scan saved about a quarter of the merge time in B1 (docs/benchmarks.md).
-        return tensor
-    if out is None:
+        # Already fp16: untouched (nothing narrowed, nothing to check; skipping the scan saved about a
+        # quarter of the merge time in B1, docs/benchmarks.md), or fused straight into fp16 (checked).
+        cast = tensor
+    elif out is None:
         cast = tensor.to(EXPORT_DTYPE)
     else:
-        cast = out[: tensor.numel() * EXPORT_DTYPE.itemsize].view(EXPORT_DTYPE).view(tensor.shape)
+        cast = _as_export(out, tensor.shape)
         cast.copy_(tensor)
     # One pass over the fp16 result without a temporary: an overflow is inf there, a NaN stays NaN.
-    if cast.numel() and not all(math.isfinite(v) for v in torch.aminmax(cast)):
+    checked = transformed or tensor.dtype != EXPORT_DTYPE
+    if checked and cast.numel() and not all(math.isfinite(v) for v in torch.aminmax(cast)):
+        largest = tensor.abs().max().item() if tensor.dtype != EXPORT_DTYPE else math.inf
         raise StageError(
             "FP16_OVERFLOW",
             f"{where}: tensor {name} has values beyond the fp16 range after fusing "
-            f"(max |w| = {tensor.abs().max().item():.4g}); lower the LoRA scales or check the LoRA",
+            f"(max |w| = {largest:.4g}); lower the LoRA scales or check the LoRA",
         )
     return cast
+
+
+def _as_export(buffer: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """The start of a byte buffer as an fp16 tensor of `shape` (an fp16 tensor of that shape passes)."""
+    if buffer.dtype == EXPORT_DTYPE and tuple(buffer.shape) == tuple(shape):
+        return buffer
+    return buffer[: math.prod(shape) * EXPORT_DTYPE.itemsize].view(EXPORT_DTYPE).view(shape)
 
 
 @dataclass(frozen=True)
@@ -198,7 +217,8 @@ def export_component(
     transform: Transform | None = None,
 ) -> ComponentExport:
     """Copy a component folder as fp16 (variant "fp16"): its configs unchanged, its tensors streamed through
-    `transform(name, tensor)` (which returns the tensor itself when it has nothing to do)."""
+    `transform(name, tensor, destination)` (see `Transform`; it returns the tensor itself when it has
+    nothing to do)."""
     source_dir, target_dir = Path(source_dir), Path(target_dir)
     weights = find_weight_files(source_dir)
     specs = tensor_specs(weights)
@@ -210,16 +230,17 @@ def export_component(
     reader = TensorReader(weights, writer.order, reads)
     transformed = 0
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(threads, _available_cpus() - IO_CPUS)))
+    torch.set_num_threads(intra_op_threads(threads))
     try:
         for name, tensor, read_buffer in reader:
-            out = transform(name, tensor) if transform is not None else tensor
-            transformed += out is not tensor
-            cast_buffer = None
-            if out.is_floating_point() and out.dtype != EXPORT_DTYPE:
-                cast_buffer = casts.acquire(out.numel() * EXPORT_DTYPE.itemsize)
-            final = to_export_dtype(name, out, str(source_dir), cast_buffer)
-            writer.add(name, final, done=_releaser(reads, read_buffer, casts, cast_buffer))
+            destination = _Destination(casts, tensor.shape)
+            out = transform(name, tensor, destination) if transform is not None else tensor
+            changed = out is not tensor
+            transformed += changed
+            if out.is_floating_point() and out.dtype != EXPORT_DTYPE and destination.buffer is None:
+                destination()
+            final = to_export_dtype(name, out, str(source_dir), destination.buffer, transformed=changed)
+            writer.add(name, final, done=_releaser(reads, read_buffer, casts, destination.buffer))
         files = writer.close()
     except BaseException:
         reads.close()
@@ -233,10 +254,37 @@ def export_component(
     return ComponentExport(files=files, tensors=len(specs), transformed=transformed, bytes=writer.total_bytes)
 
 
+def intra_op_threads(current: int | None = None) -> int:
+    """torch's intra-op threads during an export: the CPUs left beside the reader and writer, at least one
+    (never more than `current`, torch's setting before)."""
+    current = torch.get_num_threads() if current is None else current
+    return max(1, min(current, _available_cpus() - IO_CPUS))
+
+
+def fuse_threads() -> int:
+    """Threads a transform may split its work over (each running single-threaded torch ops): every CPU
+    where torch's own pool is down to one thread during the export (small machines), else one (torch's
+    pool parallelises each op)."""
+    return _available_cpus() if intra_op_threads() == 1 else 1
+
+
 def _available_cpus() -> int:
     """CPUs this process may run on (its affinity mask where the OS has one)."""
     affinity = getattr(os, "sched_getaffinity", None)
     return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
+class _Destination:
+    """A tensor's fp16 place in the export: a buffer from the cast pool, taken on the first call."""
+
+    def __init__(self, pool: BufferPool, shape: torch.Size) -> None:
+        self._pool, self._shape = pool, tuple(shape)
+        self.buffer: torch.Tensor | None = None
+
+    def __call__(self) -> torch.Tensor:
+        if self.buffer is None:
+            self.buffer = self._pool.acquire(math.prod(self._shape) * EXPORT_DTYPE.itemsize)
+        return _as_export(self.buffer, self._shape)
 
 
 def _releaser(

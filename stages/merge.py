@@ -10,10 +10,12 @@ shard size (stages/export.py).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,8 +28,8 @@ from fuseline.core.catalog.model import Defaults
 from fuseline.core.files import atomic_dir
 from fuseline.core.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
 from stages.errors import StageError
-from stages.export import copy_plain_files, export_component
-from stages.fuse import LoraFactors, WeightUpdate, fuse_weight, scaling
+from stages.export import Destination, copy_plain_files, export_component, fuse_threads, intra_op_threads
+from stages.fuse import LoraFactors, WeightUpdate, fuse_weight, stacked_lora
 from stages.local_files import materialize, project_archive
 from stages.lora import COMPONENTS, LoadedLora, LoraInput, read_lora
 from stages.receipts import read_receipt
@@ -100,36 +102,73 @@ def _unet_config(base_dir: Path) -> UNetConfig:
 
 
 class WeightFuser:
-    """`fuse_weight` (stages/fuse.py) with fewer passes over memory, for the merge's stream of weights.
+    """`fuse_weight` (stages/fuse.py) with fewer passes over memory and every core, for the merge's stream of
+    weights.
 
-    For plain LoRAs each update is accumulated in place into one reused fp32 buffer,
-    `W.view(out, -1).addmm_(up, down, alpha=scale * alpha / r)`: one pass over the weight per LoRA instead
-    of materialising `up @ down`, scaling it and adding it into fresh full-size tensors (B1: about 3x
-    faster per weight, docs/benchmarks.md). The result differs from PEFT's `W + (up @ down) * s` only in fp32
-    rounding inside the product, which after the cast to fp16 changes about 3 values in 100,000 by one ulp
-    (tests/stages/test_merge_oracle.py allows one ulp). DoRA updates (a norm of each adapter's own delta)
-    and LyCORIS updates (no low-rank pair to accumulate) go through `fuse_weight` unchanged.
+    The plain LoRA updates of a weight become one low-rank product (`stacked_lora`: rank 64 for two rank-32
+    LoRAs) accumulated in place into one reused fp32 buffer, `W.view(out, -1).addmm_(up, down)`, which is
+    then cast into the export's own fp16 destination: one pass over the weight in all instead of
+    materialising `up @ down`, scaling it and adding it into fresh full-size tensors per LoRA (B1, about 3x
+    faster per weight; docs/benchmarks.md). The result differs from PEFT's `W + (up @ down) * s` only in
+    fp32 rounding inside the product, which after the cast to fp16 changes about 3 values in 100,000 by one
+    ulp (tests/stages/test_merge_oracle.py allows one ulp). DoRA updates (a norm of each adapter's own
+    delta) and LyCORIS updates (no low-rank pair to accumulate) go through `fuse_weight` unchanged.
 
-    The returned tensor is a view of the buffer: it is valid until the next call (the export casts it to
-    fp16 before asking for the next weight).
+    With `threads` > 1 the rows of a large weight are split between that many threads (torch releases the
+    GIL inside each op): on a machine where the export runs torch ops on one thread (stages/export.py), the
+    product, the larger half of the merge's arithmetic, then uses the other cores while the reader and
+    writer threads wait on the kernel. Threads, not torch's OpenMP pool: OpenMP workers spin at every op's
+    barrier when the I/O threads hold a core (measured: 3.5x the CPU time, docs/benchmarks.md).
+
+    The returned tensor is the destination, or for DoRA/LyCORIS a view of a reused buffer: valid until the
+    next call (the export writes or casts it before asking for the next weight).
     """
 
-    def __init__(self) -> None:
-        self._work = torch.empty(0, dtype=torch.float32)
+    # Below this many elements a weight is fused on one thread: splitting costs more than it saves.
+    SPLIT_MIN_ELEMENTS = 1 << 20
 
-    def __call__(self, base: Any, updates: Sequence[Any]) -> Any:
+    def __init__(self, threads: int = 1) -> None:
+        self._work = torch.empty(0, dtype=torch.float32)
+        self._threads = max(1, threads)
+        self._pool = ThreadPoolExecutor(self._threads - 1, "fuseline-fuse") if self._threads > 1 else None
+
+    def __enter__(self) -> WeightFuser:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def __call__(self, base: Any, updates: Sequence[Any], destination: Destination | None = None) -> Any:
         if any(not isinstance(u.factors, LoraFactors) or u.factors.magnitude is not None for u in updates):
             return fuse_weight(base, updates)
+        up, down = stacked_lora(updates)
+        rows = base.shape[0]
         if self._work.numel() < base.numel():
             self._work = torch.empty(base.numel(), dtype=torch.float32)
-        work = self._work[: base.numel()].view(base.shape[0], -1)
-        work.copy_(base.reshape(base.shape[0], -1))
-        for update in updates:
-            factors = update.factors
-            up = factors.up.flatten(1).to(torch.float32)
-            down = factors.down.flatten(1).to(torch.float32)
-            work.addmm_(up, down, alpha=scaling(factors, update.scale))
-        return work.view(base.shape)
+        work = self._work[: base.numel()].view(rows, -1)
+        flat_base = base.reshape(rows, -1)
+        out = None if destination is None else destination().view(rows, -1)
+
+        def fuse_rows(start: int, end: int) -> None:
+            block = work[start:end]
+            block.copy_(flat_base[start:end])
+            block.addmm_(up[start:end], down)
+            if out is not None:
+                out[start:end].copy_(block)
+
+        parts = self._threads if self._pool is not None and base.numel() >= self.SPLIT_MIN_ELEMENTS else 1
+        spans = list(itertools.pairwise(rows * i // parts for i in range(parts + 1)))
+        pending = [self._pool.submit(fuse_rows, *span) for span in spans[1:]] if self._pool else []
+        try:
+            fuse_rows(*spans[0])
+        finally:
+            for future in pending:
+                future.result()
+        return work.view(base.shape) if out is None else out.view(base.shape)
 
 
 def _check_base(base_dir: Path, vae_dir: Path) -> None:
@@ -167,77 +206,121 @@ def merge_template(
     identity: TemplateIdentity,
     prediction_type: PredictionType,
     shard_size_mb: float,
+    threads: int | None = None,
 ) -> MergeResult:
     """Fuse `loras` (in order) into the base folder and write the fp16 export to `out_dir`, atomically:
-    on any error `out_dir` is absent afterwards."""
+    on any error `out_dir` is absent afterwards. `threads`: how many threads fuse a weight (default
+    `stages.export.fuse_threads()`)."""
     base_dir, vae_dir, out_dir = Path(base_dir), Path(vae_dir), Path(out_dir)
     _check_base(base_dir, vae_dir)
     shapes, unet_config = read_base_layout(base_dir)
-
-    # Every LoRA is read and placed before anything is written: a bad LoRA fails in seconds.
-    loaded: list[LoadedLora] = [read_lora(lora, shapes, unet_config) for lora in loras]
-    updates: dict[tuple[str, str], list[WeightUpdate]] = {}
-    for lora, spec in zip(loaded, loras, strict=True):
-        strength = _module_strengths(spec, unet_config)
-        for target, factors in lora.factors.items():
-            updates.setdefault(target, []).append(WeightUpdate(factors=factors, scale=strength(*target)))
-
     fused: dict[str, int] = dict.fromkeys(COMPONENTS, 0)
-    fuse = WeightFuser()
-    with atomic_dir(out_dir) as tmp:
-        for component in COMPONENTS:
+    # One intra-op setting for the whole merge: the exports below run partly at once, and each sets and
+    # restores torch's thread count, which is global.
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(intra_op_threads(torch_threads))
+    try:
+        with (
+            atomic_dir(out_dir) as tmp,
+            WeightFuser(fuse_threads() if threads is None else threads) as fuse,
+            ThreadPoolExecutor(2, "fuseline-merge-early") as early,
+        ):
+            # What no LoRA touches is written while the LoRAs are read and placed, and diffusers (which
+            # converts kohya key names: seconds of imports) is imported while the LoRA files are hashed
+            # and read. On a 2-core build machine that start-up was a quarter of the merge with one core
+            # idle (B1, docs/benchmarks.md). Errors surface through the futures.
+            untouched = early.submit(_write_untouched, base_dir, vae_dir, tmp, shard_size_mb, prediction_type)
+            importing = early.submit(_import_key_conversion)
+            # Every LoRA is read and placed before any fused weight is written: a bad LoRA fails in seconds.
+            loaded: list[LoadedLora] = [read_lora(lora, shapes, unet_config) for lora in loras]
+            importing.result()
+            updates: dict[tuple[str, str], list[WeightUpdate]] = {}
+            for lora, spec in zip(loaded, loras, strict=True):
+                strength = _module_strengths(spec, unet_config)
+                for target, factors in lora.factors.items():
+                    updates.setdefault(target, []).append(
+                        WeightUpdate(factors=factors, scale=strength(*target))
+                    )
 
-            def transform(name: str, tensor: torch.Tensor, component: str = component) -> torch.Tensor:
-                pending = updates.get((component, name))
-                return tensor if not pending else fuse(tensor, pending)
+            for component in COMPONENTS:
 
-            result = export_component(base_dir / component, tmp / component, shard_size_mb, transform)
-            fused[component] = result.transformed
-            log.info(
-                "%s: %d tensors (%d fused) -> %s", component, result.tensors, result.transformed, result.files
-            )
-        export_component(vae_dir, tmp / VAE, shard_size_mb)
+                def transform(
+                    name: str, tensor: torch.Tensor, destination: Destination, component: str = component
+                ) -> torch.Tensor:
+                    pending = updates.get((component, name))
+                    return tensor if not pending else fuse(tensor, pending, destination)
 
-        for entry in sorted(base_dir.iterdir()):
-            if entry.name in (*COMPONENTS, VAE) or entry.name.startswith("."):
-                continue
-            if entry.name == SCHEDULER:
-                _write_scheduler(entry, tmp / SCHEDULER, prediction_type)
-            elif entry.is_dir():
-                copy_plain_files(entry, tmp / entry.name)
-            else:
-                shutil.copyfile(entry, tmp / entry.name)
-        if not (tmp / SCHEDULER / SCHEDULER_CONFIG).is_file():
-            raise StageError(
-                "BASE_INVALID", f"{base_dir} has no {SCHEDULER}/{SCHEDULER_CONFIG}; re-run convert"
-            )
-
-        manifest = ModelManifest(
-            template=identity.template,
-            checkpoint=identity.checkpoint,
-            loras=[
-                LoraRef(
-                    source=spec.name,
-                    sha256=lora.sha256,
-                    scale=float(spec.scale),
-                    placed_keys=lora.placed_keys,
-                    block_weights=None if spec.block_weights is None else list(spec.block_weights),
+                result = export_component(base_dir / component, tmp / component, shard_size_mb, transform)
+                fused[component] = result.transformed
+                log.info(
+                    "%s: %d tensors (%d fused) -> %s",
+                    component,
+                    result.tensors,
+                    result.transformed,
+                    result.files,
                 )
-                for lora, spec in zip(loaded, loras, strict=True)
-            ],
-            vae=identity.vae,
-            prediction_type=prediction_type,
-            spec_hash=identity.spec_hash,
-            defaults=identity.defaults,
-            fuseline_version=__version__,
-        )
-        # Every placed update names a base tensor, so each must have been fused exactly once; checked
-        # before the folder is renamed into place, so a wrong model never appears.
-        if sum(fused.values()) != len(updates):
-            raise StageError("MERGE_INCOMPLETE", f"fused {fused} tensors, expected {len(updates)}")
-        manifest.write(tmp)
-        files = sum(1 for p in tmp.rglob("*") if p.is_file())
+            untouched.result()
+            manifest = _manifest(identity, loaded, loras, prediction_type)
+            # Every placed update names a base tensor, so each must have been fused exactly once; checked
+            # before the folder is renamed into place, so a wrong model never appears.
+            if sum(fused.values()) != len(updates):
+                raise StageError("MERGE_INCOMPLETE", f"fused {fused} tensors, expected {len(updates)}")
+            manifest.write(tmp)
+            files = sum(1 for p in tmp.rglob("*") if p.is_file())
+    finally:
+        torch.set_num_threads(torch_threads)
     return MergeResult(manifest=manifest, fused_tensors=fused, files=files)
+
+
+def _import_key_conversion() -> None:
+    """Import what `read_lora` needs from diffusers (on a thread of its own, beside the LoRA reads)."""
+    import diffusers.loaders  # noqa: F401
+
+
+def _write_untouched(
+    base_dir: Path, vae_dir: Path, tmp: Path, shard_size_mb: float, prediction_type: PredictionType
+) -> None:
+    """The parts of the export no LoRA changes: the catalog's VAE, the scheduler (with the catalog's
+    prediction type), tokenizers, model_index.json."""
+    export_component(vae_dir, tmp / VAE, shard_size_mb)
+    for entry in sorted(base_dir.iterdir()):
+        if entry.name in (*COMPONENTS, VAE) or entry.name.startswith("."):
+            continue
+        if entry.name == SCHEDULER:
+            _write_scheduler(entry, tmp / SCHEDULER, prediction_type)
+        elif entry.is_dir():
+            copy_plain_files(entry, tmp / entry.name)
+        else:
+            shutil.copyfile(entry, tmp / entry.name)
+    if not (tmp / SCHEDULER / SCHEDULER_CONFIG).is_file():
+        raise StageError("BASE_INVALID", f"{base_dir} has no {SCHEDULER}/{SCHEDULER_CONFIG}; re-run convert")
+
+
+def _manifest(
+    identity: TemplateIdentity,
+    loaded: Sequence[LoadedLora],
+    loras: Sequence[LoraInput],
+    prediction_type: PredictionType,
+) -> ModelManifest:
+    return ModelManifest(
+        template=identity.template,
+        checkpoint=identity.checkpoint,
+        loras=[
+            LoraRef(
+                source=spec.name,
+                sha256=lora.sha256,
+                scale=float(spec.scale),
+                placed_keys=lora.placed_keys,
+                block_weights=None if spec.block_weights is None else list(spec.block_weights),
+            )
+            for lora, spec in zip(loaded, loras, strict=True)
+        ],
+        vae=identity.vae,
+        prediction_type=prediction_type,
+        spec_hash=identity.spec_hash,
+        defaults=identity.defaults,
+        fuseline_version=__version__,
+    )
 
 
 def _module_strengths(spec: LoraInput, unet_config: Any) -> Callable[[str, str], float]:

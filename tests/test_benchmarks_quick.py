@@ -129,6 +129,17 @@ def test_gpu_quick(tmp_path, monkeypatch):
     for name in gpu.SECTIONS:
         assert sections[name]["status"] == "ok", sections[name].get("traceback")
     assert sections["disk_load"]["weights_identical"]
+    read, first = sections["disk_load"]["volume_read"], sections["disk_load"]["first_image"]
+    assert read["bytes"] == sections["disk_load"]["folder_bytes"] and read["mb_per_s"] > 0
+    assert first["image_finite"] and first["read_floor_s"] > 0
+    assert 0 < first["since_spawn_s"]["imported_at"] < first["since_spawn_s"]["image_at"] <= first["wall_s"]
+    batch = sections["batch"]["by_num_images"]
+    assert [batch[n]["images"] for n in ("1", "2", "4")] == [1, 2, 4]
+    assert all(row["finite"] and row["images_per_gpu_second"] > 0 for row in batch.values())
+    # The CPU has no fp8 matmuls: the section records the worker's refusal, with its code.
+    assert sections["fp8"]["available"] is False
+    assert sections["fp8"]["refused"]["code"] == "CONFIG_INVALID"
+    assert "remove fp8 from FUSELINE_SPEED" in sections["fp8"]["refused"]["message"]
     assert sections["worker"]["available"], sections["worker"].get("why")
     assert sections["flops"]["unet_flops_per_step"] > 0
     assert sections["matmul"]["bf16_tflops"] > 0
@@ -137,6 +148,7 @@ def test_gpu_quick(tmp_path, monkeypatch):
         "channels_last": True,
         "fuse_qkv": True,
         "channels_last+compile": True,
+        "fuse_qkv+channels_last+compile_max_autotune": True,
     }
     assert "fraction_of_bf16_matmul" in summary["variants"]["plain"]
     assert json.loads((tmp_path / "gpu.json").read_text())["ratios"] == summary["ratios"]
@@ -168,4 +180,51 @@ def test_b4_sync_quick(tmp_path):
     assert ratios["s5cmd_vs_fuseline_wall_best"] > 0
     assert ratios["target_met"] == (ratios["s5cmd_vs_fuseline_wall_best"] >= 0.9)
     assert ratios["same_bytes"] is True
+    # The verify floor, measured in the same run: md5 of s5cmd's bytes over all cores, every digest checked.
+    for run in results["s5cmd"]:
+        assert run["md5"]["returncode"] == 0 and run["md5"]["mismatches"] == 0
+        assert run["md5"]["files"] == run["objects"] and run["md5"]["wall_s"] > 0
+    floors = ratios["verify_floor_per_run_s"]
+    assert floors == [round(max(r["wall_s"], r["md5"]["cpu_floor_s"]), 3) for r in results["s5cmd"]]
+    assert all(r["md5"]["memory_rate_mb_per_s"] > 0 for r in results["s5cmd"])
+    assert ratios["verify_floor_target_met"] == (ratios["fuseline_vs_verify_floor_best"] <= 1.1)
+    assert ratios["s5cmd_then_md5_vs_fuseline_wall_best"] > 0
+    for runs in results.values():
+        for run in runs:
+            assert run["server_cpu_s"] >= 0 and run["cpu_bound_wall_s"] > 0
+    assert summary["code"]["head"]
     assert not list(tmp_path.glob("b4-work-*")), "the work folder (pushed project, destinations) is removed"
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_b7_disk_quick(tmp_path):
+    """B7 at kit size with the project's default cache type (hard links) and reflink: a cold build from
+    s3:// sources into the download cache, sampled; the edit rebuild works over DVC's read-only links and
+    leaves the status clean; reflink on a filesystem without it fails as DVC's own error, recorded."""
+    from benchmarks import b7_disk
+
+    out = tmp_path / "b7.json"
+    b7_disk.main(
+        ["--quick", "--root", str(tmp_path), "--cache-types", "hardlink,reflink", "--json-out", str(out)]
+    )
+    summary = json.loads(out.read_text())
+    hardlink = summary["results"]["hardlink"]
+    assert "error" not in hardlink, hardlink.get("error")
+    assert hardlink["stages_run"] == [
+        "fetch-checkpoint@synth", "fetch-loras@t1", "fetch-vae", "convert@synth", "vae", "merge@t1"
+    ]  # fmt: skip
+    assert hardlink["samples"] > 1 and hardlink["peak_bytes"] >= hardlink["final_bytes"] > 0
+    split = hardlink["peak_split_bytes"]
+    # The checkpoint was downloaded into the build's own download cache, and outputs reached the DVC cache.
+    assert split["download-cache"] >= summary["checkpoint_bytes"] and split["dvc-cache"] > 0
+    assert sum(split.values()) == hardlink["peak_bytes"]
+    assert hardlink["model_files_linked"] > 0 and hardlink["model_files_read_only"] > 0
+    assert "merge@t1" in hardlink["edit_stages_run"] and hardlink["status_clean"] is True
+    assert hardlink["peak_vs_checkpoint_plus_model"] == round(
+        hardlink["peak_bytes"] / (summary["checkpoint_bytes"] + hardlink["model_bytes"]), 3
+    )
+    if summary["filesystem"] not in ("btrfs", "xfs"):
+        assert "No possible cache link types" in summary["results"]["reflink"]["error"]
+    assert summary["code"]["head"]
+    assert not list(tmp_path.glob("b7-*")), "every build folder is removed"

@@ -25,6 +25,7 @@ from worker.fallback import (
 from worker.inputs import GenerationInput, parse_input, resolve_parameters
 from worker.pipelines import LoadedTemplate, PipelineCache
 from worker.settings import WorkerSettings
+from worker.speed import check_speed_options
 from worker.telemetry import note_parameters, note_retry
 
 log = logging.getLogger("fuseline.worker")
@@ -44,6 +45,8 @@ class Worker:
         # Templates served as the volume holds them because their start-up sync failed.
         self.sync_unsynced: list[str] = []
         self.device = device or default_device(settings.device)
+        # An option the device cannot run fails the start, before any template is loaded.
+        check_speed_options(settings.speed, self.device)
         on_cuda = self.device.startswith("cuda")
         max_bytes = settings.vram_budget_bytes
         if on_cuda and max_bytes is None:

@@ -25,7 +25,7 @@ MAX_OUTPUT_URL_EXPIRY_S = 7 * 24 * 3600
 # S3 bucket naming rules (3-63 characters: lowercase letters, digits, dots, hyphens; letter or digit at
 # both ends): checked at start so a typo fails the deployment, not every job.
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-SPEED_OPTIONS = ("channels_last", "fuse_qkv", "compile")
+SPEED_OPTIONS = ("channels_last", "fuse_qkv", "compile", "fp8")
 # The devices the worker generates on (worker/device.py): checked here, without importing torch, so that a
 # typo fails the start with CONFIG_INVALID instead of a traceback from torch.device() in the first load.
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")

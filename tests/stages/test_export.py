@@ -131,11 +131,51 @@ def test_transform_is_applied_before_the_cast(tmp_path):
         source,
         tmp_path / "out",
         shard_size_mb=100,
-        transform=lambda name, t: t * 2 if name == "block.1.weight" else t,
+        transform=lambda name, t, destination: t * 2 if name == "block.1.weight" else t,
     )
     assert result.transformed == 1
     exported = _read_export(tmp_path / "out")
     assert torch.equal(exported["block.1.weight"], (_tensors()["block.1.weight"] * 2).half())
+
+
+def test_transform_may_write_its_result_into_the_destination(tmp_path):
+    """A transform that writes fp16 straight into its destination (what the merge's fuser does) gets those
+    bytes exported, with no second cast; the destination has the tensor's shape and the export dtype."""
+    source = _component(tmp_path / "src", _tensors())
+    seen = {}
+
+    def transform(name, tensor, destination):
+        if name != "block.2.weight":
+            return tensor
+        out = destination()
+        seen["shape"], seen["dtype"] = tuple(out.shape), out.dtype
+        torch.mul(tensor, 3, out=out)
+        return out
+
+    result = export_component(source, tmp_path / "out", shard_size_mb=100, transform=transform)
+    assert result.transformed == 1
+    assert seen == {"shape": (16, 16), "dtype": torch.float16}
+    exported = _read_export(tmp_path / "out")
+    assert torch.equal(exported["block.2.weight"], (_tensors()["block.2.weight"] * 3).half())
+    assert torch.equal(exported["block.3.weight"], _tensors()["block.3.weight"].half())
+
+
+def test_a_transformed_fp16_result_is_still_checked_for_overflow(tmp_path):
+    """An fp16 source passes untouched without a scan, but a fused result written in fp16 is scanned: an
+    overflow there is inf and must fail, naming the tensor."""
+    tensors = {"w": torch.full((4, 4), 60000.0, dtype=torch.float16)}
+    source = _component(tmp_path / "src", tensors)
+    export_component(source, tmp_path / "plain", shard_size_mb=1)  # untouched fp16: fine
+
+    def transform(name, tensor, destination):
+        out = destination()
+        out.copy_(tensor.float() * 2)  # 120000 does not fit fp16: inf
+        return out
+
+    with pytest.raises(StageError, match="fp16 range") as err:
+        export_component(source, tmp_path / "out", shard_size_mb=1, transform=transform)
+    assert err.value.code == "FP16_OVERFLOW" and "tensor w" in str(err.value)
+    assert not list((tmp_path / "out").glob("*.safetensors"))
 
 
 def test_values_beyond_fp16_fail_loudly(tmp_path):
@@ -213,7 +253,7 @@ def test_export_of_mixed_dtypes_equals_save_file_of_the_cast_tensors(tmp_path):
 def test_failed_transform_stops_the_threads_and_leaves_no_partial_shard(tmp_path):
     source = _component(tmp_path / "src", _tensors())
 
-    def transform(name, tensor):
+    def transform(name, tensor, destination):
         if name == "block.3.weight":
             raise RuntimeError("boom")
         return tensor

@@ -201,6 +201,53 @@ def test_weight_fuser_matches_fuse_weight_within_one_fp16_ulp(weight, down, up):
     ulps = _fp16_ulps(ours.half(), reference.half())
     assert int(ulps.max()) <= 1
     assert not torch.equal(ours, base.float())
+    # Straight into an fp16 destination (the export's): the same values as casting the fp32 result.
+    destination = torch.empty(base.shape, dtype=torch.float16)
+    written = WeightFuser()(base, updates, lambda: destination)
+    assert written is destination or written.data_ptr() == destination.data_ptr()
+    assert torch.equal(destination, ours.half())
+
+
+def test_stacked_lora_is_the_sum_of_the_scaled_products():
+    """Two LoRAs of different ranks (one conv, flattened) as one product: sum_i s_i * up_i @ down_i."""
+    from stages.fuse import stacked_lora
+
+    g = _gen(11)
+    first = LoraFactors(torch.randn(4, 8, 3, 3, generator=g), torch.randn(6, 4, 1, 1, generator=g), 2.0)
+    second = LoraFactors(torch.randn(2, 72, generator=g).half(), torch.randn(6, 2, generator=g).half(), 1.0)
+    updates = [WeightUpdate(first, 0.8), WeightUpdate(second, -0.3)]
+    up, down = stacked_lora(updates)
+    assert up.shape == (6, 6) and down.shape == (6, 72) and up.dtype == down.dtype == torch.float32
+    expected = sum(lora_delta(u.factors, u.scale, (6, 8, 3, 3)) for u in updates).reshape(6, 72)
+    torch.testing.assert_close(up @ down, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError):
+        stacked_lora([WeightUpdate(LoraFactors(first.down, first.up, 2.0, magnitude=torch.ones(6)), 1.0)])
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_weight_fuser_split_over_threads_gives_the_same_bytes(threads):
+    """A weight large enough to be split over threads fuses to exactly what one thread computes (each row
+    is computed by one thread with the same ops), and the threads are gone after close."""
+    import threading
+
+    from stages.merge import WeightFuser
+
+    g = _gen(12)
+    rows, cols = 257, (WeightFuser.SPLIT_MIN_ELEMENTS // 257) + 3
+    base = (torch.randn(rows, cols, generator=g) * 0.05).half()
+    updates = [
+        WeightUpdate(
+            LoraFactors(torch.randn(4, cols, generator=g), torch.randn(rows, 4, generator=g), 2.0), s
+        )
+        for s in (0.8, 0.5)
+    ]
+    single = torch.empty(rows, cols, dtype=torch.float16)
+    WeightFuser()(base, updates, lambda: single)
+    split = torch.empty(rows, cols, dtype=torch.float16)
+    with WeightFuser(threads) as fuser:
+        fuser(base, updates, lambda: split)
+    assert torch.equal(single, split)
+    assert not [t for t in threading.enumerate() if t.name.startswith("fuseline-fuse")]
 
 
 def test_weight_fuser_reuses_its_buffer_and_results_do_not_leak_between_weights():

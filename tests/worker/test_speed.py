@@ -124,3 +124,25 @@ def test_compile_warms_the_default_template_at_its_default_size(settings, volume
     with caplog.at_level("INFO", logger="fuseline.worker"):
         assert plain.startup() == []
     assert not [r for r in caplog.records if event_fields(r)[0] == "template.warmed"]
+
+
+def test_fp8_is_an_option_and_is_refused_at_start_on_a_device_without_fp8(settings) -> None:
+    """fp8 parses as a FUSELINE_SPEED option, but a worker on the CPU (no fp8 matmuls) refuses to start
+    with CONFIG_INVALID naming the option, the device and the fix, before loading anything."""
+    speed = SpeedOptions.from_env({"FUSELINE_SPEED": "fp8,channels_last"})
+    assert speed.options == ("fp8", "channels_last")
+    with pytest.raises(ConfigInvalid) as err:
+        worker_with(settings, speed)
+    assert err.value.code == "CONFIG_INVALID"
+    message = str(err.value)
+    assert "fp8" in message and "'cpu'" in message and "remove fp8 from FUSELINE_SPEED" in message
+
+
+def test_fp8_is_refused_where_a_pipeline_is_switched_too(tiny_worker) -> None:
+    """apply_speed_options (what the GPU benchmark and the loader call) checks the pipeline's own device."""
+    from worker.speed import apply_speed_options, fp8_problem
+
+    entry, _ = tiny_worker.cache.get(TEMPLATE)
+    assert fp8_problem("cpu") is not None
+    with pytest.raises(ConfigInvalid, match="fp8"):
+        apply_speed_options(entry.pipe, SpeedOptions(options=("fp8",)))
