@@ -25,6 +25,7 @@ from fuseline.core import block_weights
 from fuseline.core.catalog.model import Defaults
 from fuseline.core.files import atomic_dir
 from fuseline.core.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
+from fuseline.core.serving import CHECKPOINT_KIND_BY_IN_CHANNELS, INPAINT_UNET_IN_CHANNELS, UNET_IN_CHANNELS
 from stages.errors import StageError
 from stages.export import copy_plain_files, export_component
 from stages.fuse import LoraFactors, WeightUpdate, fuse_weight, scaling
@@ -173,6 +174,7 @@ def merge_template(
     base_dir, vae_dir, out_dir = Path(base_dir), Path(vae_dir), Path(out_dir)
     _check_base(base_dir, vae_dir)
     shapes, unet_config = read_base_layout(base_dir)
+    checkpoint_kind = _checkpoint_kind(base_dir, unet_config)
 
     # Every LoRA is read and placed before anything is written: a bad LoRA fails in seconds.
     loaded: list[LoadedLora] = [read_lora(lora, shapes, unet_config) for lora in loras]
@@ -214,7 +216,7 @@ def merge_template(
 
         manifest = ModelManifest(
             template=identity.template,
-            checkpoint=identity.checkpoint,
+            checkpoint=identity.checkpoint.model_copy(update={"kind": checkpoint_kind}),
             loras=[
                 LoraRef(
                     source=spec.name,
@@ -238,6 +240,20 @@ def merge_template(
         manifest.write(tmp)
         files = sum(1 for p in tmp.rglob("*") if p.is_file())
     return MergeResult(manifest=manifest, fused_tensors=fused, files=files)
+
+
+def _checkpoint_kind(base_dir: Path, unet_config: Any) -> str | None:
+    """What fuseline.json records as `checkpoint.kind`: "inpaint" for a 9-channel UNet (the convert stage
+    wrote an inpainting pipeline), None for an ordinary one."""
+    channels = unet_config.get("in_channels", UNET_IN_CHANNELS)
+    if channels not in CHECKPOINT_KIND_BY_IN_CHANNELS:
+        raise StageError(
+            "BASE_INVALID",
+            f"{base_dir / 'unet' / 'config.json'}: in_channels {channels!r}; a converted SDXL checkpoint has "
+            f"{UNET_IN_CHANNELS} (text-to-image) or {INPAINT_UNET_IN_CHANNELS} (inpainting); re-run the "
+            "convert stage",
+        )
+    return CHECKPOINT_KIND_BY_IN_CHANNELS[channels]
 
 
 def _module_strengths(spec: LoraInput, unet_config: Any) -> Callable[[str, str], float]:
