@@ -25,6 +25,10 @@ ERROR_CODES: dict[str, str] = {
     "FUSELINE_OUTPUT_BUCKET.",
     "UPLOAD_FAILED": "Uploading an image to the output bucket failed (endpoint unreachable, bucket missing, "
     "credentials refused); the images of that job are not kept.",
+    "MODE_UNSUPPORTED": "The template's checkpoint cannot serve the job's mode: an inpainting checkpoint "
+    "(9-channel UNet) serves inpaint jobs only.",
+    "OUTPUT_NOT_ALLOWED": "The job names an output place (output.s3) whose bucket is not on the worker's "
+    "FUSELINE_OUTPUT_BUCKETS allow-list; refused before generating.",
     "CUDA_ERROR": "The GPU raised an unrecoverable CUDA error (not out-of-memory); the job fails and the "
     "worker asks RunPod to replace it (refresh_worker).",
 }
@@ -75,6 +79,14 @@ class UploadFailed(WorkerError):
     code = "UPLOAD_FAILED"
 
 
+class ModeUnsupported(WorkerError):
+    code = "MODE_UNSUPPORTED"
+
+
+class OutputNotAllowed(WorkerError):
+    code = "OUTPUT_NOT_ALLOWED"
+
+
 class CudaError(WorkerError):
     """A CUDA error that leaves the process's CUDA context unusable: every later job on this worker would
     fail too, so the handler adds `refresh_worker: True` and RunPod replaces the worker after this job."""
@@ -94,5 +106,7 @@ ERROR_TYPES: tuple[type[FuselineError], ...] = (
     InternalError,
     UploadNotConfigured,
     UploadFailed,
+    ModeUnsupported,
+    OutputNotAllowed,
     CudaError,
 )

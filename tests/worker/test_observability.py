@@ -19,7 +19,7 @@ import torch
 import worker.handler
 from fuseline.core.logs import setup_logging
 from fuseline.core.redact import redact
-from tests.worker.conftest import SMALL, TEMPLATE
+from tests.worker.conftest import INPAINT_TEMPLATE, SMALL, TEMPLATE
 from tests.worker.test_entrypoint import worker_env
 from worker.handler import SELF_CHECK_FAILED, handler
 from worker.serving import Worker
@@ -160,6 +160,24 @@ def test_self_check_generates_with_the_default_template(settings) -> None:
     check = self_check(Worker(settings.model_copy(update={"default_template": TEMPLATE})))
     assert (check.ok, check.mode, check.templates, check.error) == (True, "generate", [TEMPLATE], None)
     assert check.ms > 0
+
+
+def test_self_check_and_compile_warm_up_inpaint_with_an_inpainting_default_template(modes_worker) -> None:
+    """An inpainting checkpoint serves inpaint jobs only: the start's generation is an inpaint job of a
+    grey picture (read through the job's own image readers), not a text-to-image one it would refuse."""
+    from worker.startup import warm_up
+
+    worker = Worker(modes_worker.settings.model_copy(update={"default_template": INPAINT_TEMPLATE}))
+    check = self_check(worker)
+    assert (check.ok, check.mode, check.templates, check.error) == (
+        True,
+        "generate",
+        [INPAINT_TEMPLATE],
+        None,
+    )
+    entry, _ = worker.cache.get(INPAINT_TEMPLATE)
+    assert set(entry.mode_pipes) == {"inpaint"}
+    assert warm_up(worker, entry) == []
 
 
 def corrupt_volume(volume: Path, target: Path) -> Path:
