@@ -14,8 +14,8 @@ ERROR_CODES: dict[str, str] = {
     "MODEL_INVALID": "The template's model folder is incomplete, its fuseline.json is missing or names "
     "another template or spec hash, or diffusers could not load it.",
     "IMAGE_INVALID": "An input image (image, mask) is not an acceptable PNG/JPEG/WebP (bad base64, another "
-    "format, corrupt, over the byte or pixel limit), or generation produced NaN/Inf values or a black frame, "
-    "also after the fp32 VAE retry.",
+    "format, corrupt, over the byte or pixel limit, inline pictures over RunPod's request body limit), or "
+    "generation produced NaN/Inf values or a black frame, also after the fp32 VAE retry.",
     "IMAGE_FETCH_FAILED": "An input image given by URL or s3:// could not be fetched: refused address or "
     "scheme, network error, timeout, HTTP or S3 error (the message carries the status).",
     "OUT_OF_MEMORY": "The GPU ran out of memory, also after freeing cached pipelines and retrying once.",

@@ -129,8 +129,11 @@ class Worker:
                 entry, loaded_now, result = attempt()
             except Exception as retry_exc:
                 if is_out_of_memory(retry_exc):
+                    size = f"{params.width}x{params.height}"
+                    if params.hires is not None:
+                        size += f" (hires {params.hires.width}x{params.hires.height})"
                     raise OutOfMemory(
-                        f"template {template_id!r} at {params.width}x{params.height}, "
+                        f"template {template_id!r} at {size}, "
                         f"{params.num_images} image(s): out of GPU memory also after freeing cached "
                         "pipelines; ask for fewer or smaller images"
                     ) from None

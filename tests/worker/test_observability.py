@@ -113,6 +113,7 @@ def test_each_job_logs_one_record_and_the_counters_add_up(
     good = by_id["good"]
     output = results["good"]
     assert (good["template"], good["width"], good["height"], good["steps"]) == (TEMPLATE, 64, 64, 3)
+    assert good["mode"] == output["mode"] == "txt2img"
     assert (good["num_images"], good["seed"], good["retries"], good["degraded"]) == (1, 5, [], False)
     assert good["level"] == "info" and "error_code" not in good and "peak_vram_bytes" not in good  # CPU
     # The record's timings are the output's timings_ms, which gained decode and total.
@@ -124,6 +125,7 @@ def test_each_job_logs_one_record_and_the_counters_add_up(
     assert results["bad-input"]["error"].endswith(f"(got 'x?token={AWS_SECRET}')")
     assert bad["error"].endswith("(got 'x?token=***')")  # the same error, masked in the log
     assert bad["template"] is None and "width" not in bad and set(bad) & TIMING_FIELDS == {"total_ms"}
+    assert "mode" not in bad  # refused before its parameters were resolved
     unknown = by_id["unknown"]
     assert (unknown["error_code"], unknown["template"]) == ("UNKNOWN_TEMPLATE", "nope")
     assert unknown["error"].startswith("[UNKNOWN_TEMPLATE] no template 'nope'")
