@@ -20,7 +20,14 @@ from pydantic import (
 )
 
 from fuseline.core.catalog.model import ID_PATTERN, Defaults
-from fuseline.core.serving import DEFAULT_SCHEDULER, MAX_SIZE, SCHEDULER_NAMES, SIZE_MULTIPLE, size_problem
+from fuseline.core.serving import (
+    DEFAULT_SCHEDULER,
+    MAX_SIZE,
+    SCHEDULER_NAMES,
+    SIZE_MULTIPLE,
+    nearest_sizes,
+    size_problem,
+)
 from worker.errors import InvalidInput, ModelInvalid, UploadNotConfigured
 from worker.modes import (
     DEFAULT_FULL_RES_PADDING,
@@ -111,10 +118,10 @@ class GenerationInput(BaseModel):
             return None
         min_size = _settings(info).min_size
         if value % SIZE_MULTIPLE:
-            lower = value // SIZE_MULTIPLE * SIZE_MULTIPLE
+            nearest = " or ".join(str(size) for size in nearest_sizes(value, min_size))
             raise ValueError(
-                f"must be a multiple of {SIZE_MULTIPLE} "
-                f"(got {value}; nearest: {lower} or {lower + SIZE_MULTIPLE})"
+                f"must be a multiple of {SIZE_MULTIPLE} between {min_size} and {MAX_SIZE} "
+                f"(got {value}; nearest: {nearest})"
             )
         if not min_size <= value <= MAX_SIZE:
             raise ValueError(f"must be between {min_size} and {MAX_SIZE} (got {value})")
