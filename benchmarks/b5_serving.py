@@ -21,6 +21,17 @@ CPU time (all threads) are taken; with one torch thread the CPU time is the work
 other processes share the cores, so on a shared machine it is the steadier of the two. Reported: medians
 of both, the ratios handler / bare (target <= 1.05), the overhead in ms per job (difference of the medians,
 and the median of the paired differences), and whether the two paths produced the same PNG bytes.
+
+Then the image modes' memory (`modes_memory`, issue 17): peak memory of a txt2img, an img2img and an
+inpaint job through the handler, each the first of its mode (so the img2img and inpaint pipelines are
+built from the cached template's components during the measured job), against the target that an image
+mode's job peaks within 10% of a txt2img job's. On a GPU that is torch.cuda.max_memory_allocated; this
+benchmark runs on the CPU, where torch keeps no such counter, so a job's peak is measured the same way
+from torch's own allocator: the bytes of every tensor the cached pipelines hold (unique storages, weights
+and buffers) before the job, plus the highest level the job's allocations reach above that (torch's
+profiler with profile_memory: every allocation and free of the job, in time order). A reference shows what
+the measure sees when weights are not shared: an img2img pipeline loaded again from the folder for one job
+(what sharing the components avoids).
 """
 
 from __future__ import annotations
@@ -184,6 +195,7 @@ def run_benchmark(
         worker.handler._worker = None
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
         summary = _measure(volume / "models" / TEMPLATE, quick, size, steps, repeats, log)
+        summary["modes_memory"] = _measure_modes_memory(volume / "models" / TEMPLATE, size, log)
         if profile:
             summary["profile"] = _profile(volume / "models" / TEMPLATE, size, steps, repeats)
         return summary
@@ -287,6 +299,135 @@ def _measure(folder: Path, quick: bool, size: int, steps: int, repeats: int, log
     return summary
 
 
+# Image modes' memory: an image mode's job peaks within this factor of a txt2img job's (issue 17).
+MODES_MEMORY_TARGET = 1.10
+# Denoising steps of the memory jobs: the peak is per step (and the decode), and profiling every
+# allocation makes each step slow.
+MODES_MEMORY_STEPS = 2
+MODES_MEMORY_STRENGTH = 0.5
+
+
+def held_tensor_bytes(entry) -> int:
+    """Bytes of every tensor a cached template's pipelines hold (its own and its img2img/inpaint ones),
+    each storage counted once: shared components count once, copies twice."""
+    import itertools
+
+    import torch
+
+    storages: dict[int, int] = {}
+    for pipe in (entry.pipe, *entry.mode_pipes.values()):
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                for tensor in itertools.chain(component.parameters(), component.buffers()):
+                    storage = tensor.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def allocation_peak(run) -> tuple[int, Any]:
+    """(highest level torch's CPU allocations reach above where they were when `run` started, its result),
+    from torch's profiler: every allocation and free inside `run`, summed in time order."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        result = run()
+    level = peak = 0
+    for event in sorted(profiler.events(), key=lambda e: e.time_range.start):
+        level += event.self_cpu_memory_usage
+        peak = max(peak, level)
+    return peak, result
+
+
+def _measure_modes_memory(folder: Path, size: int, log) -> dict[str, Any]:
+    """Peak memory of one job per mode through the handler, and of an img2img pipeline loaded again."""
+    import torch
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from PIL import Image
+
+    from worker.handler import get_worker, handler
+    from worker.mode_pipelines import mode_pipeline
+
+    base = job_input(size, MODES_MEMORY_STEPS)
+    warm = handler({"id": "b5-modes-warm", "input": base})  # the template is cached before measuring
+    if "error" in warm:
+        raise RuntimeError(f"handler failed on the memory benchmark's job: {warm['error']}")
+    picture = warm["images"][0]["data"]
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (size // 4, size // 4, size - size // 4, size - size // 4))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    jobs = {
+        "txt2img": base,
+        "img2img": {**base, "image": picture, "strength": MODES_MEMORY_STRENGTH},
+        "inpaint": {
+            **base,
+            "image": picture,
+            "mask": base64.b64encode(buffer.getvalue()).decode("ascii"),
+            "strength": MODES_MEMORY_STRENGTH,
+        },
+    }
+    entry, _ = get_worker().cache.get(TEMPLATE)
+    results: dict[str, dict[str, Any]] = {}
+    for mode, raw in jobs.items():
+        held = held_tensor_bytes(entry)
+        clock = _Clock()
+        peak, out = allocation_peak(lambda raw=raw, mode=mode: handler({"id": f"b5-{mode}", "input": raw}))
+        if "error" in out or out.get("mode") != mode:
+            raise RuntimeError(f"{mode} job failed in the memory benchmark: {out.get('error') or out}")
+        results[mode] = {
+            "held_before_bytes": held,
+            "peak_above_held_bytes": peak,
+            "peak_bytes": held + peak,
+            "held_after_bytes": held_tensor_bytes(entry),
+            **clock.stop(),
+        }
+        log(f"{mode}: peak {(held + peak) / 2**20:.2f} MiB ({held / 2**20:.2f} MiB held before the job)")
+    shared = all(
+        getattr(mode_pipeline(entry, mode), name) is getattr(entry.pipe, name)
+        for mode in ("img2img", "inpaint")
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+    )
+    picture_pil = Image.open(io.BytesIO(base64.b64decode(picture)))
+
+    def loaded_again():
+        pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+            folder, variant="fp16", dtype=torch.float32, local_files_only=True
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(
+            prompt=PROMPT,
+            image=picture_pil,
+            strength=MODES_MEMORY_STRENGTH,
+            num_inference_steps=MODES_MEMORY_STEPS,
+            guidance_scale=GUIDANCE,
+            generator=torch.Generator("cpu").manual_seed(SEED),
+        )
+
+    held = held_tensor_bytes(entry)
+    peak, _ = allocation_peak(loaded_again)
+    reference = {"held_before_bytes": held, "peak_above_held_bytes": peak, "peak_bytes": held + peak}
+    log(f"img2img pipeline loaded again (reference): peak {(held + peak) / 2**20:.2f} MiB")
+    txt2img = results["txt2img"]["peak_bytes"]
+    ratios = {mode: round(results[mode]["peak_bytes"] / txt2img, 4) for mode in ("img2img", "inpaint")}
+    return {
+        "method": "held tensor bytes + torch profiler allocation peak (CPU)",
+        "size": size,
+        "steps": MODES_MEMORY_STEPS,
+        "strength": MODES_MEMORY_STRENGTH,
+        "jobs": results,
+        "reference_img2img_loaded_again": reference,
+        "ratios": {
+            "img2img_vs_txt2img": ratios["img2img"],
+            "inpaint_vs_txt2img": ratios["inpaint"],
+            "reference_vs_txt2img": round(reference["peak_bytes"] / txt2img, 4),
+            "target": MODES_MEMORY_TARGET,
+            "target_met": max(ratios.values()) <= MODES_MEMORY_TARGET,
+        },
+        "components_shared": shared,
+    }
+
+
 # What the handler does around the pipeline call, and the pipeline call itself, as cProfile names them.
 _PROFILED = ("worker/", "pipeline_stable_diffusion_xl.py", "image_processor.py", "PIL/PngImagePlugin.py")
 
@@ -357,7 +498,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     save_summary(summary, args.json_out)
     print(
         json.dumps(
-            {"median_ms": summary["median_ms"], **summary["ratios"], "image": summary["image"]}, indent=2
+            {
+                "median_ms": summary["median_ms"],
+                **summary["ratios"],
+                "image": summary["image"],
+                "modes_memory": summary["modes_memory"]["ratios"],
+            },
+            indent=2,
         )
     )
     return summary

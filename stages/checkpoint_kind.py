@@ -1,8 +1,11 @@
-"""Say what a weights file is (SDXL, SD 1.5, Flux, a LoRA, ...) from its tensor names, before converting.
+"""Say what a weights file is (SDXL, SDXL inpainting, SD 1.5, Flux, a LoRA, ...) from its tensor names and
+shapes, before converting.
 
 A safetensors header (fuseline.core.safetensors_io) names every tensor with its dtype and shape, so the kind
 of model is known without reading a single weight. The signatures below are data: the first one whose
-patterns all match names the file. Only `sdxl` converts.
+patterns all match names the file. An SDXL file is then told apart by its UNet's input channels (the shape
+of its first convolution): 4 for an ordinary checkpoint, 9 for an inpainting one. Only `sdxl` and
+`sdxl-inpaint` convert.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fuseline.core.safetensors_io import FLOAT_DTYPES, TensorEntry, read_header
+from fuseline.core.serving import INPAINT_UNET_IN_CHANNELS, UNET_IN_CHANNELS
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class Signature:
 
 
 _UNET = r"^model\.diffusion_model\."
+# The UNet's first convolution in the SGM layout: its weight's second dimension is the input channel count.
+UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 _NOT_SDXL = (
     "fuseline builds SDXL templates only; use an SDXL base-architecture checkpoint (e.g. Pony, Illustrious)"
 )
@@ -139,10 +145,21 @@ class CheckpointKind:
 
     @property
     def is_sdxl(self) -> bool:
-        return self.kind == "sdxl"
+        """An SDXL checkpoint fuseline converts: an ordinary one or an inpainting one."""
+        return self.kind in ("sdxl", "sdxl-inpaint")
+
+    @property
+    def manifest_kind(self) -> str | None:
+        """What fuseline.json records as `checkpoint.kind` (None: an ordinary checkpoint)."""
+        return "inpaint" if self.kind == "sdxl-inpaint" else None
 
 
 UNKNOWN = CheckpointKind("unknown", "not a model fuseline recognises", "use an SDXL single-file checkpoint")
+SDXL_INPAINT = CheckpointKind(
+    "sdxl-inpaint",
+    f"an SDXL inpainting checkpoint ({INPAINT_UNET_IN_CHANNELS}-channel UNet)",
+    "",
+)
 
 
 def classify_keys(keys: list[str] | Mapping[str, object]) -> CheckpointKind:
@@ -154,9 +171,34 @@ def classify_keys(keys: list[str] | Mapping[str, object]) -> CheckpointKind:
     return UNKNOWN
 
 
+def unet_in_channels(tensors: Mapping[str, TensorEntry]) -> int | None:
+    """The input channels of an SGM-layout UNet (None: no UNet, or an unexpected first layer)."""
+    entry = tensors.get(UNET_CONV_IN)
+    return entry.shape[1] if entry is not None and len(entry.shape) == 4 else None
+
+
+def classify_tensors(tensors: Mapping[str, TensorEntry]) -> CheckpointKind:
+    """classify_keys, then for an SDXL file its UNet's input channels: 4 an ordinary checkpoint, 9 an
+    inpainting one; any other count (InstructPix2Pix's 8, ...) is a kind fuseline does not serve."""
+    kind = classify_keys(list(tensors))
+    if kind.kind != "sdxl":
+        return kind
+    channels = unet_in_channels(tensors)
+    if channels is None or channels == UNET_IN_CHANNELS:
+        return kind
+    if channels == INPAINT_UNET_IN_CHANNELS:
+        return SDXL_INPAINT
+    return CheckpointKind(
+        "sdxl-other-unet",
+        f"an SDXL model whose UNet takes {channels} input channels (InstructPix2Pix-style models take 8)",
+        f"fuseline serves SDXL checkpoints with a {UNET_IN_CHANNELS}-channel (text-to-image) or "
+        f"{INPAINT_UNET_IN_CHANNELS}-channel (inpainting) UNet",
+    )
+
+
 def classify_file(path: str | Path) -> CheckpointKind:
     """The kind of a safetensors file, from its header only (SafetensorsError for a file that is not one)."""
-    return classify_keys(read_header(path).tensors)
+    return classify_tensors(read_header(path).tensors)
 
 
 def dominant_dtype(tensors: Mapping[str, TensorEntry]) -> str | None:

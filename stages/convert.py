@@ -2,7 +2,10 @@
 
 Single-file (SGM/A1111 layout) checkpoints go through diffusers' `from_single_file` with a local `config=`
 folder (without it diffusers reaches for the hub); diffusers folders are re-saved into the same normal
-layout (safetensors, no variant). Weights keep the source dtype: upcasting fp16 to fp32 doubles the bytes
+layout (safetensors, no variant). Inpainting checkpoints (a 9-channel UNet, told from the header's shapes)
+convert too, as an SDXL inpainting pipeline folder: with the SDXL base configs, the UNet's `in_channels` is
+set to 9 in a temporary copy (the configs are otherwise the same); the merge records the kind in
+fuseline.json. Weights keep the source dtype: upcasting fp16 to fp32 doubles the bytes
 DVC hashes and stores and adds no precision. What the file is gets decided from its header first, so an
 SD 1.5 model or a LoRA is refused with a message saying so instead of failing deep inside diffusers.
 """
@@ -11,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +30,8 @@ from fuseline.core.safetensors_io import (
     TensorEntry,
     read_header,
 )
-from stages.checkpoint_kind import CheckpointKind, classify_keys, declares_v_prediction, dominant_dtype
+from fuseline.core.serving import CHECKPOINT_KIND_BY_IN_CHANNELS, INPAINT_UNET_IN_CHANNELS
+from stages.checkpoint_kind import CheckpointKind, classify_tensors, declares_v_prediction, dominant_dtype
 from stages.errors import StageError
 from stages.local_files import check_pickle_allowed, check_sha256, materialize, project_archive
 from stages.receipts import read_receipt
@@ -38,13 +44,16 @@ log = logging.getLogger("fuseline.stages.convert")
 # SDXL base 1.0's diffusers configs and tokenizers, kept in the repo so conversion never goes online.
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "fuseline" / "configs" / "sdxl-base"
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
-# What a diffusers folder is, from model_index.json's _class_name (anything else: "not SDXL").
+SDXL_INPAINT_PIPELINE = "StableDiffusionXLInpaintPipeline"
+# The pipeline class a converted folder is written as, by the kind of its checkpoint (None: ordinary).
+PIPELINE_BY_KIND = {None: SDXL_PIPELINE, "inpaint": SDXL_INPAINT_PIPELINE}
+# What a diffusers folder is, from model_index.json's _class_name (anything else but the two above: "not
+# SDXL").
 PIPELINE_NAMES = {
     "StableDiffusionPipeline": "a Stable Diffusion 1.x/2.x diffusers folder",
     "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner diffusers folder",
     "StableDiffusion3Pipeline": "a Stable Diffusion 3 diffusers folder",
     "FluxPipeline": "a Flux diffusers folder",
-    "StableDiffusionXLInpaintPipeline": "an SDXL inpainting diffusers folder",
 }
 DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float32"}
 
@@ -114,7 +123,7 @@ def inspect_single_file(path: Path) -> tuple[CheckpointKind, str, bool]:
         log.warning(
             "%s mixes %s tensors; converting all of them to %s", path, "/".join(float_dtypes), DTYPES[dtype]
         )
-    return classify_keys(list(tensors)), dtype, declares_v_prediction(tensors)
+    return classify_tensors(tensors), dtype, declares_v_prediction(tensors)
 
 
 def _pickle_tensor_infos(path: Path) -> dict[str, TensorEntry]:
@@ -169,33 +178,77 @@ def _folder_dtype_and_variant(folder: Path) -> tuple[str, str | None]:
     return dtype, variant
 
 
-def _load_diffusers_folder(folder: Path, allow_pickle: bool):
-    from diffusers import StableDiffusionXLPipeline
+def _pipeline_class(kind: str | None):
+    import diffusers
 
+    return getattr(diffusers, PIPELINE_BY_KIND[kind])
+
+
+def _folder_kind(folder: Path) -> str | None:
+    """The checkpoint kind of a diffusers folder, from its UNet's input channels."""
+    config_path = folder / "unet" / "config.json"
+    try:
+        channels = json.loads(config_path.read_text()).get("in_channels", 4)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise StageError("CHECKPOINT_FORMAT", f"{config_path}: unreadable UNet config ({exc})") from None
+    if channels not in CHECKPOINT_KIND_BY_IN_CHANNELS:
+        raise StageError(
+            "NOT_SDXL",
+            f"{folder}: its UNet takes {channels} input channels; fuseline serves SDXL checkpoints with a "
+            f"4-channel (text-to-image) or {INPAINT_UNET_IN_CHANNELS}-channel (inpainting) UNet",
+        )
+    return CHECKPOINT_KIND_BY_IN_CHANNELS[channels]
+
+
+def _load_diffusers_folder(folder: Path, allow_pickle: bool):
     index = json.loads((folder / "model_index.json").read_text())
     class_name = index.get("_class_name")
-    if class_name != SDXL_PIPELINE:
+    if class_name not in PIPELINE_BY_KIND.values():
         what = PIPELINE_NAMES.get(class_name, f"a {class_name} folder")
-        raise StageError("NOT_SDXL", f"{folder} is {what}, not an SDXL base pipeline ({SDXL_PIPELINE})")
+        raise StageError(
+            "NOT_SDXL",
+            f"{folder} is {what}, not an SDXL base pipeline ({SDXL_PIPELINE}, or {SDXL_INPAINT_PIPELINE} for "
+            "an inpainting checkpoint)",
+        )
+    # The UNet decides, not the class name: an inpainting pipeline folder may hold an ordinary UNet.
+    kind = _folder_kind(folder)
     dtype, variant = _folder_dtype_and_variant(folder)
-    return StableDiffusionXLPipeline.from_pretrained(
+    pipe = _pipeline_class(kind).from_pretrained(
         folder,
         dtype=torch_dtype_for(dtype),
         variant=variant,
         use_safetensors=None if allow_pickle else True,
         local_files_only=True,
-    ), dtype
-
-
-def _load_single_file(path: Path, config_dir: Path, dtype: str):
-    from diffusers import StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline.from_single_file(
-        str(path),
-        config=str(config_dir),
-        local_files_only=True,
-        dtype=torch_dtype_for(dtype),
     )
+    return pipe, dtype, kind
+
+
+def _inpaint_config_dir(config_dir: Path, scratch: Path) -> Path:
+    """`config_dir` as an inpainting pipeline's: itself when its UNet already takes 9 channels, else a
+    copy in `scratch` with `in_channels` 9 and the inpainting pipeline class (nothing else differs: SDXL
+    inpainting 0.1 is SDXL base with a wider first convolution)."""
+    unet_config = json.loads((config_dir / "unet" / "config.json").read_text())
+    if unet_config.get("in_channels") == INPAINT_UNET_IN_CHANNELS:
+        return config_dir
+    copy = scratch / "inpaint-config"
+    shutil.copytree(config_dir, copy)
+    unet_config["in_channels"] = INPAINT_UNET_IN_CHANNELS
+    (copy / "unet" / "config.json").write_text(json.dumps(unet_config, indent=2, sort_keys=True) + "\n")
+    index = json.loads((copy / "model_index.json").read_text())
+    index["_class_name"] = SDXL_INPAINT_PIPELINE
+    (copy / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return copy
+
+
+def _load_single_file(path: Path, config_dir: Path, dtype: str, kind: str | None):
+    with tempfile.TemporaryDirectory(prefix="fuseline-convert-") as scratch:
+        config = _inpaint_config_dir(config_dir, Path(scratch)) if kind == "inpaint" else config_dir
+        return _pipeline_class(kind).from_single_file(
+            str(path),
+            config=str(config),
+            local_files_only=True,
+            dtype=torch_dtype_for(dtype),
+        )
 
 
 def _check_loaded(pipe: Any, source: Path, config_dir: Path) -> None:
@@ -256,14 +309,15 @@ def convert_checkpoint(
                 ".safetensors checkpoint or at a diffusers SDXL folder",
             )
         check_sha256(source, sha256, where)
-        pipe, dtype = _load_diffusers_folder(source, allow_pickle)
+        pipe, dtype, kind = _load_diffusers_folder(source, allow_pickle)
         layout = "diffusers"
     else:
         check_sha256(source, sha256, where)
-        kind, dtype, v_pred_marker = inspect_single_file(source)
-        _refuse_if_not_sdxl(source, kind)
+        file_kind, dtype, v_pred_marker = inspect_single_file(source)
+        _refuse_if_not_sdxl(source, file_kind)
         _check_prediction(source, v_pred_marker, prediction, where)
-        pipe = _load_single_file(source, config_dir, dtype)
+        kind = file_kind.manifest_kind
+        pipe = _load_single_file(source, config_dir, dtype, kind)
         layout = "single-file"
     _check_loaded(pipe, source, config_dir)
     _set_prediction(pipe, prediction)
@@ -272,6 +326,7 @@ def convert_checkpoint(
     strip_local_paths(out)
     summary = {
         "layout": layout,
+        "kind": kind or "sdxl",
         "dtype": DTYPES[dtype],
         "prediction": prediction,
         "load_s": round(loaded - started, 2),

@@ -27,6 +27,7 @@ from fuseline.core import block_weights
 from fuseline.core.catalog.model import Defaults
 from fuseline.core.files import atomic_dir
 from fuseline.core.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
+from fuseline.core.serving import CHECKPOINT_KIND_BY_IN_CHANNELS, INPAINT_UNET_IN_CHANNELS, UNET_IN_CHANNELS
 from stages.errors import StageError
 from stages.export import Destination, copy_plain_files, export_component, fuse_threads, intra_op_threads
 from stages.fuse import LoraFactors, WeightUpdate, fuse_weight, stacked_lora
@@ -214,6 +215,7 @@ def merge_template(
     base_dir, vae_dir, out_dir = Path(base_dir), Path(vae_dir), Path(out_dir)
     _check_base(base_dir, vae_dir)
     shapes, unet_config = read_base_layout(base_dir)
+    checkpoint_kind = _checkpoint_kind(base_dir, unet_config)
     fused: dict[str, int] = dict.fromkeys(COMPONENTS, 0)
     # One intra-op setting for the whole merge: the exports below run partly at once, and each sets and
     # restores torch's thread count, which is global.
@@ -260,7 +262,7 @@ def merge_template(
                     result.files,
                 )
             untouched.result()
-            manifest = _manifest(identity, loaded, loras, prediction_type)
+            manifest = _manifest(identity, loaded, loras, prediction_type, checkpoint_kind)
             # Every placed update names a base tensor, so each must have been fused exactly once; checked
             # before the folder is renamed into place, so a wrong model never appears.
             if sum(fused.values()) != len(updates):
@@ -301,10 +303,11 @@ def _manifest(
     loaded: Sequence[LoadedLora],
     loras: Sequence[LoraInput],
     prediction_type: PredictionType,
+    checkpoint_kind: str | None,
 ) -> ModelManifest:
     return ModelManifest(
         template=identity.template,
-        checkpoint=identity.checkpoint,
+        checkpoint=identity.checkpoint.model_copy(update={"kind": checkpoint_kind}),
         loras=[
             LoraRef(
                 source=spec.name,
@@ -321,6 +324,20 @@ def _manifest(
         defaults=identity.defaults,
         fuseline_version=__version__,
     )
+
+
+def _checkpoint_kind(base_dir: Path, unet_config: Any) -> str | None:
+    """What fuseline.json records as `checkpoint.kind`: "inpaint" for a 9-channel UNet (the convert stage
+    wrote an inpainting pipeline), None for an ordinary one."""
+    channels = unet_config.get("in_channels", UNET_IN_CHANNELS)
+    if channels not in CHECKPOINT_KIND_BY_IN_CHANNELS:
+        raise StageError(
+            "BASE_INVALID",
+            f"{base_dir / 'unet' / 'config.json'}: in_channels {channels!r}; a converted SDXL checkpoint has "
+            f"{UNET_IN_CHANNELS} (text-to-image) or {INPAINT_UNET_IN_CHANNELS} (inpainting); re-run the "
+            "convert stage",
+        )
+    return CHECKPOINT_KIND_BY_IN_CHANNELS[channels]
 
 
 def _module_strengths(spec: LoraInput, unet_config: Any) -> Callable[[str, str], float]:

@@ -3,7 +3,9 @@
 Writes preview.png (a DVC plot) and metrics.json (DVC metrics: load and step time, pixel statistics) into
 `--out`, so `dvc metrics show` and `dvc plots show` compare templates and builds. The checks catch what a
 merge gets wrong without an error: NaN/Inf weights (NaN pixels), a collapsed model (a black or constant
-image) and a manifest that does not match the catalog or the exported scheduler.
+image) and a manifest that does not match the catalog, the exported scheduler or the UNet. An inpainting
+checkpoint's template (a 9-channel UNet, `checkpoint.kind: "inpaint"` in fuseline.json) is verified as the
+worker serves it: an inpaint generation of a grey picture's centre.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from fuseline.core.files import atomic_dir
 from fuseline.core.manifest import ManifestError, ModelManifest
+from fuseline.core.serving import CHECKPOINT_KIND_BY_IN_CHANNELS, UNET_IN_CHANNELS
 from stages.errors import StageError
 from stages.runtime import load_params, load_project_catalog, record_metrics, run_stage
 
@@ -74,15 +77,34 @@ def device_and_dtype():
 
 
 def load_model(model_dir: Path):
-    """The exported folder loaded as the worker loads it: variant fp16, local files only."""
-    from diffusers import StableDiffusionXLPipeline
+    """The exported folder loaded as the worker loads it: variant fp16, local files only; an inpainting
+    pipeline for a 9-channel UNet."""
+    from diffusers import StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
 
     device, dtype = device_and_dtype()
-    pipe = StableDiffusionXLPipeline.from_pretrained(
+    pipeline_class = StableDiffusionXLInpaintPipeline if _unet_kind(model_dir) else StableDiffusionXLPipeline
+    pipe = pipeline_class.from_pretrained(
         model_dir, variant="fp16", dtype=dtype, use_safetensors=True, local_files_only=True
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _unet_kind(model_dir: Path) -> str | None:
+    """The checkpoint kind the exported UNet's input channels say ("inpaint" for 9, None for 4)."""
+    config_path = model_dir / "unet" / "config.json"
+    try:
+        channels = json.loads(config_path.read_text()).get("in_channels", UNET_IN_CHANNELS)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise StageError(
+            "MODEL_MISSING", f"{config_path}: unreadable UNet config ({exc}); re-run the merge"
+        ) from None
+    if channels not in CHECKPOINT_KIND_BY_IN_CHANNELS:
+        raise StageError(
+            "MODEL_MISSING",
+            f"{config_path}: in_channels {channels!r} is not an SDXL UNet's; re-run the merge",
+        )
+    return CHECKPOINT_KIND_BY_IN_CHANNELS[channels]
 
 
 def image_metrics(image) -> dict[str, float]:
@@ -150,6 +172,13 @@ def check_manifest(
             f"{model_dir}: built from spec {manifest.spec_hash[:12]}, the catalog now gives "
             f"{expected_spec_hash[:12]}; re-run the merge (dvc repro merge@{template_id})",
         )
+    unet_kind = _unet_kind(model_dir)
+    if unet_kind != manifest.checkpoint.kind:
+        raise StageError(
+            "MANIFEST_MISMATCH",
+            f"{model_dir}: the manifest's checkpoint.kind is {manifest.checkpoint.kind!r} but the UNet says "
+            f"{unet_kind!r} (in_channels); re-run the merge",
+        )
     scheduler_prediction = pipe.scheduler.config.get("prediction_type")
     if scheduler_prediction != manifest.prediction_type:
         raise StageError(
@@ -161,11 +190,28 @@ def check_manifest(
     return manifest
 
 
+def inpaint_inputs(width: int, height: int) -> dict[str, Any]:
+    """What an inpainting checkpoint is verified with: a mid-grey picture whose centre half (a white
+    rectangle in the mask) is repainted from scratch (strength 1)."""
+    from PIL import Image
+
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, (width // 4, height // 4, width - width // 4, height - height // 4))
+    return {"image": Image.new("RGB", (width, height), (128, 128, 128)), "mask_image": mask, "strength": 1.0}
+
+
 def generate(pipe: Any, settings: VerifySettings, guidance_scale: float, negative_prompt: str):
-    """One image as an H x W x 3 float array on 0..1, and the seconds it took."""
+    """One image as an H x W x 3 float array on 0..1, and the seconds it took (an inpaint generation for an
+    inpainting pipeline: inpaint_inputs)."""
     import torch
+    from diffusers import StableDiffusionXLInpaintPipeline
 
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+    mode_inputs = (
+        inpaint_inputs(settings.width, settings.height)
+        if isinstance(pipe, StableDiffusionXLInpaintPipeline)
+        else {}
+    )
     started = time.perf_counter()
     with torch.inference_mode():
         result = pipe(
@@ -177,6 +223,7 @@ def generate(pipe: Any, settings: VerifySettings, guidance_scale: float, negativ
             height=settings.height,
             generator=generator,
             output_type="np",
+            **mode_inputs,
         )
     return result.images[0], time.perf_counter() - started
 

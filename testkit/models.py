@@ -5,6 +5,9 @@
   config/           the same layout without weights (usable as `from_single_file(config=...)`)
   sdxl-tiny.safetensors   the same weights in the original SGM/LDM single-file key layout
   vae/              a second tiny AutoencoderKL (other seed): stand-in for the fp16-fix VAE
+  block-vae/        an AutoencoderKL set by hand to reproduce 8x8-block pictures (testkit.block_vae)
+  inpaint/          a tiny SDXL inpainting pipeline: the same text encoders and VAE, a 9-channel UNet
+  sdxl-tiny-inpaint.safetensors   that inpainting model as an SGM/LDM single file
   loras/<name>.safetensors   LoRA files in the formats fuseline must handle (see testkit.loras)
 and writes its marker file last, so an interrupted build is never taken for a complete one.
 """
@@ -23,11 +26,11 @@ from fuseline.core.files import local_lock
 # Bump when what the kit writes changes for a reason its sources do not show (the marker also records a
 # hash of the kit's source files and library versions, so editing them rebuilds cached kits by itself).
 KIT_VERSION = "1"
-KIT_SOURCES = ("models.py", "tokenizers.py", "sgm.py", "loras.py")
+KIT_SOURCES = ("models.py", "tokenizers.py", "sgm.py", "loras.py", "block_vae.py")
 MARKER_NAME = ".fuseline-kit-complete"
 
 # Every component gets its own seed so that changing one never reshuffles the others.
-SEEDS = {"unet": 1, "vae": 2, "text_encoder": 3, "text_encoder_2": 4, "fp16_fix_vae": 5}
+SEEDS = {"unet": 1, "vae": 2, "text_encoder": 3, "text_encoder_2": 4, "fp16_fix_vae": 5, "inpaint_unet": 6}
 
 # Text encoder widths differ on purpose: with equal widths diffusers' single-file loader puts encoder 1's
 # weights into encoder 2 without an error. Encoder 2 needs >= 10 layers: diffusers detects SDXL by
@@ -76,6 +79,9 @@ UNET_CONFIG: dict[str, Any] = {
     "norm_num_groups": 32,
 }
 
+# An inpainting checkpoint's UNet (SDXL inpainting 0.1's layout): 4 latent + 1 mask + 4 masked-image channels.
+INPAINT_UNET_CONFIG: dict[str, Any] = {**UNET_CONFIG, "in_channels": 9}
+
 VAE_CONFIG: dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,
@@ -113,6 +119,9 @@ class Kit:
     single_file: Path
     vae_dir: Path
     loras: dict[str, Path]
+    block_vae_dir: Path
+    inpaint_dir: Path
+    inpaint_single_file: Path
 
 
 def kit_paths(root: Path) -> Kit:
@@ -126,6 +135,9 @@ def kit_paths(root: Path) -> Kit:
         single_file=root / "sdxl-tiny.safetensors",
         vae_dir=root / "vae",
         loras={name: root / "loras" / f"{name}.safetensors" for name in LORA_NAMES},
+        block_vae_dir=root / "block-vae",
+        inpaint_dir=root / "inpaint",
+        inpaint_single_file=root / "sdxl-tiny-inpaint.safetensors",
     )
 
 
@@ -178,6 +190,26 @@ def build_pipeline():
     )
 
 
+def build_inpaint_pipeline(pipe=None):
+    """The tiny SDXL inpainting pipeline: `pipe`'s (default: build_pipeline()'s) text encoders, tokenizers,
+    VAE and scheduler with a 9-channel UNet of its own seed."""
+    import torch
+    from diffusers import StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+
+    pipe = pipe if pipe is not None else build_pipeline()
+    torch.manual_seed(SEEDS["inpaint_unet"])
+    unet = UNet2DConditionModel(**INPAINT_UNET_CONFIG).eval()
+    return StableDiffusionXLInpaintPipeline(
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        text_encoder_2=pipe.text_encoder_2,
+        tokenizer=pipe.tokenizer,
+        tokenizer_2=pipe.tokenizer_2,
+        unet=unet,
+        scheduler=pipe.scheduler,
+    )
+
+
 def write_config_dir(diffusers_dir: Path, config_dir: Path) -> None:
     """Copy every config and tokenizer file of a pipeline folder, leaving the weights behind."""
     for path in sorted(diffusers_dir.rglob("*")):
@@ -222,19 +254,32 @@ def build_kit(root: Path) -> Kit:
 
 
 def _build(kit: Kit) -> None:
+    from testkit.block_vae import build_block_vae
     from testkit.loras import write_loras
     from testkit.sgm import write_single_file
 
     (kit.root / MARKER_NAME).unlink(missing_ok=True)
-    for stale in (kit.diffusers_dir, kit.config_dir, kit.vae_dir, kit.root / "loras"):
+    for stale in (
+        kit.diffusers_dir,
+        kit.config_dir,
+        kit.vae_dir,
+        kit.block_vae_dir,
+        kit.inpaint_dir,
+        kit.root / "loras",
+    ):
         shutil.rmtree(stale, ignore_errors=True)
     kit.single_file.unlink(missing_ok=True)
+    kit.inpaint_single_file.unlink(missing_ok=True)
 
     pipe = build_pipeline()
     pipe.save_pretrained(kit.diffusers_dir, safe_serialization=True)
     write_config_dir(kit.diffusers_dir, kit.config_dir)
     build_vae(SEEDS["fp16_fix_vae"]).save_pretrained(kit.vae_dir, safe_serialization=True)
     write_single_file(pipe, kit.single_file)
+    build_block_vae().save_pretrained(kit.block_vae_dir, safe_serialization=True)
+    inpaint = build_inpaint_pipeline(pipe)
+    inpaint.save_pretrained(kit.inpaint_dir, safe_serialization=True)
+    write_single_file(inpaint, kit.inpaint_single_file)
     write_loras(pipe, kit.loras)
     (kit.root / MARKER_NAME).write_text(
         json.dumps({"version": KIT_VERSION, "fingerprint": kit_fingerprint()})

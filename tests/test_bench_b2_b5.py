@@ -104,6 +104,20 @@ def test_b5_serving_quick(kit, tmp_path):
     assert {key: os.environ.get(key) for key in before} == before
     assert worker.handler._worker is worker_before
 
+    # Issue 17: an img2img or inpaint job peaks within 10% of a txt2img job (the components are shared),
+    # while an img2img pipeline loaded again (a second copy of the weights) shows up plainly.
+    memory = summary["modes_memory"]
+    assert memory["components_shared"] is True
+    jobs = memory["jobs"]
+    assert all(jobs[mode]["held_after_bytes"] == jobs[mode]["held_before_bytes"] for mode in jobs)
+    assert jobs["txt2img"]["held_before_bytes"] == jobs["inpaint"]["held_after_bytes"]  # nothing copied
+    assert memory["ratios"]["img2img_vs_txt2img"] <= b5_serving.MODES_MEMORY_TARGET
+    assert memory["ratios"]["inpaint_vs_txt2img"] <= b5_serving.MODES_MEMORY_TARGET
+    assert memory["ratios"]["target_met"] is True
+    reference = memory["reference_img2img_loaded_again"]
+    assert reference["peak_above_held_bytes"] > 0.9 * jobs["txt2img"]["held_before_bytes"]
+    assert memory["ratios"]["reference_vs_txt2img"] > 1.3
+
 
 def test_b5_compare_images_reports_pixel_differences():
     """Different PNGs are reported with how far apart their pixels are, not only as unequal."""

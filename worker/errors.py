@@ -14,8 +14,8 @@ ERROR_CODES: dict[str, str] = {
     "MODEL_INVALID": "The template's model folder is incomplete, its fuseline.json is missing or names "
     "another template or spec hash, or diffusers could not load it.",
     "IMAGE_INVALID": "An input image (image, mask) is not an acceptable PNG/JPEG/WebP (bad base64, another "
-    "format, corrupt, over the byte or pixel limit), or generation produced NaN/Inf values or a black frame, "
-    "also after the fp32 VAE retry.",
+    "format, corrupt, over the byte or pixel limit, inline pictures over RunPod's request body limit), or "
+    "generation produced NaN/Inf values or a black frame, also after the fp32 VAE retry.",
     "IMAGE_FETCH_FAILED": "An input image given by URL or s3:// could not be fetched: refused address or "
     "scheme, network error, timeout, HTTP or S3 error (the message carries the status).",
     "OUT_OF_MEMORY": "The GPU ran out of memory, also after freeing cached pipelines and retrying once.",
@@ -25,6 +25,10 @@ ERROR_CODES: dict[str, str] = {
     "FUSELINE_OUTPUT_BUCKET.",
     "UPLOAD_FAILED": "Uploading an image to the output bucket failed (endpoint unreachable, bucket missing, "
     "credentials refused); the images of that job are not kept.",
+    "MODE_UNSUPPORTED": "The template's checkpoint cannot serve the job's mode: an inpainting checkpoint "
+    "(9-channel UNet) serves inpaint jobs only.",
+    "OUTPUT_NOT_ALLOWED": "The job names an output place (output.s3) whose bucket is not on the worker's "
+    "FUSELINE_OUTPUT_BUCKETS allow-list; refused before generating.",
     "CUDA_ERROR": "The GPU raised an unrecoverable CUDA error (not out-of-memory); the job fails and the "
     "worker asks RunPod to replace it (refresh_worker).",
 }
@@ -75,6 +79,14 @@ class UploadFailed(WorkerError):
     code = "UPLOAD_FAILED"
 
 
+class ModeUnsupported(WorkerError):
+    code = "MODE_UNSUPPORTED"
+
+
+class OutputNotAllowed(WorkerError):
+    code = "OUTPUT_NOT_ALLOWED"
+
+
 class CudaError(WorkerError):
     """A CUDA error that leaves the process's CUDA context unusable: every later job on this worker would
     fail too, so the handler adds `refresh_worker: True` and RunPod replaces the worker after this job."""
@@ -94,5 +106,7 @@ ERROR_TYPES: tuple[type[FuselineError], ...] = (
     InternalError,
     UploadNotConfigured,
     UploadFailed,
+    ModeUnsupported,
+    OutputNotAllowed,
     CudaError,
 )

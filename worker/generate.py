@@ -1,23 +1,31 @@
-"""One generation: scheduler, weighted prompt embeddings, seeded denoising, checked decode with fp32 retry."""
+"""One generation: scheduler, weighted prompt embeddings, seeded denoising in the job's mode (txt2img,
+img2img, inpaint), the optional hires pass, checked decode with fp32 retry, inpainting's paste-back."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from worker.errors import ImageInvalid
+from worker.image_job import ImageJob
 from worker.images import decode_latents, invalid_reason, latents_are_finite, to_pil
 from worker.inputs import MAX_SEED, GenerationParameters
+from worker.masks import finish_inpaint
+from worker.mode_pipelines import mode_pipeline
+from worker.modes import effective_steps
 from worker.pipelines import LoadedTemplate
-from worker.prompts import encode_prompts
+from worker.prompts import PromptEmbeddings, encode_prompts
 from worker.schedulers import build_scheduler
 from worker.telemetry import note_retry
 
 # (step just finished, total steps)
 ProgressCallback = Callable[[int, int], None]
+# SDXL's VAE maps 8x8 pixels to one latent.
+VAE_SCALE = 8
 
 
 @dataclass
@@ -28,6 +36,12 @@ class GenerationResult:
     warnings: list[str] = field(default_factory=list)
     # VAE decode (and its fp32 retry) and conversion to images; not part of inference_ms.
     decode_ms: float = 0.0
+    # Denoising steps the first pass ran (img2img/inpaint: int(steps x strength)).
+    effective_steps: int = 0
+    # The hires pass: what it did (for the answer) and its time (upscale and refinement; not in
+    # inference_ms). None without one.
+    hires: dict[str, Any] | None = None
+    hires_ms: float | None = None
 
 
 def image_seeds(seed: int, count: int) -> list[int]:
@@ -35,11 +49,132 @@ def image_seeds(seed: int, count: int) -> list[int]:
     return [(seed + i) % (MAX_SEED + 1) for i in range(count)]
 
 
+def _mode_inputs(params: GenerationParameters, image_job: ImageJob | None) -> dict[str, Any]:
+    """The pipeline arguments of the job's mode: its size, and for the image modes the picture(s)."""
+    if params.mode == "txt2img":
+        return {"width": params.width, "height": params.height}
+    if image_job is None:
+        raise ValueError(f"a {params.mode} job needs its pictures (worker.image_job.load_image_job)")
+    if params.mode == "img2img":
+        # img2img's size is the picture's (already the generation size: worker.image_job).
+        return {"image": image_job.image.image, "strength": params.strength}
+    plan = image_job.plan
+    if plan is None:
+        raise ValueError("an inpaint job needs its plan (ImageJob.planned)")
+    width, height = plan.image.size
+    return {
+        "image": plan.image,
+        "mask_image": plan.mask,
+        "strength": params.strength,
+        "width": width,
+        "height": height,
+    }
+
+
+def _denoise(
+    pipe: Any,
+    params: GenerationParameters,
+    embeddings: PromptEmbeddings,
+    generators: list[torch.Generator],
+    steps: int,
+    on_step: Callable[[int, int], None] | None,
+    **mode_inputs: Any,
+) -> torch.Tensor:
+    """Run `pipe` to latents; `on_step(step, pipeline total)` after each step."""
+
+    def on_step_end(pipeline, step: int, _timestep, callback_kwargs):
+        if on_step is not None:
+            # Second-order schedulers (Heun, DPM++ singlestep) run more model calls than `steps`.
+            on_step(step + 1, pipeline.num_timesteps)
+        return callback_kwargs
+
+    return pipe(
+        prompt_embeds=embeddings.prompt_embeds,
+        negative_prompt_embeds=embeddings.negative_prompt_embeds,
+        pooled_prompt_embeds=embeddings.pooled_prompt_embeds,
+        negative_pooled_prompt_embeds=embeddings.negative_pooled_prompt_embeds,
+        num_images_per_prompt=params.num_images,
+        num_inference_steps=steps,
+        guidance_scale=params.guidance_scale,
+        generator=generators,
+        output_type="latent",
+        callback_on_step_end=on_step_end,
+        **mode_inputs,
+    ).images
+
+
+def _check_latents(latents: torch.Tensor, params: GenerationParameters) -> None:
+    if not latents_are_finite(latents):
+        # The UNet itself produced NaN/Inf: decoding again in fp32 cannot repair the latents.
+        raise ImageInvalid(
+            f"the denoiser produced NaN/Inf latents for template {params.template!r} (seed {params.seed}); "
+            "the model folder's UNet may be broken in fp16: check its verify metrics"
+        )
+
+
+def _decode_checked(vae: Any, latents: torch.Tensor, params: GenerationParameters, warnings: list[str]):
+    """Pixels in [-1, 1]; one fp32 retry of the decode after NaN/Inf or a black frame."""
+    pixels = decode_latents(vae, latents, force_fp32=False)
+    reason = invalid_reason(pixels)
+    if reason is not None:
+        note_retry("image_check")
+        pixels = decode_latents(vae, latents, force_fp32=True)
+        retry_reason = invalid_reason(pixels)
+        if retry_reason is not None:
+            raise ImageInvalid(
+                f"{retry_reason} for template {params.template!r} (seed {params.seed}), also after retrying "
+                "the VAE decode in fp32; try another seed or prompt, or check the model folder's VAE"
+            )
+        warnings.append(f"{reason} in the {vae.dtype} VAE decode; decoded again in float32")
+    return pixels
+
+
+def _hires_pass(
+    loaded: LoadedTemplate,
+    params: GenerationParameters,
+    latents: torch.Tensor,
+    embeddings: PromptEmbeddings,
+    generators: list[torch.Generator],
+    on_step: Callable[[int, int], None] | None,
+    warnings: list[str],
+) -> tuple[torch.Tensor, int]:
+    """Upscale the first pass to the hires size and refine it with img2img; (latents, steps it ran).
+
+    `latent`: the latents scaled bilinearly (A1111's "Latent" upscaler), refined without a VAE round trip;
+    `lanczos`: the first pass decoded (checked), each image scaled with Lanczos, encoded again by img2img."""
+    hires = params.hires
+    assert hires is not None
+    pipe = mode_pipeline(loaded, "img2img")
+    pipe.scheduler = build_scheduler(params.scheduler, loaded.scheduler_config)
+    if hires.upscaler == "latent":
+        image: Any = torch.nn.functional.interpolate(
+            latents,
+            size=(hires.height // VAE_SCALE, hires.width // VAE_SCALE),
+            mode="bilinear",
+            align_corners=False,
+        )
+    else:
+        from PIL import Image
+
+        first = to_pil(_decode_checked(pipe.vae, latents, params, warnings))
+        image = [picture.resize((hires.width, hires.height), Image.Resampling.LANCZOS) for picture in first]
+    refined = _denoise(
+        pipe, params, embeddings, generators, hires.steps, on_step, image=image, strength=hires.strength
+    )
+    return refined, effective_steps(hires.steps, hires.strength)
+
+
 @torch.no_grad()
 def generate(
-    loaded: LoadedTemplate, params: GenerationParameters, progress: ProgressCallback | None = None
+    loaded: LoadedTemplate,
+    params: GenerationParameters,
+    progress: ProgressCallback | None = None,
+    image_job: ImageJob | None = None,
 ) -> GenerationResult:
-    pipe = loaded.pipe
+    """Generate `params.num_images` images in the job's mode. `image_job`: the pictures of an img2img or
+    inpaint job (worker.image_job; planned for inpaint)."""
+    pipe = mode_pipeline(loaded, params.mode)
+    mode_inputs = _mode_inputs(params, image_job)
     started = time.perf_counter()
     pipe.scheduler = build_scheduler(params.scheduler, loaded.scheduler_config)
     embeddings = encode_prompts(pipe, params.prompt, params.negative_prompt)
@@ -48,47 +183,57 @@ def generate(
     # One CPU generator per image: the same noise on every device, and image i starts from the same noise
     # as a single-image request with seed + i (equal up to batched-arithmetic rounding).
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    steps = effective_steps(params.steps, params.strength) if params.strength is not None else params.steps
 
-    def on_step_end(pipeline, step: int, _timestep, callback_kwargs):
+    # Progress over both passes: the hires pass's steps are counted once the first pass has run.
+    hires_estimate = (
+        effective_steps(params.hires.steps, params.hires.strength) if params.hires is not None else 0
+    )
+    done_before = [0]
+
+    def first_pass_step(step: int, total: int) -> None:
         if progress is not None:
-            # Second-order schedulers (Heun, DPM++ singlestep) run more model calls than `steps`.
-            progress(step + 1, pipeline.num_timesteps)
-        return callback_kwargs
+            progress(step, total + hires_estimate)
+        done_before[0] = total
 
-    latents = pipe(
-        prompt_embeds=embeddings.prompt_embeds,
-        negative_prompt_embeds=embeddings.negative_prompt_embeds,
-        pooled_prompt_embeds=embeddings.pooled_prompt_embeds,
-        negative_pooled_prompt_embeds=embeddings.negative_pooled_prompt_embeds,
-        num_images_per_prompt=params.num_images,
-        width=params.width,
-        height=params.height,
-        num_inference_steps=params.steps,
-        guidance_scale=params.guidance_scale,
-        generator=generators,
-        output_type="latent",
-        callback_on_step_end=on_step_end,
-    ).images
+    def hires_step(step: int, total: int) -> None:
+        if progress is not None:
+            progress(done_before[0] + step, done_before[0] + total)
 
-    if not latents_are_finite(latents):
-        # The UNet itself produced NaN/Inf: decoding again in fp32 cannot repair the latents.
-        raise ImageInvalid(
-            f"the denoiser produced NaN/Inf latents for template {params.template!r} (seed {params.seed}); "
-            "the model folder's UNet may be broken in fp16: check its verify metrics"
+    latents = _denoise(pipe, params, embeddings, generators, params.steps, first_pass_step, **mode_inputs)
+    _check_latents(latents, params)
+    inference_ms = (time.perf_counter() - started) * 1000
+
+    hires_report, hires_ms, vae = None, None, pipe.vae
+    if params.hires is not None:
+        hires_started = time.perf_counter()
+        first_size = [latents.shape[-1] * VAE_SCALE, latents.shape[-2] * VAE_SCALE]
+        latents, hires_steps = _hires_pass(
+            loaded, params, latents, embeddings, generators, hires_step, warnings
         )
+        _check_latents(latents, params)
+        hires_ms = (time.perf_counter() - hires_started) * 1000
+        hires_report = {
+            **params.hires.model_dump(exclude={"width", "height"}),
+            "effective_steps": hires_steps,
+            "from_size": first_size,
+            "size": [params.hires.width, params.hires.height],
+        }
+
     decode_started = time.perf_counter()
-    pixels = decode_latents(pipe.vae, latents, force_fp32=False)
-    reason = invalid_reason(pixels)
-    if reason is not None:
-        note_retry("image_check")
-        pixels = decode_latents(pipe.vae, latents, force_fp32=True)
-        retry_reason = invalid_reason(pixels)
-        if retry_reason is not None:
-            raise ImageInvalid(
-                f"{retry_reason} for template {params.template!r} (seed {params.seed}), also after retrying "
-                "the VAE decode in fp32; try another seed or prompt, or check the model folder's VAE"
-            )
-        warnings.append(f"{reason} in the {pipe.vae.dtype} VAE decode; decoded again in float32")
-    images = to_pil(pixels)
+    images = to_pil(_decode_checked(vae, latents, params, warnings))
+    if params.mode == "inpaint":
+        assert image_job is not None and image_job.plan is not None
+        # Outside the feathered mask every pixel is the input's, bit for bit (worker/masks.py).
+        images = [finish_inpaint(image_job.plan, image) for image in images]
     decode_ms = (time.perf_counter() - decode_started) * 1000
-    return GenerationResult(images, seeds, (decode_started - started) * 1000, warnings, decode_ms)
+    return GenerationResult(
+        images,
+        seeds,
+        inference_ms,
+        warnings,
+        decode_ms,
+        effective_steps=steps,
+        hires=hires_report,
+        hires_ms=hires_ms,
+    )

@@ -9,7 +9,15 @@ from __future__ import annotations
 import secrets
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fuseline.core.catalog.model import ID_PATTERN, Defaults
 from fuseline.core.serving import (
@@ -21,6 +29,20 @@ from fuseline.core.serving import (
     size_problem,
 )
 from worker.errors import InvalidInput, ModelInvalid, UploadNotConfigured
+from worker.modes import (
+    DEFAULT_FULL_RES_PADDING,
+    DEFAULT_MASK_BLUR,
+    DEFAULT_STRENGTH,
+    HiresOptions,
+    HiresParameters,
+    Mode,
+    OutputPlace,
+    check_output_place,
+    job_mode,
+    mode_problems,
+    resolve_hires,
+    steps_problem,
+)
 from worker.settings import WorkerSettings
 
 MAX_PROMPT_CHARS = 4000
@@ -39,7 +61,18 @@ class OutputOptions(BaseModel):
     format: Literal["png", "jpeg", "webp"] = "png"
     # JPEG/WebP quality; PNG is lossless and ignores it.
     quality: int = Field(default=DEFAULT_QUALITY, ge=1, le=100)
+    # "s3" by default when `s3` is given.
     return_: Literal["base64", "s3"] = Field(default="base64", alias="return")
+    # The caller's own output place (a bucket on FUSELINE_OUTPUT_BUCKETS); absent from the answer when unset.
+    s3: OutputPlace | None = Field(default=None, exclude_if=lambda value: value is None)
+
+    @model_validator(mode="after")
+    def _place_means_s3(self) -> OutputOptions:
+        if self.s3 is not None:
+            if "return_" in self.model_fields_set and self.return_ != "s3":
+                raise ValueError("return 'base64' contradicts s3 (the images go to that bucket); drop one")
+            self.return_ = "s3"
+        return self
 
 
 class GenerationInput(BaseModel):
@@ -58,6 +91,18 @@ class GenerationInput(BaseModel):
     num_images: int | None = Field(default=None, ge=1, le=MAX_NUM_IMAGES)
     scheduler: str | None = None
     output: OutputOptions | None = None
+    # Image modes (worker/modes.py): base64, a data: URL, an https:// URL or s3://bucket/key each.
+    image: str | None = None
+    mask: str | None = None
+    strength: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    mask_blur: float | None = Field(default=None, ge=0, le=64, allow_inf_nan=False)
+    inpaint_full_res: bool | None = None
+    inpaint_full_res_padding: int | None = Field(default=None, ge=0, le=256)
+    hires: HiresOptions | None = None
+
+    @property
+    def mode(self) -> Mode:
+        return job_mode(self.image is not None, self.mask is not None)
 
     @field_validator("prompt")
     @classmethod
@@ -90,8 +135,13 @@ class GenerationInput(BaseModel):
         return value
 
 
+def _unset(value: Any) -> bool:
+    return value is None
+
+
 class GenerationParameters(BaseModel):
-    """Every parameter resolved to a concrete value; returned to the caller as `parameters`."""
+    """Every parameter resolved to a concrete value; returned to the caller as `parameters` (the image
+    modes' fields only when they apply, the mode itself at the top of the answer, never the images)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -106,6 +156,12 @@ class GenerationParameters(BaseModel):
     num_images: int
     scheduler: str
     output: OutputOptions
+    mode: Mode = Field(default="txt2img", exclude=True)
+    strength: float | None = Field(default=None, exclude_if=_unset)
+    mask_blur: float | None = Field(default=None, exclude_if=_unset)
+    inpaint_full_res: bool | None = Field(default=None, exclude_if=_unset)
+    inpaint_full_res_padding: int | None = Field(default=None, exclude_if=_unset)
+    hires: HiresParameters | None = Field(default=None, exclude_if=_unset)
 
     def public(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True)
@@ -121,7 +177,7 @@ def _format_errors(error: ValidationError) -> list[str]:
     for item in error.errors():
         loc = ".".join(str(part) for part in item["loc"]) or "input"
         if item["type"] == "extra_forbidden":
-            model = OutputOptions if len(item["loc"]) > 1 and item["loc"][0] == "output" else GenerationInput
+            model = _MODELS_AT.get(tuple(str(p) for p in item["loc"][:-1]), GenerationInput)
             valid = [f.alias or name for name, f in model.model_fields.items()]
             problems.append(f"{loc}: unknown field; valid fields: {', '.join(valid)}")
             continue
@@ -136,6 +192,14 @@ def _format_errors(error: ValidationError) -> list[str]:
     return problems
 
 
+# The model whose fields an unknown key sits among, by the key's parent path.
+_MODELS_AT: dict[tuple[str, ...], type[BaseModel]] = {
+    ("output",): OutputOptions,
+    ("output", "s3"): OutputPlace,
+    ("hires",): HiresOptions,
+}
+
+
 def parse_input(raw: Any, settings: WorkerSettings) -> GenerationInput:
     """Validate a job's `input`; raises InvalidInput listing every problem, or UploadNotConfigured."""
     if not isinstance(raw, dict):
@@ -148,7 +212,14 @@ def parse_input(raw: Any, settings: WorkerSettings) -> GenerationInput:
         raise InvalidInput(f"{len(problems)} problem(s): " + "; ".join(problems)) from None
     if parsed.template is None and settings.default_template is None:
         raise InvalidInput("1 problem(s): template: required (this worker has no FUSELINE_DEFAULT_TEMPLATE)")
-    if parsed.output is not None and parsed.output.return_ == "s3" and settings.output_bucket is None:
+    problems = mode_problems({name: getattr(parsed, name) for name in type(parsed).model_fields})
+    if problems:
+        raise InvalidInput(f"{len(problems)} problem(s): " + "; ".join(problems))
+    place = parsed.output.s3 if parsed.output is not None else None
+    if place is not None:
+        # Refused before any image is fetched or generated.
+        check_output_place(place, settings)
+    elif parsed.output is not None and parsed.output.return_ == "s3" and settings.output_bucket is None:
         # Refused before any generation: the GPU time would be lost with nowhere to put the images.
         raise UploadNotConfigured(
             "output.return 's3' needs an output bucket, and this worker has none: set "
@@ -159,9 +230,19 @@ def parse_input(raw: Any, settings: WorkerSettings) -> GenerationInput:
 
 
 def resolve_parameters(
-    request: GenerationInput, template_id: str, defaults: Defaults, settings: WorkerSettings
+    request: GenerationInput,
+    template_id: str,
+    defaults: Defaults,
+    settings: WorkerSettings,
+    image_size: tuple[int, int] | None = None,
 ) -> GenerationParameters:
-    """Request values first, then the template's defaults (which carry the global ones), then a seed."""
+    """Request values first, then the template's defaults (which carry the global ones), then a seed.
+
+    `image_size`: the generation size the input image was brought to (img2img, inpaint: worker.image_job,
+    which applies the job's width/height and the image input size rule); the template's default size
+    does not apply to an image mode."""
+    if image_size is not None:
+        request = request.model_copy(update={"width": image_size[0], "height": image_size[1]})
     width = request.width if request.width is not None else defaults.width
     height = request.height if request.height is not None else defaults.height
     # The catalog refuses defaults outside the serving rules (core.serving), but a fuseline.json may come
@@ -194,6 +275,17 @@ def resolve_parameters(
             f"template {template_id!r}: fuseline.json defaults.scheduler {scheduler!r} is not a scheduler "
             f"this worker knows ({', '.join(SCHEDULER_NAMES)}); fix the template's defaults in templates.json"
         )
+    steps = request.steps if request.steps is not None else defaults.steps
+    mode = request.mode
+    strength = (
+        (request.strength if request.strength is not None else DEFAULT_STRENGTH)
+        if mode != "txt2img"
+        else None
+    )
+    if strength is not None and (problem := steps_problem("strength", steps, strength)) is not None:
+        raise InvalidInput(f"1 problem(s): {problem}")
+    inpainting = mode == "inpaint"
+    output = request.output or OutputOptions()
     return GenerationParameters(
         template=template_id,
         prompt=request.prompt,
@@ -202,7 +294,7 @@ def resolve_parameters(
         else defaults.negative_prompt,
         width=width,
         height=height,
-        steps=request.steps if request.steps is not None else defaults.steps,
+        steps=steps,
         guidance_scale=request.guidance_scale
         if request.guidance_scale is not None
         else defaults.guidance_scale,
@@ -210,5 +302,21 @@ def resolve_parameters(
         seed=request.seed if request.seed is not None else secrets.randbits(64),
         num_images=request.num_images or 1,
         scheduler=scheduler,
-        output=request.output or OutputOptions(),
+        output=output,
+        mode=mode,
+        strength=strength,
+        mask_blur=(request.mask_blur if request.mask_blur is not None else DEFAULT_MASK_BLUR)
+        if inpainting
+        else None,
+        inpaint_full_res=bool(request.inpaint_full_res) if inpainting else None,
+        inpaint_full_res_padding=(
+            request.inpaint_full_res_padding
+            if request.inpaint_full_res_padding is not None
+            else DEFAULT_FULL_RES_PADDING
+        )
+        if inpainting
+        else None,
+        hires=resolve_hires(request.hires, width, height, steps, settings)
+        if request.hires is not None
+        else None,
     )

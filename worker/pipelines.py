@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fuseline.core.serving import CHECKPOINT_KIND_BY_IN_CHANNELS
 from worker.device import default_device, unrecoverable_device_error
 from worker.errors import ModelInvalid
 from worker.folders import WEIGHTED_COMPONENTS, TemplateFolder, check_template_folder
@@ -34,6 +35,9 @@ class LoadedTemplate:
     lease: Lease | None = None
     # Fallback entries only: the merged folder's state when it was refused (worker.fallback.merged_marker).
     merged_marker: tuple | None = None
+    # The img2img/inpaint pipelines built from `pipe`'s own components (worker.mode_pipelines), by mode:
+    # they live and die with this entry and hold no weights of their own.
+    mode_pipes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def template_id(self) -> str:
@@ -102,6 +106,14 @@ def _load(
         raise ModelInvalid(
             f"{folder.path}: scheduler/scheduler_config.json has prediction_type {scheduler_prediction!r} "
             f"but fuseline.json says {folder.manifest.prediction_type!r}; rebuild the export"
+        )
+    in_channels = pipe.unet.config.in_channels
+    unet_kind = CHECKPOINT_KIND_BY_IN_CHANNELS.get(in_channels, f"unknown ({in_channels} channels)")
+    if unet_kind != folder.manifest.checkpoint.kind:
+        raise ModelInvalid(
+            f"{folder.path}: unet/config.json has in_channels {in_channels} but fuseline.json's "
+            f"checkpoint.kind is {folder.manifest.checkpoint.kind!r} (a 9-channel UNet is an inpainting "
+            "checkpoint, 'inpaint'; a 4-channel one is ordinary, no kind); rebuild the export"
         )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -1,5 +1,6 @@
 """Serving jobs: the worker's settings, its pipeline cache, and the job flow from raw input to the output
-dict (input checks, template defaults, generation with one out-of-memory retry, encoding or upload).
+dict (input checks, the job's mode and its pictures, template defaults, generation with one out-of-memory
+retry, encoding or upload, the report of what was done).
 
 The RunPod entry point around it is worker/handler.py; the start-up it runs once is worker/startup.py.
 """
@@ -22,7 +23,9 @@ from worker.fallback import (
     resolve_template,
     template_weight_bytes,
 )
+from worker.image_job import load_image_job
 from worker.inputs import GenerationInput, parse_input, resolve_parameters
+from worker.modes import check_mode_served
 from worker.pipelines import LoadedTemplate, PipelineCache
 from worker.settings import WorkerSettings
 from worker.speed import check_speed_options
@@ -90,12 +93,25 @@ class Worker:
         template_id = self.template_id(request)
         # Resolved once from the folder's manifest, before any loading: a retry reuses the same seed.
         folder = resolve_template(self.settings, template_id)  # the merged folder, else the fallback's
-        params = resolve_parameters(request, template_id, folder.defaults, self.settings)
+        # A mode the checkpoint cannot serve is refused before any picture is fetched.
+        check_mode_served(template_id, folder.manifest.checkpoint.kind, request.mode)
+        started = time.perf_counter()
+        image_job = load_image_job(request, self.settings)  # None for txt2img
+        inputs_ms = (time.perf_counter() - started) * 1000 if image_job is not None else None
+        params = resolve_parameters(
+            request,
+            template_id,
+            folder.defaults,
+            self.settings,
+            image_size=image_job.size if image_job is not None else None,
+        )
+        if image_job is not None:
+            image_job = image_job.planned(params)
         note_parameters(params)
 
         def attempt() -> tuple[LoadedTemplate, bool, Any]:
             entry, loaded_now = self.cache.get(template_id)
-            return entry, loaded_now, generate(entry, params, progress)
+            return entry, loaded_now, generate(entry, params, progress, image_job)
 
         try:
             entry, loaded_now, result = attempt()
@@ -118,8 +134,11 @@ class Worker:
                 entry, loaded_now, result = attempt()
             except Exception as retry_exc:
                 if is_out_of_memory(retry_exc):
+                    size = f"{params.width}x{params.height}"
+                    if params.hires is not None:
+                        size += f" (hires {params.hires.width}x{params.hires.height})"
                     raise OutOfMemory(
-                        f"template {template_id!r} at {params.width}x{params.height}, "
+                        f"template {template_id!r} at {size}, "
                         f"{params.num_images} image(s): out of GPU memory also after freeing cached "
                         "pipelines; ask for fewer or smaller images"
                     ) from None
@@ -135,7 +154,9 @@ class Worker:
             from worker.upload import ImageUploader
 
             started = time.perf_counter()
-            images = ImageUploader.from_settings(self.settings).upload(encoded, fmt, result.seeds)
+            images = ImageUploader.for_output(self.settings, params.output.s3).upload(
+                encoded, fmt, result.seeds
+            )
             upload_ms = (time.perf_counter() - started) * 1000
         else:
             images = [
@@ -143,8 +164,27 @@ class Worker:
                 for data, seed in zip(encoded, result.seeds, strict=True)
             ]
         manifest = entry.folder.manifest
+        if image_job is not None:
+            result.warnings[:0] = image_job.warnings()
         if entry.folder.degraded_reason is not None:
             result.warnings.append(degraded_warning(template_id, entry.folder.degraded_reason))
+        report: dict[str, Any] = {
+            "size": list(result.images[0].size),
+            "effective_steps": result.effective_steps,
+            **(image_job.report() if image_job is not None else {}),
+        }
+        if result.hires is not None:
+            report["hires"] = result.hires
+        timings = {
+            **({"inputs": round(inputs_ms, 1)} if inputs_ms is not None else {}),
+            "load": round(entry.load_ms if loaded_now else 0.0, 1),
+            "inference": round(result.inference_ms, 1),
+            **({"hires": round(result.hires_ms, 1)} if result.hires_ms is not None else {}),
+            "decode": round(result.decode_ms, 1),
+            "encode": round(encode_ms, 1),
+            "total": round((time.perf_counter() - job_started) * 1000, 1),
+            **({"upload": round(upload_ms, 1)} if upload_ms is not None else {}),
+        }
         return {
             "images": images,
             "template": {
@@ -157,14 +197,10 @@ class Worker:
                 ],
             },
             "parameters": params.public(),
-            "timings_ms": {
-                "load": round(entry.load_ms if loaded_now else 0.0, 1),
-                "inference": round(result.inference_ms, 1),
-                "decode": round(result.decode_ms, 1),
-                "encode": round(encode_ms, 1),
-                "total": round((time.perf_counter() - job_started) * 1000, 1),
-                **({"upload": round(upload_ms, 1)} if upload_ms is not None else {}),
-            },
+            # What was done: the mode, the output size, the steps run, the inputs' handling, the hires pass.
+            "mode": params.mode,
+            "report": report,
+            "timings_ms": timings,
             # True: served by the runtime-LoRA fallback, not the merged model (see the warning).
             "degraded": entry.degraded,
             "warnings": result.warnings,

@@ -5,6 +5,7 @@ job."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -16,7 +17,15 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from fuseline.core.errors import ConfigInvalid
 from fuseline.core.s3 import addressing_from_env, check_endpoint_variables
 from fuseline.core.serving import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, MAX_SIZE
-from fuseline.core.settings import EnvSettings, env_int, env_json_object, env_list
+from fuseline.core.settings import EnvSettings, env_float, env_int, env_json_object, env_list
+from worker.image_fetch import IPNetwork
+from worker.image_inputs import (
+    DEFAULT_FETCH_TIMEOUT_S,
+    DEFAULT_MAX_INPUT_BYTES,
+    DEFAULT_MAX_INPUT_PIXELS,
+    ImageInputLimits,
+    SizeBounds,
+)
 from worker.sync.settings import DEFAULT_VOLUME, SyncSettings
 
 DEFAULT_MAX_PIPELINES = 2
@@ -93,6 +102,22 @@ class WorkerSettings(EnvSettings):
     # Key prefix inside the bucket, without leading/trailing slashes ("" for none).
     output_prefix: str = Field(default="", validation_alias="FUSELINE_OUTPUT_PREFIX")
     output_url_expiry_s: int = Field(default=3600, validation_alias="FUSELINE_OUTPUT_URL_EXPIRY_S")
+    # Buckets a job may name as its own output place (`output.s3.bucket`); empty: none.
+    output_buckets: frozenset[str] = Field(default=frozenset(), validation_alias="FUSELINE_OUTPUT_BUCKETS")
+    # Image inputs (`image`, `mask`; worker/image_inputs.py, docs/operations.md "Image inputs").
+    max_input_bytes: int = Field(default=DEFAULT_MAX_INPUT_BYTES, validation_alias="FUSELINE_MAX_INPUT_BYTES")
+    max_input_pixels: int = Field(
+        default=DEFAULT_MAX_INPUT_PIXELS, validation_alias="FUSELINE_MAX_INPUT_PIXELS"
+    )
+    allow_private_urls: bool = Field(default=False, validation_alias="FUSELINE_ALLOW_PRIVATE_URLS")
+    allowed_url_networks: tuple[IPNetwork, ...] = Field(
+        default=(), validation_alias="FUSELINE_ALLOWED_URL_NETWORKS"
+    )
+    fetch_timeout_s: float = Field(
+        default=DEFAULT_FETCH_TIMEOUT_S, validation_alias="FUSELINE_FETCH_TIMEOUT_S"
+    )
+    # None: any bucket the worker's keys can read.
+    input_buckets: frozenset[str] | None = Field(default=None, validation_alias="FUSELINE_INPUT_BUCKETS")
     # Jobs between two `worker.counters` log events (FUSELINE_COUNTERS_EVERY; 0: only at exit).
     counters_every: int = Field(default=50, validation_alias="FUSELINE_COUNTERS_EVERY")
     # FUSELINE_SPEED and companions, FUSELINE_SYNC_*: their own models, parsed with these (from_env).
@@ -103,6 +128,23 @@ class WorkerSettings(EnvSettings):
     def models_dir(self) -> Path:
         return self.volume / "models"
 
+    def image_limits(self) -> ImageInputLimits:
+        """What an input image may cost and where it may come from (the FUSELINE_*_INPUT_*, URL and bucket
+        settings)."""
+        return ImageInputLimits(
+            max_bytes=self.max_input_bytes,
+            max_pixels=self.max_input_pixels,
+            allow_private_urls=self.allow_private_urls,
+            allowed_networks=self.allowed_url_networks,
+            fetch_timeout_s=self.fetch_timeout_s,
+            s3_buckets=self.input_buckets,
+        )
+
+    def size_bounds(self) -> SizeBounds:
+        """The generation sizes an input image is brought to (FUSELINE_MIN_SIZE, 2048,
+        FUSELINE_MAX_PIXELS)."""
+        return SizeBounds(min_side=self.min_size, max_side=MAX_SIZE, max_pixels=self.max_pixels)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **values: Any) -> Self:
         env = os.environ if env is None else env
@@ -112,7 +154,11 @@ class WorkerSettings(EnvSettings):
         # When the worker talks to S3 (an output bucket, an s3:// release), an AWS_* endpoint or
         # FUSELINE_S3_ADDRESSING boto3 would refuse only when the first client is made (for an upload:
         # after the generation) fails the start instead; FUSELINE_S3_ADDRESSING whenever it is set.
-        if settings.output_bucket is not None or (settings.release or "").startswith("s3://"):
+        if (
+            settings.output_bucket is not None
+            or settings.output_buckets
+            or (settings.release or "").startswith("s3://")
+        ):
             check_endpoint_variables(env)
         addressing_from_env(env)
         return settings
@@ -184,6 +230,75 @@ class WorkerSettings(EnvSettings):
                 "FUSELINE_SPEC_HASHES must be a JSON object of template id -> spec hash strings"
             )
         return hashes
+
+    @field_validator("output_buckets", "input_buckets", mode="before")
+    @classmethod
+    def _buckets(cls, value: Any, info: ValidationInfo) -> frozenset[str] | None:
+        variable = cls.variable(info.field_name)
+        names = env_list(value)
+        if names is None:
+            return None if info.field_name == "input_buckets" else frozenset()
+        for name in names:
+            if name.startswith("s3://") or not _BUCKET_RE.match(name):
+                raise ConfigInvalid(
+                    f"{variable}={value if isinstance(value, str) else ','.join(value)!r}: {name!r} is not "
+                    "an S3 bucket name (3-63 characters: lowercase letters, digits, dots, hyphens; no s3://, "
+                    "no prefix); give comma-separated bucket names"
+                )
+        return frozenset(names)
+
+    @field_validator("max_input_bytes", mode="before")
+    @classmethod
+    def _input_bytes(cls, value: Any, info: ValidationInfo) -> int:
+        return env_int(cls.variable(info.field_name), value, minimum=1)
+
+    @field_validator("max_input_pixels", mode="before")
+    @classmethod
+    def _input_pixels(cls, value: Any, info: ValidationInfo) -> int:
+        from PIL import Image
+
+        pixels = env_int(cls.variable(info.field_name), value, minimum=1)
+        if pixels > Image.MAX_IMAGE_PIXELS:
+            raise ConfigInvalid(
+                f"FUSELINE_MAX_INPUT_PIXELS={pixels} is above PIL's decompression-bomb limit "
+                f"({Image.MAX_IMAGE_PIXELS} pixels), past which PIL refuses or warns on its own; use at most "
+                "that"
+            )
+        return pixels
+
+    @field_validator("allow_private_urls", mode="before")
+    @classmethod
+    def _flag(cls, value: Any, info: ValidationInfo) -> bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigInvalid(f"{cls.variable(info.field_name)}={value!r} must be 1 or 0 (true or false)")
+
+    @field_validator("allowed_url_networks", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> tuple[IPNetwork, ...]:
+        networks = []
+        for item in env_list(value) or ():
+            if isinstance(item, ipaddress.IPv4Network | ipaddress.IPv6Network):
+                networks.append(item)
+                continue
+            try:
+                networks.append(ipaddress.ip_network(item))
+            except ValueError as exc:
+                raise ConfigInvalid(
+                    f"FUSELINE_ALLOWED_URL_NETWORKS: {item!r} is not an address range ({exc}); give "
+                    "comma-separated networks such as 10.20.0.0/16 or fd00:1::/64 (host bits zero)"
+                ) from None
+        return tuple(networks)
+
+    @field_validator("fetch_timeout_s", mode="before")
+    @classmethod
+    def _fetch_timeout(cls, value: Any, info: ValidationInfo) -> float:
+        return env_float(cls.variable(info.field_name), value, above=0)
 
     @field_validator("output_bucket", mode="before")
     @classmethod

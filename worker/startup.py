@@ -8,7 +8,9 @@ serving code (worker/serving.py) calls into the start-up and never the other way
 
 from __future__ import annotations
 
+import base64
 import importlib.metadata
+import io
 import logging
 import platform
 import re
@@ -18,13 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from PIL import Image
+
 from fuseline.core.logs import log_event
 from fuseline.core.safetensors_io import SafetensorsError, read_header
 from worker.device import unrecoverable_device_error
 from worker.errors import ModelInvalid, WorkerError
 from worker.fallback import degraded_warning, resolve_template
 from worker.folders import WEIGHTED_COMPONENTS, available_templates
+from worker.image_inputs import ImageInputLimits, SizeBounds, load_image_input
+from worker.image_job import ImageJob
 from worker.inputs import GenerationParameters, OutputOptions, parse_input, resolve_parameters
+from worker.masks import DEFAULT_FULL_RES_PADDING, DEFAULT_MASK_BLUR, load_mask_input
 from worker.pipelines import LoadedTemplate, PipelineCache
 from worker.settings import WorkerSettings
 from worker.sync.recipes import ready_templates
@@ -113,7 +120,8 @@ def warm_up(worker: StartingWorker, entry: LoadedTemplate) -> list[str]:
             {"template": template_id, "prompt": SELF_CHECK_PROMPT, "steps": 1}, worker.settings
         )
         params = resolve_parameters(request, template_id, entry.folder.defaults, worker.settings)
-        generate(entry, params)
+        params, image_job = _job_for_checkpoint(entry, params)
+        generate(entry, params, image_job=image_job)
     except Exception as exc:
         if not isinstance(exc, WorkerError) and unrecoverable_device_error(exc) is None:
             exc = WorkerError(f"{type(exc).__name__}: {exc}")
@@ -241,6 +249,43 @@ def self_check(worker: StartingWorker) -> SelfCheck:
     return result(True, "files" if wanted else "none", wanted, degraded=degraded)
 
 
+def _job_for_checkpoint(
+    entry: LoadedTemplate, params: GenerationParameters
+) -> tuple[GenerationParameters, ImageJob | None]:
+    """`params` (a txt2img job) as the template's checkpoint serves it: unchanged for an ordinary one; for
+    an inpainting checkpoint (inpaint jobs only) an inpaint job repainting the centre of a grey picture
+    of the same size, whose picture and mask go through the job's own image readers (as data: URLs)."""
+    from worker.mode_pipelines import checkpoint_kind
+
+    if checkpoint_kind(entry.pipe) != "inpaint":
+        return params, None
+    size = (params.width, params.height)
+    mask = Image.new("L", size, 0)
+    mask.paste(255, (size[0] // 4, size[1] // 4, size[0] - size[0] // 4, size[1] - size[1] // 4))
+    bounds = SizeBounds(min_side=min(size), max_side=max(size), max_pixels=size[0] * size[1])
+    limits = ImageInputLimits()
+    image = load_image_input(
+        _data_url(Image.new("RGB", size, (128, 128, 128))), limits, bounds, width=size[0], height=size[1]
+    )
+    job = ImageJob(image, load_mask_input(_data_url(mask), limits, like=image))
+    params = params.model_copy(
+        update={
+            "mode": "inpaint",
+            "strength": 1.0,
+            "mask_blur": DEFAULT_MASK_BLUR,
+            "inpaint_full_res": False,
+            "inpaint_full_res_padding": DEFAULT_FULL_RES_PADDING,
+        }
+    )
+    return params, job.planned(params)
+
+
+def _data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def _generate_once(worker: StartingWorker, template_id: str) -> LoadedTemplate:
     from worker.generate import generate  # imports torch: only when a worker really starts
 
@@ -258,7 +303,8 @@ def _generate_once(worker: StartingWorker, template_id: str) -> LoadedTemplate:
         scheduler="default",
         output=OutputOptions(),
     )
-    generate(entry, params)  # raises ImageInvalid on NaN/Inf or a black frame
+    params, image_job = _job_for_checkpoint(entry, params)
+    generate(entry, params, image_job=image_job)  # raises ImageInvalid on NaN/Inf or a black frame
     return entry
 
 

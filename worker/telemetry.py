@@ -151,6 +151,9 @@ class JobRecord:
         params = result.get("parameters") or self.parameters or {}
         template = params.get("template") or self.template
         fields: dict[str, Any] = {"job_id": self.job_id, "template": template}
+        mode = result.get("mode") or (self.parameters or {}).get("mode")
+        if mode is not None:
+            fields["mode"] = mode
         for name in ("width", "height", "steps", "num_images", "seed"):
             if name in params:
                 fields[name] = params[name]
@@ -199,7 +202,7 @@ def note_parameters(params: Any) -> None:
         record.template = params.template
         record.parameters = {
             name: getattr(params, name)
-            for name in ("template", "width", "height", "steps", "num_images", "seed")
+            for name in ("template", "mode", "width", "height", "steps", "num_images", "seed")
         }
 
 

@@ -1,7 +1,9 @@
 """Image upload for `output.return: "s3"`: one object per image, answered with a presigned GET URL.
 
-The bucket, prefix and URL lifetime come from the worker's settings (FUSELINE_OUTPUT_*); the endpoint and
-credentials from the standard AWS_* variables boto3 reads, as for the volume sync (fuseline/core/s3.py).
+The bucket, prefix and URL lifetime come from the worker's settings (FUSELINE_OUTPUT_*), or from the job's
+own `output.s3` place (a bucket on FUSELINE_OUTPUT_BUCKETS, checked before generation: worker/modes.py);
+the endpoint and credentials from the standard AWS_* variables boto3 reads, as for the volume sync
+(fuseline/core/s3.py).
 Errors are `[UPLOAD_FAILED]` with the endpoint, bucket and key at fault, redacted, never a credential.
 """
 
@@ -19,6 +21,7 @@ from fuseline.core.errors import ConfigInvalid
 from fuseline.core.redact import redact
 from fuseline.core.s3 import S3Config, make_client
 from worker.errors import UploadFailed, UploadNotConfigured
+from worker.modes import OutputPlace, check_output_place
 from worker.settings import WorkerSettings
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -77,6 +80,17 @@ class ImageUploader:
     bucket: str
     prefix: str = ""
     url_expiry_s: int = 3600
+    # Where the bucket name came from, for messages: the endpoint's setting or the job's field.
+    bucket_from: str = "FUSELINE_OUTPUT_BUCKET"
+
+    @classmethod
+    def for_output(cls, settings: WorkerSettings, place: OutputPlace | None) -> ImageUploader:
+        """The job's own place (`output.s3`, allowed by FUSELINE_OUTPUT_BUCKETS), else the endpoint's."""
+        if place is None:
+            return cls.from_settings(settings)
+        check_output_place(place, settings)  # parse_input refused it already; this guards direct calls
+        expiry = place.expires_in if place.expires_in is not None else settings.output_url_expiry_s
+        return cls(place.bucket, place.prefix, expiry, bucket_from="output.s3.bucket")
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> ImageUploader:
@@ -129,7 +143,7 @@ class ImageUploader:
             if code == "NoSuchBucket":
                 message = (
                     f"{where}: bucket {self.bucket!r} does not exist at {endpoint}; create it, or fix "
-                    "FUSELINE_OUTPUT_BUCKET / AWS_ENDPOINT_URL"
+                    f"{self.bucket_from} / AWS_ENDPOINT_URL"
                 )
             elif code in _DENIED:
                 message = (

@@ -39,6 +39,13 @@ class CheckpointRef(_Frozen):
     id: str
     source: str
     sha256: str | None = None
+    kind: Literal["inpaint"] | None = Field(
+        default=None,
+        # Absent from the file for an ordinary checkpoint, so those manifests stay byte-identical.
+        exclude_if=lambda value: value is None,
+        description="`inpaint`: an inpainting checkpoint (9-channel UNet, detected by the convert stage); "
+        "the worker serves it inpaint jobs only. Absent: an ordinary SDXL checkpoint.",
+    )
 
 
 class VaeRef(_Frozen):

@@ -1,6 +1,7 @@
-"""What the worker serves: its scheduler names and its image size rules, one table for the catalog and the
-worker alike (the catalog refuses a template default the worker would refuse; the worker applies the same
-rules to requests and to the defaults a fuseline.json carries).
+"""What the worker serves: its scheduler names, its image size rules and its modes per kind of checkpoint,
+one table for the catalog, the build and the worker alike (the catalog refuses a template default the
+worker would refuse; the worker applies the same rules to requests and to the defaults a fuseline.json
+carries).
 
 Data only: the diffusers classes are named here as strings and built by worker/schedulers.py.
 """
@@ -65,3 +66,19 @@ def scheduler_problem(name: str) -> str | None:
     if name not in SCHEDULER_NAMES:
         return f"one of {', '.join(SCHEDULER_NAMES)}"
     return None
+
+
+# What a job does, named by what it sends: a prompt alone, an image to restyle, an image and a mask.
+MODES: tuple[str, ...] = ("txt2img", "img2img", "inpaint")
+# UNet input channels: an ordinary SDXL checkpoint's (4 latent channels) and an inpainting checkpoint's
+# (SDXL inpainting 0.1's layout: 4 latent + 1 mask + 4 masked-image latent channels).
+UNET_IN_CHANNELS = 4
+INPAINT_UNET_IN_CHANNELS = 9
+# The kind of checkpoint a fuseline.json records (`checkpoint.kind`; absent: an ordinary SDXL checkpoint)
+# -> the modes the worker serves with it. diffusers' SDXL text-to-image and img2img pipelines cannot drive a
+# 9-channel UNet; its inpainting pipeline drives both kinds.
+CHECKPOINT_KIND_BY_IN_CHANNELS: dict[int, str | None] = {
+    UNET_IN_CHANNELS: None,
+    INPAINT_UNET_IN_CHANNELS: "inpaint",
+}
+MODES_BY_CHECKPOINT_KIND: dict[str | None, tuple[str, ...]] = {None: MODES, "inpaint": ("inpaint",)}

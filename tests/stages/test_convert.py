@@ -452,3 +452,47 @@ def test_sdxl_base_tokenizers_are_clip(subfolder, pad):
     assert tok("an astronaut riding a horse").input_ids == [49406, 550, 18376, 6765, 320, 4558, 49407]
     padded = tok("cat", padding="max_length", max_length=77).input_ids
     assert len(padded) == 77 and padded[-1] == tok.convert_tokens_to_ids(pad)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Inpainting checkpoints (9-channel UNet): detected from the header's shapes, converted, not refused
+
+
+def test_inpainting_single_file_is_told_from_its_unet_shape(kit, tmp_path):
+    assert classify_file(kit.inpaint_single_file).kind == "sdxl-inpaint"
+    assert classify_file(kit.single_file).kind == "sdxl"
+    # Same tensor names, another first-layer width (InstructPix2Pix-style models take 8 channels).
+    tensors = load_file(kit.single_file)
+    conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+    tensors[conv_in] = torch.zeros(tensors[conv_in].shape[0], 8, 3, 3)
+    odd = tmp_path / "pix2pix.safetensors"
+    save_file(tensors, odd)
+    assert classify_file(odd).kind == "sdxl-other-unet"
+    with pytest.raises(StageError, match=r"UNet takes 8 input channels.*4-channel.*9-channel") as info:
+        convert_checkpoint(odd, tmp_path / "out", config_dir=kit.config_dir)
+    assert info.value.code == "NOT_SDXL"
+
+
+def test_inpainting_single_file_converts_with_the_base_configs(kit, tmp_path):
+    """The kit's SDXL base-shaped configs (4-channel UNet) serve an inpainting file: the convert widens
+    the UNet's in_channels to 9 in a copy, and the result holds the file's tensors bit for bit."""
+    out = tmp_path / "out"
+    out.mkdir()
+    summary = convert_checkpoint(kit.inpaint_single_file, out, config_dir=kit.config_dir)
+    assert (summary["layout"], summary["kind"]) == ("single-file", "inpaint")
+    assert_same_tensors(kit.inpaint_dir, out)
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == (
+        "StableDiffusionXLInpaintPipeline"
+    )
+    assert json.loads((out / "unet" / "config.json").read_text())["in_channels"] == 9
+    # The config folder given is left as it was.
+    assert json.loads((kit.config_dir / "unet" / "config.json").read_text())["in_channels"] == 4
+
+
+def test_inpainting_diffusers_folder_passes_through(kit, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    summary = convert_checkpoint(kit.inpaint_dir, out)
+    assert (summary["layout"], summary["kind"]) == ("diffusers", "inpaint")
+    assert_same_tensors(kit.inpaint_dir, out)
+    assert json.loads((out / "unet" / "config.json").read_text())["in_channels"] == 9

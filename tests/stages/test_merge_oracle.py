@@ -337,3 +337,32 @@ def test_main_refuses_an_unknown_template(kit, tmp_path, monkeypatch):
     monkeypatch.chdir(_project(tmp_path, kit, []))
     with pytest.raises(StageError, match="demo"):
         main("nope", **PATHS)
+
+
+def test_inpainting_base_is_recorded_as_such_and_ordinary_manifests_are_unchanged(kit, exports, tmp_path):
+    """A 9-channel base (the convert stage's output for an inpainting checkpoint) merges like any other and
+    its manifest says `checkpoint.kind: "inpaint"`; an ordinary base's manifest has no `kind` key at all,
+    so manifests of ordinary checkpoints stay byte-identical to those written before inpainting support."""
+    out = tmp_path / "inpaint"
+    result = merge_template(
+        kit.inpaint_dir,
+        kit.vae_dir,
+        [LoraInput(path=kit.loras["kohya_sgm"], scale=0.8, name="file:loras/kohya_sgm.safetensors")],
+        out,
+        identity=IDENTITY,
+        prediction_type="epsilon",
+        shard_size_mb=SHARD_MB,
+    )
+    assert result.manifest.checkpoint.kind == "inpaint"
+    assert json.loads((out / "fuseline.json").read_text())["checkpoint"] == {
+        "id": "tiny",
+        "source": "file:tiny",
+        "sha256": None,
+        "kind": "inpaint",
+    }
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == (
+        "StableDiffusionXLInpaintPipeline"
+    )
+    ordinary = (exports("kohya_sgm") / "fuseline.json").read_text()
+    assert '"kind"' not in ordinary
+    assert ModelManifest.read(exports("kohya_sgm")).checkpoint.kind is None

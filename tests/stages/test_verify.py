@@ -20,16 +20,20 @@ VAE_WEIGHTS = Path("vae/diffusion_pytorch_model.fp16.safetensors")
 SETTINGS = VerifySettings(steps=2, width=64, height=64, seed=0)
 
 
-def write_export(kit_dir: Path, out: Path, template: str = "t1", prediction: str = "epsilon") -> Path:
-    """An export folder by the contract (fp16 variant + fuseline.json), made from the kit's model."""
-    from diffusers import StableDiffusionXLPipeline
+def write_export(
+    kit_dir: Path, out: Path, template: str = "t1", prediction: str = "epsilon", kind: str | None = None
+) -> Path:
+    """An export folder by the contract (fp16 variant + fuseline.json), made from a kit model (`kind`
+    "inpaint": the kit's inpainting model)."""
+    from diffusers import StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(kit_dir, local_files_only=True)
+    pipeline_class = StableDiffusionXLInpaintPipeline if kind == "inpaint" else StableDiffusionXLPipeline
+    pipe = pipeline_class.from_pretrained(kit_dir, local_files_only=True)
     pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type=prediction)
     pipe.to(torch.float16).save_pretrained(out, variant="fp16", safe_serialization=True)
     ModelManifest(
         template=template,
-        checkpoint=CheckpointRef(id="tiny", source="file:kit"),
+        checkpoint=CheckpointRef(id="tiny", source="file:kit", kind=kind),
         loras=[],
         vae=VaeRef(source="checkpoint"),
         prediction_type=prediction,
@@ -119,6 +123,20 @@ def test_v_prediction_export_samples_with_v_prediction(kit, tmp_path):
     with pytest.raises(StageError, match=r"prediction_type 'epsilon'.*'v_prediction'") as info:
         verify_model(folder, "t1", SETTINGS, guidance_scale=5.0)
     assert info.value.code == "PREDICTION_MISMATCH"
+
+
+def test_inpainting_export_is_verified_by_an_inpaint_generation(kit, tmp_path):
+    folder = write_export(kit.inpaint_dir, tmp_path / "inpaint", kind="inpaint")
+    metrics = verify_model(folder, "t1", SETTINGS, guidance_scale=5.0, out=tmp_path)
+    assert metrics["nan_count"] == 0 and metrics["std"] > SETTINGS.min_std
+    assert Image.open(tmp_path / "preview.png").size == (64, 64)
+    # A manifest that does not say what the UNet is (here: an inpainting UNet called ordinary) is caught.
+    manifest = json.loads((folder / "fuseline.json").read_text())
+    del manifest["checkpoint"]["kind"]
+    (folder / "fuseline.json").write_text(json.dumps(manifest))
+    with pytest.raises(StageError, match=r"checkpoint.kind is None but the UNet says 'inpaint'") as info:
+        verify_model(folder, "t1", SETTINGS, guidance_scale=5.0)
+    assert info.value.code == "MANIFEST_MISMATCH"
 
 
 def test_missing_model_says_which_stage_to_run(tmp_path):

@@ -153,3 +153,35 @@ def test_a_fused_lora_visibly_changes_the_image(kit: Kit, kit_pipeline, name: st
     fused.load_lora_weights(str(kit.loras[name]))
     fused.fuse_lora()
     assert np.abs(render(fused) - render(kit_pipeline)).mean() > 0.01
+
+
+def test_block_vae_reproduces_block_pictures_after_fp16_storage(kit: Kit):
+    """The block VAE (testkit.block_vae) gives back a picture of 8x8 one-colour blocks exactly, also with its
+    weights rounded to fp16 as an export stores them, and its latents spread like SDXL's (std ~1)."""
+    from diffusers import AutoencoderKL
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+
+    vae = AutoencoderKL.from_pretrained(kit.block_vae_dir, local_files_only=True).half().float()
+    blocks = np.random.default_rng(0).integers(0, 256, (8, 12, 3)).astype(np.uint8)
+    picture = np.kron(blocks, np.ones((8, 8, 1), np.uint8))
+    pixels = VaeImageProcessor().preprocess(Image.fromarray(picture))
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(0))
+        decoded = vae.decode(latents).sample
+    back = ((decoded / 2 + 0.5).clamp(0, 1) * 255).round()[0].permute(1, 2, 0).numpy()
+    assert latents.shape == (1, 4, 8, 12)
+    assert np.abs(back - picture).max() == 0
+    assert 0.8 < float(latents.std()) < 1.3
+
+
+def test_inpainting_model_shares_all_but_a_9_channel_unet(kit: Kit):
+    index = json.loads((kit.inpaint_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLInpaintPipeline"
+    unet = json.loads((kit.inpaint_dir / "unet" / "config.json").read_text())
+    assert unet["in_channels"] == 9 and unet["out_channels"] == 4
+    for component in ("vae", "text_encoder", "text_encoder_2"):
+        (weights,) = (kit.inpaint_dir / component).glob("*.safetensors")
+        assert weights.read_bytes() == (kit.diffusers_dir / component / weights.name).read_bytes(), component
+    header = _tensors(kit.inpaint_single_file)["model.diffusion_model.input_blocks.0.0.weight"]
+    assert header.shape[1] == 9

@@ -28,10 +28,12 @@ TEST_ENV = {"FUSELINE_MIN_SIZE": "64", "FUSELINE_DEVICE": "cpu", "HF_HUB_OFFLINE
 LORA_SOURCE = "file:loras/kohya_sgm.safetensors"
 
 
-def make_manifest(template: str, spec_hash: str = SPEC_HASH) -> ModelManifest:
+def make_manifest(template: str, spec_hash: str = SPEC_HASH, kind: str | None = None) -> ModelManifest:
     return ModelManifest(
         template=template,
-        checkpoint=CheckpointRef(id="sdxl-tiny", source="file:sdxl-tiny.safetensors", sha256="a" * 64),
+        checkpoint=CheckpointRef(
+            id="sdxl-tiny", source="file:sdxl-tiny.safetensors", sha256="a" * 64, kind=kind
+        ),
         loras=[
             LoraRef(source="file:loras/kohya_sgm.safetensors", sha256="b" * 64, scale=0.8, placed_keys={})
         ],
@@ -121,6 +123,51 @@ def volume(kit: Kit, tmp_path_factory: pytest.TempPathFactory) -> Path:
         write_vae_variant(tiny, models / name, edit)
         write_manifest(models / name, make_manifest(name, "2" * 64))
     return root
+
+
+# The image modes' volume (tests/worker/test_modes*.py, the local API's "Done when" checks).
+BLOCK_VAE_TEMPLATE = "tiny-blockvae"
+INPAINT_TEMPLATE = "tiny-inpaint"
+
+
+@pytest.fixture(scope="session")
+def modes_volume(kit: Kit, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A volume for the image modes, kept apart from `volume` (whose template list tests pin):
+
+    tiny            the kit's pipeline exported fp16 (its random VAE does not reproduce pictures)
+    tiny-blockvae   the same UNet and text encoders with the kit's block VAE, which reproduces 8x8-block
+                    pictures exactly (testkit.block_vae): "close to the input" can be measured in pixels
+    tiny-inpaint    the kit's 9-channel inpainting UNet with the block VAE, `checkpoint.kind: "inpaint"`
+    """
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
+
+    models = tmp_path_factory.mktemp("modes-volume") / "models"
+    pipe = StableDiffusionXLPipeline.from_pretrained(kit.diffusers_dir, local_files_only=True)
+    pipe.to(torch.float16).save_pretrained(models / TEMPLATE, variant="fp16", safe_serialization=True)
+    write_manifest(models / TEMPLATE, make_manifest(TEMPLATE))
+    block_vae = AutoencoderKL.from_pretrained(kit.block_vae_dir, local_files_only=True).to(torch.float16)
+    link_folder(models / TEMPLATE, models / BLOCK_VAE_TEMPLATE, skip=("vae",))
+    block_vae.save_pretrained(models / BLOCK_VAE_TEMPLATE / "vae", variant="fp16", safe_serialization=True)
+    write_manifest(models / BLOCK_VAE_TEMPLATE, make_manifest(BLOCK_VAE_TEMPLATE, "3" * 64))
+    inpaint = StableDiffusionXLInpaintPipeline.from_pretrained(kit.inpaint_dir, local_files_only=True)
+    inpaint.vae = block_vae
+    inpaint.to(torch.float16).save_pretrained(
+        models / INPAINT_TEMPLATE, variant="fp16", safe_serialization=True
+    )
+    write_manifest(models / INPAINT_TEMPLATE, make_manifest(INPAINT_TEMPLATE, "4" * 64, kind="inpaint"))
+    return models.parent
+
+
+@pytest.fixture(scope="session")
+def modes_worker(modes_volume: Path):
+    """A CPU worker over the image modes' volume, with its pipelines cached for the session."""
+    from worker.serving import Worker
+    from worker.settings import load_settings
+
+    return Worker(
+        load_settings({**TEST_ENV, "FUSELINE_VOLUME": str(modes_volume), "FUSELINE_MAX_PIPELINES": "4"})
+    )
 
 
 @pytest.fixture(scope="session")

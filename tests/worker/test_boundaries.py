@@ -48,6 +48,9 @@ SERVING_MODULES = (
     "image_fetch",
     "image_inputs",
     "masks",
+    "modes",
+    "image_job",
+    "mode_pipelines",
 )
 
 

@@ -165,6 +165,19 @@ def test_malformed_jobs_give_a_string_error_with_its_code(job, expected: str) ->
     assert expected in error_of(job)
 
 
+def test_image_urls_on_loopback_are_refused_with_the_default_settings(http_server, tmp_path) -> None:
+    """The deployment default (no FUSELINE_ALLOW_PRIVATE_URLS, no FUSELINE_ALLOWED_URL_NETWORKS): a picture
+    on 127.0.0.1 is never fetched, over http:// or https://."""
+    (tmp_path / "a.png").write_bytes(b"never read")
+    server = http_server(tmp_path)
+    for url in (server.url("a.png"), server.url("a.png").replace("http://", "https://")):
+        message = error_of({"id": "t", "input": {"prompt": "a fox", **SMALL, "image": url}})
+        assert message.startswith("[IMAGE_FETCH_FAILED] image ")
+        assert "refused to fetch from a loopback address" in message
+        assert "FUSELINE_ALLOW_PRIVATE_URLS=1" in message
+    assert server.requests == []
+
+
 @pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
 @pytest.mark.parametrize("text", ["(lighthouse:1" + "0" * 40 + ")", "(" * 930 + "lighthouse"])
 def test_weights_beyond_float32_are_capped_not_an_internal_error(field: str, text: str) -> None:

@@ -19,7 +19,7 @@ import torch
 import worker.handler
 from fuseline.core.logs import setup_logging
 from fuseline.core.redact import redact
-from tests.worker.conftest import SMALL, TEMPLATE
+from tests.worker.conftest import INPAINT_TEMPLATE, SMALL, TEMPLATE
 from tests.worker.test_entrypoint import worker_env
 from worker.handler import SELF_CHECK_FAILED, handler
 from worker.serving import Worker
@@ -113,6 +113,7 @@ def test_each_job_logs_one_record_and_the_counters_add_up(
     good = by_id["good"]
     output = results["good"]
     assert (good["template"], good["width"], good["height"], good["steps"]) == (TEMPLATE, 64, 64, 3)
+    assert good["mode"] == output["mode"] == "txt2img"
     assert (good["num_images"], good["seed"], good["retries"], good["degraded"]) == (1, 5, [], False)
     assert good["level"] == "info" and "error_code" not in good and "peak_vram_bytes" not in good  # CPU
     # The record's timings are the output's timings_ms, which gained decode and total.
@@ -124,6 +125,7 @@ def test_each_job_logs_one_record_and_the_counters_add_up(
     assert results["bad-input"]["error"].endswith(f"(got 'x?token={AWS_SECRET}')")
     assert bad["error"].endswith("(got 'x?token=***')")  # the same error, masked in the log
     assert bad["template"] is None and "width" not in bad and set(bad) & TIMING_FIELDS == {"total_ms"}
+    assert "mode" not in bad  # refused before its parameters were resolved
     unknown = by_id["unknown"]
     assert (unknown["error_code"], unknown["template"]) == ("UNKNOWN_TEMPLATE", "nope")
     assert unknown["error"].startswith("[UNKNOWN_TEMPLATE] no template 'nope'")
@@ -160,6 +162,24 @@ def test_self_check_generates_with_the_default_template(settings) -> None:
     check = self_check(Worker(settings.model_copy(update={"default_template": TEMPLATE})))
     assert (check.ok, check.mode, check.templates, check.error) == (True, "generate", [TEMPLATE], None)
     assert check.ms > 0
+
+
+def test_self_check_and_compile_warm_up_inpaint_with_an_inpainting_default_template(modes_worker) -> None:
+    """An inpainting checkpoint serves inpaint jobs only: the start's generation is an inpaint job of a
+    grey picture (read through the job's own image readers), not a text-to-image one it would refuse."""
+    from worker.startup import warm_up
+
+    worker = Worker(modes_worker.settings.model_copy(update={"default_template": INPAINT_TEMPLATE}))
+    check = self_check(worker)
+    assert (check.ok, check.mode, check.templates, check.error) == (
+        True,
+        "generate",
+        [INPAINT_TEMPLATE],
+        None,
+    )
+    entry, _ = worker.cache.get(INPAINT_TEMPLATE)
+    assert set(entry.mode_pipes) == {"inpaint"}
+    assert warm_up(worker, entry) == []
 
 
 def corrupt_volume(volume: Path, target: Path) -> Path:

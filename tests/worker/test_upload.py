@@ -347,3 +347,55 @@ def test_sync_and_upload_clients_share_one_configuration(s3_env, monkeypatch) ->
     # Only what each caller needs differs: a job waits on uploads; the sync runs parallel ranged GETs.
     assert (upload.config.read_timeout, sync.config.read_timeout) == (30, 60)
     assert sync.config.max_pool_connections == 32
+
+
+# --------------------------------------------------------------------- the job's own output place
+
+
+def test_a_job_can_name_its_own_place_in_an_allowed_bucket(s3_env, aws_like_s3, settings) -> None:
+    bucket = aws_like_s3.make_bucket(f"team-{uuid.uuid4().hex[:12]}")
+    worker = Worker(settings.model_copy(update={"output_buckets": frozenset({bucket})}))
+    place = {"bucket": bucket, "prefix": "renders/today", "expires_in": 120}
+    result = worker.run(
+        {"template": TEMPLATE, "prompt": "a lighthouse", **SMALL, "seed": 11, "output": {"s3": place}}
+    )
+    (image,) = result["images"]
+    assert re.fullmatch(r"renders/today/[0-9a-f]{32}/0-11\.png", image["key"])
+    assert "X-Amz-Expires=120" in image["url"]
+    assert listed(aws_like_s3, bucket) == [image["key"]]
+    response = requests.get(image["url"], timeout=10)
+    assert response.status_code == 200 and Image.open(io.BytesIO(response.content)).size == (64, 64)
+    assert result["parameters"]["output"] == {"format": "png", "quality": 90, "return": "s3", "s3": place}
+
+
+def test_a_missing_per_job_bucket_names_the_field_not_the_setting(s3_env, settings) -> None:
+    worker = Worker(settings.model_copy(update={"output_buckets": frozenset({"not-created-here"})}))
+    with pytest.raises(
+        UploadFailed, match=r"bucket 'not-created-here' does not exist .*fix output\.s3\.bucket"
+    ):
+        worker.run(
+            {
+                "template": TEMPLATE,
+                "prompt": "a cat",
+                **SMALL,
+                "output": {"s3": {"bucket": "not-created-here"}},
+            }
+        )
+
+
+@pytest.mark.usefixtures("served")
+def test_a_place_outside_the_allow_list_is_refused_before_generating() -> None:
+    entry, _ = get_worker().cache.get(TEMPLATE)
+    unet_calls: list[int] = []
+    hook = entry.pipe.unet.register_forward_pre_hook(lambda *_: unet_calls.append(1))
+    try:
+        result = handler(
+            {"id": "job-2", "input": {"prompt": "a cat", **SMALL, "output": {"s3": {"bucket": "elsewhere"}}}}
+        )
+    finally:
+        hook.remove()
+    assert set(result) == {"error"}
+    assert result["error"].startswith(
+        "[OUTPUT_NOT_ALLOWED] output.s3.bucket 'elsewhere': this worker allows no"
+    )
+    assert unet_calls == []
