@@ -38,9 +38,18 @@ class RemoteConfig:
 def read_remote_config(root: Path, name: str | None = None) -> RemoteConfig:
     """The remote `name` (DVC's default remote when None) as DVC itself resolves it: relative local paths
     are made absolute against the config file they came from, `--local` settings override committed ones."""
+    from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    try:
+        repo = Repo(str(root))
+    except NotDvcRepoError:
+        raise RemoteError(
+            "NOT_DVC_PROJECT",
+            f"{root}: not inside a DVC project, so there is no DVC remote to use "
+            "(fix: run from the project's root, or `dvc init` and `dvc remote add`)",
+        ) from None
+    with repo:
         config = repo.config
         remote_name = name or config["core"].get("remote")
         if not remote_name:

@@ -659,6 +659,14 @@ def test_committed_dvc_config_has_the_remotes_and_no_secrets(tmp_path):
     assert exc.value.code == "UNKNOWN_REMOTE" and "\n" not in str(exc.value)
 
 
+def test_a_folder_outside_any_dvc_project_is_a_coded_remote_error(tmp_path):
+    # The source archive asks for the remote of whatever folder holds the catalog; a stage run outside a
+    # DVC project (tests/stages/test_convert.py) must keep upstream's error, not die with DVC's.
+    with pytest.raises(RemoteError, match="not inside a DVC project") as exc:
+        read_remote_config(tmp_path)
+    assert exc.value.code == "NOT_DVC_PROJECT"
+
+
 def test_git_commit_is_head_or_none(tmp_path):
     assert git_commit(tmp_path) is None
     run = {"cwd": tmp_path, "check": True, "capture_output": True}
