@@ -251,7 +251,7 @@ def run_benchmark(
     shape = lock_shape(ours.lock())
     floor = write_floor(work / "floor", shape)
     floor.env = env
-    floor_build = floor.dvc("repro")
+    floor_build = floor.dvc("repro", timeout=4 * 3600)
     summary["graph"] = {
         "stages": len(shape),
         "deps": sum(len(s["deps"]) for s in shape.values()),
