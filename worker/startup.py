@@ -146,6 +146,7 @@ def sync_volume(worker: StartingWorker) -> list[str]:
     log_event(log, "sync.done", "\n".join(report.lines()), level=level, **summary)
     problems = [report.error] if report.error else []
     problems += [f"template {t.template}: {t.error}" for t in report.templates if t.error]
+    problems += [f"add-on {a.template}: {a.error}" for a in report.addons if a.error]
     return problems
 
 
