@@ -12,7 +12,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from fuseline.core.catalog.model import ID_PATTERN, Defaults
-from fuseline.core.serving import DEFAULT_SCHEDULER, MAX_SIZE, SCHEDULER_NAMES, SIZE_MULTIPLE, size_problem
+from fuseline.core.serving import (
+    CLIP_SKIP_MAX,
+    CLIP_SKIP_MIN,
+    DEFAULT_SCHEDULER,
+    MAX_SIZE,
+    SCHEDULER_NAMES,
+    SDXL_CLIP_SKIP,
+    SIZE_MULTIPLE,
+    size_problem,
+)
 from worker.errors import InvalidInput, ModelInvalid, UploadNotConfigured
 from worker.settings import WorkerSettings
 
@@ -20,6 +29,8 @@ MAX_PROMPT_CHARS = 4000
 MAX_NUM_IMAGES = 4
 MAX_SEED = 2**64 - 1
 DEFAULT_QUALITY = 90
+# Add-on LoRAs one job may apply at once (each adds adapter matmuls to every adapted layer and step).
+MAX_JOB_LORAS = 4
 
 _STRICT = ConfigDict(strict=True, extra="forbid")
 
@@ -33,6 +44,16 @@ class OutputOptions(BaseModel):
     # JPEG/WebP quality; PNG is lossless and ignores it.
     quality: int = Field(default=DEFAULT_QUALITY, ge=1, le=100)
     return_: Literal["base64", "s3"] = Field(default="base64", alias="return")
+
+
+class LoraRequest(BaseModel):
+    """One add-on LoRA a job asks for (the template's add-ons: worker/addons.py checks name and scale)."""
+
+    model_config = _STRICT
+
+    name: str = Field(pattern=ID_PATTERN, max_length=64)
+    # None: the add-on's default_scale.
+    scale: float | None = Field(default=None, allow_inf_nan=False)
 
 
 class GenerationInput(BaseModel):
@@ -51,6 +72,8 @@ class GenerationInput(BaseModel):
     num_images: int | None = Field(default=None, ge=1, le=MAX_NUM_IMAGES)
     scheduler: str | None = None
     output: OutputOptions | None = None
+    loras: list[LoraRequest] | None = Field(default=None, max_length=MAX_JOB_LORAS)
+    clip_skip: int | None = Field(default=None, ge=CLIP_SKIP_MIN, le=CLIP_SKIP_MAX)
 
     @field_validator("prompt")
     @classmethod
@@ -73,6 +96,17 @@ class GenerationInput(BaseModel):
             )
         if not min_size <= value <= MAX_SIZE:
             raise ValueError(f"must be between {min_size} and {MAX_SIZE} (got {value})")
+        return value
+
+    @field_validator("loras")
+    @classmethod
+    def _each_once(cls, value: list[LoraRequest] | None) -> list[LoraRequest] | None:
+        names = [lora.name for lora in value or ()]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(
+                f"names {', '.join(twice)} more than once; give each add-on once, with its scale"
+            )
         return value
 
     @field_validator("scheduler")
@@ -99,6 +133,10 @@ class GenerationParameters(BaseModel):
     num_images: int
     scheduler: str
     output: OutputOptions
+    # Clip skip used (A1111 numbering; 2: SDXL's own penultimate layer).
+    clip_skip: int = SDXL_CLIP_SKIP
+    # Add-on LoRAs applied, each {"name", "scale"} with its scale resolved (worker/addons.py).
+    loras: list[dict[str, Any]] = Field(default_factory=list)
 
     def public(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True)
@@ -114,7 +152,8 @@ def _format_errors(error: ValidationError) -> list[str]:
     for item in error.errors():
         loc = ".".join(str(part) for part in item["loc"]) or "input"
         if item["type"] == "extra_forbidden":
-            model = OutputOptions if len(item["loc"]) > 1 and item["loc"][0] == "output" else GenerationInput
+            nested = {"output": OutputOptions, "loras": LoraRequest}
+            model = nested.get(item["loc"][0], GenerationInput) if len(item["loc"]) > 1 else GenerationInput
             valid = [f.alias or name for name, f in model.model_fields.items()]
             problems.append(f"{loc}: unknown field; valid fields: {', '.join(valid)}")
             continue
@@ -204,4 +243,5 @@ def resolve_parameters(
         num_images=request.num_images or 1,
         scheduler=scheduler,
         output=request.output or OutputOptions(),
+        clip_skip=request.clip_skip or defaults.clip_skip or SDXL_CLIP_SKIP,
     )

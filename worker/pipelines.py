@@ -9,11 +9,12 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from worker.device import default_device, unrecoverable_device_error
+from worker.embeddings import EmbeddingFile, load_embeddings
 from worker.errors import ModelInvalid
 from worker.folders import WEIGHTED_COMPONENTS, TemplateFolder, check_template_folder
 from worker.settings import WorkerSettings
@@ -34,6 +35,11 @@ class LoadedTemplate:
     lease: Lease | None = None
     # Fallback entries only: the merged folder's state when it was refused (worker.fallback.merged_marker).
     merged_marker: tuple | None = None
+    # The template's own runtime adapters (fallback entries: its LoRAs) as (adapter name, weight): what
+    # set_adapters restores after a job's add-ons (worker/addons.py). Empty for a merged model.
+    base_adapters: tuple[tuple[str, float], ...] = ()
+    # Add-on adapters loaded into this pipeline, least recently used first: adapter name -> add-on name.
+    addon_adapters: OrderedDict[str, str] = field(default_factory=OrderedDict)
 
     @property
     def template_id(self) -> str:
@@ -103,6 +109,7 @@ def _load(
             f"{folder.path}: scheduler/scheduler_config.json has prediction_type {scheduler_prediction!r} "
             f"but fuseline.json says {folder.manifest.prediction_type!r}; rebuild the export"
         )
+    load_embeddings(pipe, template_id, folder_embeddings(folder))
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     apply_speed_options(pipe, settings.speed)
@@ -113,6 +120,11 @@ def _load(
         nbytes=pipeline_weight_bytes(pipe),
         load_ms=(time.perf_counter() - started) * 1000,
     )
+
+
+def folder_embeddings(folder: TemplateFolder) -> list[EmbeddingFile]:
+    """The embedding files a merged folder's manifest names (inside the folder)."""
+    return [EmbeddingFile(e.token, folder.path / e.file, e.source) for e in folder.manifest.embeddings or ()]
 
 
 def pipeline_weight_bytes(pipe: Any) -> int:

@@ -13,6 +13,8 @@ from typing import Any
 
 from fuseline.core.logs import log_event
 from worker import startup
+from worker.addons import addons_applied, resolve_addons
+from worker.describe import check_action, describe, is_action
 from worker.device import default_device, free_memory, is_out_of_memory
 from worker.errors import OutOfMemory
 from worker.fallback import (
@@ -75,6 +77,9 @@ class Worker:
         return template_id
 
     def run(self, raw_input: Any, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        if is_action(raw_input):
+            check_action(raw_input)  # "describe", the one action: files only, no pipeline, no generation
+            return describe(self.settings, self.cache.loaded())
         job_started = time.perf_counter()
         # Imported at the first job: generate and images import torch, which `import worker.handler`
         # (and the start-up's configuration checks) should not pay for.
@@ -86,11 +91,16 @@ class Worker:
         # Resolved once from the folder's manifest, before any loading: a retry reuses the same seed.
         folder = resolve_template(self.settings, template_id)  # the merged folder, else the fallback's
         params = resolve_parameters(request, template_id, folder.defaults, self.settings)
+        # Add-on LoRAs the job asks for, checked against the template's before anything loads.
+        addons = resolve_addons(self.settings, template_id, request.loras)
+        if addons:
+            params = params.model_copy(update={"loras": [addon.public() for addon in addons]})
         note_parameters(params)
 
         def attempt() -> tuple[LoadedTemplate, bool, Any]:
             entry, loaded_now = self.cache.get(template_id)
-            return entry, loaded_now, generate(entry, params, progress)
+            with addons_applied(self.settings, entry, addons):
+                return entry, loaded_now, generate(entry, params, progress)
 
         try:
             entry, loaded_now, result = attempt()
@@ -149,6 +159,16 @@ class Worker:
                 "loras": [
                     {"source": lora.source, "sha256": lora.sha256, "scale": lora.scale}
                     for lora in manifest.loras
+                ],
+                # Add-on LoRAs applied to this job on top of the template, as loaded.
+                "addons": [
+                    {
+                        "name": a.addon.name,
+                        "source": a.addon.manifest.source,
+                        "sha256": a.addon.manifest.sha256,
+                        "scale": a.scale,
+                    }
+                    for a in addons
                 ],
             },
             "parameters": params.public(),

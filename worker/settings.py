@@ -18,8 +18,11 @@ from fuseline.core.s3 import addressing_from_env, check_endpoint_variables
 from fuseline.core.serving import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, MAX_SIZE
 from fuseline.core.settings import EnvSettings, env_int, env_json_object, env_list
 from worker.sync.settings import DEFAULT_VOLUME, SyncSettings
+from worker.sync.volume import ADDONS_FOLDER
 
 DEFAULT_MAX_PIPELINES = 2
+# A job may name up to 4 add-ons (worker/inputs.py): twice that stays loaded for the next jobs.
+DEFAULT_MAX_ADDONS = 8
 # SigV4 presigned URLs are valid for at most 7 days.
 MAX_OUTPUT_URL_EXPIRY_S = 7 * 24 * 3600
 # S3 bucket naming rules (3-63 characters: lowercase letters, digits, dots, hyphens; letter or digit at
@@ -90,6 +93,8 @@ class WorkerSettings(EnvSettings):
     # Key prefix inside the bucket, without leading/trailing slashes ("" for none).
     output_prefix: str = Field(default="", validation_alias="FUSELINE_OUTPUT_PREFIX")
     output_url_expiry_s: int = Field(default=3600, validation_alias="FUSELINE_OUTPUT_URL_EXPIRY_S")
+    # Add-on LoRA adapters kept loaded per cached pipeline, least recently used dropped first.
+    max_addons: int = Field(default=DEFAULT_MAX_ADDONS, validation_alias="FUSELINE_MAX_ADDONS")
     # Jobs between two `worker.counters` log events (FUSELINE_COUNTERS_EVERY; 0: only at exit).
     counters_every: int = Field(default=50, validation_alias="FUSELINE_COUNTERS_EVERY")
     # FUSELINE_SPEED and companions, FUSELINE_SYNC_*: their own models, parsed with these (from_env).
@@ -99,6 +104,10 @@ class WorkerSettings(EnvSettings):
     @property
     def models_dir(self) -> Path:
         return self.volume / "models"
+
+    @property
+    def addons_dir(self) -> Path:
+        return self.volume / ADDONS_FOLDER
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **values: Any) -> Self:
@@ -119,7 +128,7 @@ class WorkerSettings(EnvSettings):
     def _preload(cls, value: Any) -> tuple[str, ...] | None:
         return env_list(value) or None
 
-    @field_validator("max_pipelines", mode="before")
+    @field_validator("max_pipelines", "max_addons", mode="before")
     @classmethod
     def _at_least_one(cls, value: Any, info: ValidationInfo) -> int:
         return env_int(cls.variable(info.field_name), value, minimum=1)
