@@ -210,3 +210,30 @@ def test_fused_qkv_is_undone_for_an_addon_job_and_restored_after(addon_volume, w
     # The LoRA layers on to_q/to_k/to_v took part: the image matches the plain path's add-on image.
     reference = run(worker, "plain", seed=3, loras=[{"name": "style", "scale": S}])
     assert numpy.abs(pixels(with_addon) - pixels(reference)).max() <= 1
+
+
+def test_describe_lists_each_templates_addons_and_their_ranges(addon_volume) -> None:
+    worker = Worker(settings_for(addon_volume))
+    answer = worker.run({"action": "describe"})
+    assert worker.cache.loaded() == []
+    assert answer["templates"]["plain"]["addons"] == ["dora", "style", "words"]
+    assert answer["templates"]["fused"]["addons"] == ["dora", "style"]
+    words = answer["addons"]["words"]
+    assert (words["default_scale"], words["min_scale"], words["max_scale"]) == (0.7, -1.0, 0.8)
+    assert words["templates"] == ["plain"] and words["source"] == "file:loras/kohya_te.safetensors"
+    assert answer["addons"]["style"]["templates"] is None and answer["addons_unavailable"] == {}
+
+
+def test_a_damaged_addon_folder_is_named_and_not_offered(addon_volume, tmp_path) -> None:
+    import shutil
+
+    volume = tmp_path / "volume"
+    shutil.copytree(addon_volume / "addons", volume / "addons")
+    (volume / "models").mkdir()
+    (volume / "addons" / "style" / "addon.json").write_text("{not json")
+    answer = Worker(settings_for(volume)).run({"action": "describe"})
+    assert sorted(answer["addons"]) == ["dora", "words"]
+    assert (
+        "style" in answer["addons_unavailable"]
+        and "invalid add-on manifest" in answer["addons_unavailable"]["style"]
+    )
