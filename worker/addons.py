@@ -169,6 +169,24 @@ def restore(entry: LoadedTemplate) -> None:
 
 
 @contextlib.contextmanager
+def _plain_unet(pipe) -> Iterator[None]:
+    """diffusers' adapter calls (set_adapters, enable_lora, disable_lora, delete_adapters) act on a component
+    only when it is a diffusers model; a torch.compile'd UNet (FUSELINE_SPEED=compile) is a wrapper around
+    one, which they would skip without a word. So they see the UNet itself; the compiled wrapper, which
+    runs the same modules, is put back for the generation."""
+    compiled = pipe.unet
+    original = getattr(compiled, "_orig_mod", None)
+    if original is None:
+        yield
+        return
+    pipe.unet = original
+    try:
+        yield
+    finally:
+        pipe.unet = compiled
+
+
+@contextlib.contextmanager
 def addons_applied(
     settings: WorkerSettings, entry: LoadedTemplate, applied: Sequence[AppliedAddon]
 ) -> Iterator[None]:
@@ -177,42 +195,51 @@ def addons_applied(
     if not applied:
         yield
         return
-    wanted = {a.addon.adapter for a in applied}
     # FUSELINE_SPEED=fuse_qkv concatenates to_q/to_k/to_v into one projection the LoRA layers on them are
     # not part of: unfused for the job, fused again afterwards (the speed options skip fallback pipelines).
     fused = "fuse_qkv" in settings.speed.options and not entry.degraded
-    if fused:
-        entry.pipe.unet.unfuse_qkv_projections()
     try:
-        for item in applied:
-            addon = item.addon
-            if addon.adapter in entry.addon_adapters:
-                entry.addon_adapters.move_to_end(addon.adapter)
-                continue
-            # Another version of this add-on (an older sync) is dropped: it will not be asked for again.
-            for stale in [a for a, name in entry.addon_adapters.items() if name == addon.name]:
-                entry.pipe.delete_adapters(stale)
-                del entry.addon_adapters[stale]
-            _make_room(entry, wanted, max(settings.max_addons - 1, len(wanted) - 1))
-            try:
-                _load(settings, entry, addon)
-            except BaseException:
-                # diffusers may have injected layers before failing: leave no half-loaded adapter behind.
-                with contextlib.suppress(Exception):
-                    entry.pipe.delete_adapters(addon.adapter)
-                raise
-            entry.addon_adapters[addon.adapter] = addon.name
-            log_event(
-                log,
-                "addon.loaded",
-                f"add-on {addon.name} loaded into template {entry.template_id}",
-                template=entry.template_id,
-                addon=addon.name,
-                loaded=list(entry.addon_adapters.values()),
-            )
-        _set_adapters(entry, applied)
+        with _plain_unet(entry.pipe):
+            _activate(settings, entry, applied, fused)
         yield
     finally:
-        restore(entry)
-        if fused:
-            entry.pipe.unet.fuse_qkv_projections()
+        with _plain_unet(entry.pipe):
+            restore(entry)
+            if fused:
+                entry.pipe.unet.fuse_qkv_projections()
+
+
+def _activate(
+    settings: WorkerSettings, entry: LoadedTemplate, applied: Sequence[AppliedAddon], fused: bool
+) -> None:
+    """Load the add-ons not loaded yet (making room in the LRU), then set the job's adapters."""
+    wanted = {a.addon.adapter for a in applied}
+    if fused:
+        entry.pipe.unet.unfuse_qkv_projections()
+    for item in applied:
+        addon = item.addon
+        if addon.adapter in entry.addon_adapters:
+            entry.addon_adapters.move_to_end(addon.adapter)
+            continue
+        # Another version of this add-on (an older sync) is dropped: it will not be asked for again.
+        for stale in [a for a, name in entry.addon_adapters.items() if name == addon.name]:
+            entry.pipe.delete_adapters(stale)
+            del entry.addon_adapters[stale]
+        _make_room(entry, wanted, max(settings.max_addons - 1, len(wanted) - 1))
+        try:
+            _load(settings, entry, addon)
+        except BaseException:
+            # diffusers may have injected layers before failing: leave no half-loaded adapter behind.
+            with contextlib.suppress(Exception):
+                entry.pipe.delete_adapters(addon.adapter)
+            raise
+        entry.addon_adapters[addon.adapter] = addon.name
+        log_event(
+            log,
+            "addon.loaded",
+            f"add-on {addon.name} loaded into template {entry.template_id}",
+            template=entry.template_id,
+            addon=addon.name,
+            loaded=list(entry.addon_adapters.values()),
+        )
+    _set_adapters(entry, applied)

@@ -237,3 +237,21 @@ def test_a_damaged_addon_folder_is_named_and_not_offered(addon_volume, tmp_path)
         "style" in answer["addons_unavailable"]
         and "invalid add-on manifest" in answer["addons_unavailable"]["style"]
     )
+
+
+@pytest.mark.slow
+def test_a_compiled_unet_gets_the_addon_and_loses_it_after(addon_volume, worker) -> None:
+    """With FUSELINE_SPEED=compile the UNet is torch.compile's wrapper, which diffusers' adapter calls skip;
+    they must act on the module inside (aot_eager: the graph capture without a C compiler, as in
+    tests/worker/test_speed.py)."""
+    compiled = Worker(
+        settings_for(addon_volume, FUSELINE_SPEED="compile", FUSELINE_COMPILE_BACKEND="aot_eager")
+    )
+    before = run(compiled, "plain", seed=8)
+    with_addon = run(compiled, "plain", seed=8, loras=[{"name": "style", "scale": S}])
+    after = run(compiled, "plain", seed=8)
+    assert after["images"][0]["data"] == before["images"][0]["data"]
+    reference = run(worker, "plain", seed=8, loras=[{"name": "style", "scale": S}])
+    assert numpy.abs(pixels(with_addon) - pixels(reference)).max() <= 1
+    entry, _ = compiled.cache.get("plain")
+    assert hasattr(entry.pipe.unet, "_orig_mod"), "the compiled UNet is what generates"
