@@ -27,7 +27,7 @@ from fuseline.core.safetensors_io import (
 )
 from stages.checkpoint_kind import CheckpointKind, classify_keys, declares_v_prediction, dominant_dtype
 from stages.errors import StageError
-from stages.local_files import check_pickle_allowed, check_sha256, materialize
+from stages.local_files import check_pickle_allowed, check_sha256, materialize, project_archive
 from stages.receipts import read_receipt
 from stages.runtime import load_project_catalog, run_stage
 from stages.settings import BuildSettings
@@ -71,6 +71,7 @@ def config_dir_for(
         is_config=True,
         cache_dir=settings.download_cache,
         policy=RetryPolicy.from_settings(settings),
+        archive=project_archive(catalog, settings),
     )
     if not (path / "model_index.json").is_file():
         raise StageError(
@@ -305,6 +306,7 @@ def main(
         receipt=recorded,
         cache_dir=settings.download_cache,
         policy=RetryPolicy.from_settings(settings),
+        archive=project_archive(catalog, settings),
     )
     config_dir = config_dir_for(catalog, checkpoint, where, recorded, default=sdxl_config, settings=settings)
     if parse_source(checkpoint.source).scheme == "file" and source.is_dir() and checkpoint.config is not None:
