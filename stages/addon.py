@@ -21,7 +21,7 @@ from fuseline.core.files import atomic_dir
 from fuseline.core.manifest import ADDON_LORA_NAME, AddonManifest
 from fuseline.core.safetensors_io import SafetensorsError, read_header
 from stages.errors import StageError
-from stages.local_files import materialize
+from stages.local_files import materialize, project_archive
 from stages.lora import LYCORIS_MARKERS, LoadedLora, LoraInput, read_lora
 from stages.merge import read_base_layout
 from stages.runtime import load_project_catalog, peak_rss_mb, record_metrics, run_stage
@@ -106,6 +106,7 @@ def main(name: str, *, bases: Path, out: Path) -> None:
         f"addons.{name}",
         cache_dir=settings.download_cache,
         policy=RetryPolicy.from_settings(settings),
+        archive=project_archive(catalog, settings),
     )
     lora = LoraInput(path=path, scale=spec.default_scale, name=spec.source, sha256=spec.sha256)
     manifest = write_addon(
