@@ -4,12 +4,14 @@ from a real DVC remote (`dvc add` + `dvc push`)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
 
 import pytest
 
+from fuseline.core.logs import event_fields
 from fuseline.core.manifest import AddonManifest
 from fuseline.core.release import Release, ReleasedAddon, release_key
 from tests.worker.sync_fixtures import _dvc, _write_model, released_entry
@@ -87,6 +89,18 @@ def test_the_addons_of_the_synced_templates_are_synced_beside_them(remote, tmp_p
     assert [(a.template, a.status) for a in report.addons] == [("all", "synced")]
     assert report.summary()["addons"] == {"all": "synced"}
     assert any(line.startswith("  add-on all: synced") for line in report.lines())
+    events = []
+    handler = logging.Handler()
+    handler.emit = events.append
+    logger = logging.getLogger("test.sync_addons")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        report.log(logger)
+    finally:
+        logger.removeHandler(handler)
+    addon_events = [fields for name, fields in map(event_fields, events) if name == "sync.addon"]
+    assert [(e["addon"], e["status"]) for e in addon_events] == [("all", "synced")]
     link = tmp_path / "addons" / "all"
     assert link.is_symlink() and os.readlink(link).startswith(".v.all.")
     assert AddonManifest.read(link).name == "all"
