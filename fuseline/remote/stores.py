@@ -38,9 +38,20 @@ class RemoteConfig:
 def read_remote_config(root: Path, name: str | None = None) -> RemoteConfig:
     """The remote `name` (DVC's default remote when None) as DVC itself resolves it: relative local paths
     are made absolute against the config file they came from, `--local` settings override committed ones."""
+    from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    try:
+        opened = Repo(str(root))
+    except NotDvcRepoError:
+        # A stage run outside a DVC project (its tests, a hand-run `python -m stages.<step>`) has no remote:
+        # callers take RemoteError as "no archive here", DVC's own exception would escape them.
+        raise RemoteError(
+            "NO_REMOTE",
+            f"{root}: not inside a DVC project, so there is no remote to read "
+            "(fix: run it in the project, or `dvc init` and `dvc remote add`)",
+        ) from None
+    with opened as repo:
         config = repo.config
         remote_name = name or config["core"].get("remote")
         if not remote_name:
