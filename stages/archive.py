@@ -3,7 +3,8 @@ runs before it writes a release, so that every source a released model was built
 after its upstream has lost it (stages/sources/archived.py does that).
 
 The fetch receipts dvc.lock names (one per group: vae, checkpoints.<id>, templates.<id>) say what the build
-used: each source's kind and sha256. A source the archive already holds costs one request; another comes
+used: each source's kind and sha256; an add-on's addon.json (the `addon@<name>` stage's folder) says the
+same of its file. A source the archive already holds costs one request; another comes
 from the download cache (or is fetched again: a cached pin costs no request, a cache miss downloads it, a
 folder comes from the hub's cache or its `file:` path) and is uploaded, verified against that hash first.
 Every source but `file:` ones is also recorded in the archive's index under its source string, which is how
@@ -20,6 +21,7 @@ import yaml
 from fuseline.core.catalog.loading import load_catalog
 from fuseline.core.catalog.model import Catalog, Source
 from fuseline.core.errors import FuselineError
+from fuseline.core.manifest import AddonManifest, ManifestError
 from fuseline.core.redact import redact
 from fuseline.remote.archive import ArchiveReport, SourceArchive
 from fuseline.remote.errors import RemoteError
@@ -34,18 +36,34 @@ from stages.sources.resolve import fetch
 
 # A fetch stage's command in dvc.lock (dvc.yaml's fetch-* stages): its group and where its receipt lies.
 _RECEIPT_COMMAND = re.compile(r"--receipt\s+(\S+)\s+--receipt-out\s+(\S+)")
+# An add-on stage's command (dvc.yaml's addon@<name>): the add-on and the folder it wrote.
+_ADDON_COMMAND = re.compile(r"-m\s+stages\.addon\s+(\S+)\s.*--out\s+(\S+)")
 
 
-def receipt_paths(root: Path) -> dict[str, Path]:
-    """{group: receipt file} for every fetch stage dvc.lock records."""
+def _lock_commands(root: Path) -> list[str]:
     lock_file = root / "dvc.lock"
     try:
         stages = (yaml.safe_load(lock_file.read_text()) or {}).get("stages", {})
     except (OSError, yaml.YAMLError) as exc:
         raise RemoteError("NOT_BUILT", f"{lock_file}: cannot read it ({exc}) (fix: `dvc repro`)") from None
+    return [str(entry.get("cmd", "")) for entry in stages.values()]
+
+
+def receipt_paths(root: Path) -> dict[str, Path]:
+    """{group: receipt file} for every fetch stage dvc.lock records."""
     found = {}
-    for entry in stages.values():
-        match = _RECEIPT_COMMAND.search(str(entry.get("cmd", "")))
+    for command in _lock_commands(root):
+        match = _RECEIPT_COMMAND.search(command)
+        if match:
+            found[match.group(1)] = root / match.group(2)
+    return found
+
+
+def addon_folders(root: Path) -> dict[str, Path]:
+    """{add-on name: the folder its stage wrote} for every add-on stage dvc.lock records."""
+    found = {}
+    for command in _lock_commands(root):
+        match = _ADDON_COMMAND.search(command)
         if match:
             found[match.group(1)] = root / match.group(2)
     return found
@@ -82,6 +100,25 @@ def archive_sources(root: Path, store: ObjectStore, settings: BuildSettings) -> 
                     "`dvc repro`, or `dvc checkout` when the receipt is missing)",
                 )
             archived.put(where, source, entry["kind"], entry["sha256"], is_config)
+    # An add-on has no fetch stage: its stage copies the source file as is into its folder, whose
+    # addon.json records the file's sha256 (stages/addon.py).
+    for name, folder in sorted(addon_folders(root).items()):
+        spec = catalog.addons.get(name)
+        if spec is None:
+            continue  # dropped from the catalog: not released
+        try:
+            manifest = AddonManifest.read(folder)
+        except ManifestError as exc:
+            raise RemoteError(
+                "NOT_BUILT", f"{exc.message} (fix: `dvc repro addon@{name}` or `dvc checkout`)"
+            ) from None
+        if redact(manifest.source) != redact(spec.source):
+            raise RemoteError(
+                "STALE",
+                f"{folder}/addon.json: records {redact(manifest.source)!r}, the catalog's addons.{name} "
+                f"{redact(spec.source)!r} (fix: `dvc repro addon@{name}`)",
+            )
+        archived.put(f"addons.{name}", spec, "file", manifest.sha256, False)
     return report
 
 

@@ -5,15 +5,16 @@
                            [--cache DIR]
 
 The first argument is a catalog path as `Catalog.iter_sources()` names them (`vae`,
-`checkpoints.<id>`, `checkpoints.<id>.config`, `templates.<id>.loras[<n>]`) or a source string that
+`checkpoints.<id>`, `checkpoints.<id>.config`, `templates.<id>.loras[<n>]`,
+`templates.<id>.embeddings[<n>]`, `addons.<name>`) or a source string that
 appears in the catalog (its pin and allow_pickle come from there). `--out` places the fetched file
 (hard link when possible, else a copy) or folder (symlink) at a path a DVC stage can declare as output.
 
 `--receipt` is what dvc.yaml's fetch-* stages run: it fetches every source of one group (the VAE, one
-checkpoint with its config folder, or all LoRAs of one template) and writes a small JSON receipt at
-`--receipt-out` (stages/receipts.py) naming each source with its sha256, size and kind. The receipt is the
-DVC output; the bytes stay in the download cache, so multi-GB files are never copied into the DVC cache or
-pushed twice.
+checkpoint with its config folder, or all LoRAs and embeddings of one template) and writes a small JSON
+receipt at `--receipt-out` (stages/receipts.py) naming each source with its sha256, size and kind. The
+receipt is the DVC output; the bytes stay in the download cache, so multi-GB files are never copied into the
+DVC cache or pushed twice.
 """
 
 from __future__ import annotations
@@ -119,7 +120,11 @@ def group_sources(catalog: Catalog, group: str) -> list[tuple[str, Source, bool]
     if key not in catalog.templates:
         known = ", ".join(sorted(catalog.templates)) or "(none)"
         raise StageError("TEMPLATE_UNKNOWN", f"no template {key!r} in the catalog; templates: {known}")
-    return [(f"{group}.loras[{i}]", lora, False) for i, lora in enumerate(catalog.templates[key].loras)]
+    template = catalog.templates[key]
+    return [(f"{group}.loras[{i}]", lora, False) for i, lora in enumerate(template.loras)] + [
+        (f"{group}.embeddings[{i}]", embedding, False)
+        for i, embedding in enumerate(template.embeddings or ())
+    ]
 
 
 def describe(where: str, source: Source, path: Path, cache: DownloadCache) -> dict[str, Any]:

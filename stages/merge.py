@@ -3,7 +3,8 @@
 `python -m stages.merge <template-id> --base DIR --vae DIR --receipt FILE --out DIR` (dvc.yaml gives the
 paths) reads the converted checkpoint (convert stage), the catalog's VAE (vae stage; it replaces the
 checkpoint's) and the template's LoRA files, and writes a diffusers SDXL folder in fp16 (variant "fp16")
-plus `fuseline.json`.
+plus `fuseline.json`; the template's textual-inversion embeddings are checked against the base's text
+encoders and copied into `embeddings/` (the worker loads them with the pipeline).
 It streams tensor by tensor: memory holds the LoRA factors and a few tensor-sized buffers, whatever the
 shard size (stages/export.py).
 """
@@ -26,8 +27,15 @@ from fuseline import __version__
 from fuseline.core import block_weights
 from fuseline.core.catalog.model import Defaults
 from fuseline.core.files import atomic_dir
-from fuseline.core.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
+from fuseline.core.manifest import EMBEDDINGS_DIR, CheckpointRef, EmbeddingRef, LoraRef, ModelManifest, VaeRef
 from fuseline.core.serving import CHECKPOINT_KIND_BY_IN_CHANNELS, INPAINT_UNET_IN_CHANNELS, UNET_IN_CHANNELS
+from stages.embeddings import (
+    EmbeddingInput,
+    LoadedEmbedding,
+    check_tokens_free,
+    read_embedding,
+    text_encoder_widths,
+)
 from stages.errors import StageError
 from stages.export import Destination, copy_plain_files, export_component, fuse_threads, intra_op_threads
 from stages.fuse import LoraFactors, WeightUpdate, fuse_weight, stacked_lora
@@ -208,14 +216,19 @@ def merge_template(
     prediction_type: PredictionType,
     shard_size_mb: float,
     threads: int | None = None,
+    embeddings: Sequence[EmbeddingInput] = (),
 ) -> MergeResult:
     """Fuse `loras` (in order) into the base folder and write the fp16 export to `out_dir`, atomically:
     on any error `out_dir` is absent afterwards. `threads`: how many threads fuse a weight (default
-    `stages.export.fuse_threads()`)."""
+    `stages.export.fuse_threads()`). `embeddings` are checked and copied into it."""
     base_dir, vae_dir, out_dir = Path(base_dir), Path(vae_dir), Path(out_dir)
     _check_base(base_dir, vae_dir)
     shapes, unet_config = read_base_layout(base_dir)
     checkpoint_kind = _checkpoint_kind(base_dir, unet_config)
+    # Embeddings are checked before anything is written, as the LoRAs are below: a bad one fails in seconds.
+    widths = text_encoder_widths(shapes) if embeddings else {}
+    checked: list[LoadedEmbedding] = [read_embedding(embedding, widths) for embedding in embeddings]
+    check_tokens_free(base_dir, checked)
     fused: dict[str, int] = dict.fromkeys(COMPONENTS, 0)
     # One intra-op setting for the whole merge: the exports below run partly at once, and each sets and
     # restores torch's thread count, which is global.
@@ -262,7 +275,8 @@ def merge_template(
                     result.files,
                 )
             untouched.result()
-            manifest = _manifest(identity, loaded, loras, prediction_type, checkpoint_kind)
+            embedding_refs = _copy_embeddings(checked, tmp)
+            manifest = _manifest(identity, loaded, loras, prediction_type, checkpoint_kind, embedding_refs)
             # Every placed update names a base tensor, so each must have been fused exactly once; checked
             # before the folder is renamed into place, so a wrong model never appears.
             if sum(fused.values()) != len(updates):
@@ -304,6 +318,7 @@ def _manifest(
     loras: Sequence[LoraInput],
     prediction_type: PredictionType,
     checkpoint_kind: str | None,
+    embeddings: Sequence[EmbeddingRef],
 ) -> ModelManifest:
     return ModelManifest(
         template=identity.template,
@@ -322,6 +337,7 @@ def _manifest(
         prediction_type=prediction_type,
         spec_hash=identity.spec_hash,
         defaults=identity.defaults,
+        embeddings=list(embeddings) or None,
         fuseline_version=__version__,
     )
 
@@ -338,6 +354,25 @@ def _checkpoint_kind(base_dir: Path, unet_config: Any) -> str | None:
             "convert stage",
         )
     return CHECKPOINT_KIND_BY_IN_CHANNELS[channels]
+
+
+def _copy_embeddings(embeddings: Sequence[LoadedEmbedding], folder: Path) -> list[EmbeddingRef]:
+    """Each embedding file, byte for byte, as `embeddings/<token>.safetensors` in the export."""
+    refs = []
+    for embedding in embeddings:
+        relative = f"{EMBEDDINGS_DIR}/{embedding.token}.safetensors"
+        (folder / EMBEDDINGS_DIR).mkdir(exist_ok=True)
+        shutil.copyfile(embedding.path, folder / relative)
+        refs.append(
+            EmbeddingRef(
+                token=embedding.token,
+                source=embedding.name,
+                sha256=embedding.sha256,
+                vectors=embedding.vectors,
+                file=relative,
+            )
+        )
+    return refs
 
 
 def _module_strengths(spec: LoraInput, unet_config: Any) -> Callable[[str, str], float]:
@@ -390,6 +425,28 @@ def _lora_inputs(
     return inputs
 
 
+def _embedding_inputs(
+    catalog: Any, template_id: str, receipt: Path | None, settings: BuildSettings
+) -> list[EmbeddingInput]:
+    """The template's embeddings as local files, found as its LoRAs are (_lora_inputs)."""
+    group = f"templates.{template_id}"
+    recorded = read_receipt(receipt, group)
+    inputs = []
+    for index, embedding in enumerate(catalog.templates[template_id].embeddings or ()):
+        path = materialize(
+            catalog,
+            embedding,
+            f"{group}.embeddings[{index}]",
+            receipt=recorded,
+            cache_dir=settings.download_cache,
+            policy=RetryPolicy.from_settings(settings),
+        )
+        inputs.append(
+            EmbeddingInput(path=path, token=embedding.token, name=embedding.source, sha256=embedding.sha256)
+        )
+    return inputs
+
+
 def main(template_id: str, *, base: Path, vae: Path, out: Path, receipt: Path | None = None) -> None:
     """The stage: `base` the converted checkpoint folder, `vae` the converted VAE folder, `out` the model
     folder to write, `receipt` the template's fetch-loras receipt (absent: the catalog's pins only)."""
@@ -425,6 +482,7 @@ def main(template_id: str, *, base: Path, vae: Path, out: Path, receipt: Path | 
         identity=identity,
         prediction_type=checkpoint.prediction,
         shard_size_mb=shard_size_mb,
+        embeddings=_embedding_inputs(catalog, template_id, receipt, settings),
     )
     log.info(
         "merge %s: %d LoRAs, fused tensors %s, %d files, peak RSS %.0f MiB",

@@ -26,7 +26,14 @@ def test_code_deps_are_the_import_closure(name: str) -> None:
 
 def test_every_stage_command_is_a_stage_module() -> None:
     modules = {stage_command_module(stage) for stage in STAGES.values()}
-    assert modules == {"stages.fetch", "stages.convert", "stages.vae", "stages.merge", "stages.verify"}
+    assert modules == {
+        "stages.fetch",
+        "stages.convert",
+        "stages.vae",
+        "stages.merge",
+        "stages.verify",
+        "stages.addon",
+    }
 
 
 def test_the_closure_sees_lazy_imports() -> None:

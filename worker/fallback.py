@@ -24,11 +24,12 @@ from pathlib import Path
 
 from fuseline.core.catalog.model import ID_PATTERN, Defaults
 from fuseline.core.errors import ConfigInvalid
-from fuseline.core.files import sha256_file
 from fuseline.core.logs import log_event
 from fuseline.core.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
-from fuseline.core.safetensors_io import DTYPE_BYTES, SafetensorsError, read_header, sniff_format
+from fuseline.core.safetensors_io import DTYPE_BYTES, SafetensorsError, read_header
+from worker.adapters import check_lora_file, load_adapter, peft_name
 from worker.device import default_device, unrecoverable_device_error
+from worker.embeddings import EmbeddingFile, load_embeddings
 from worker.errors import ModelInvalid, UnknownTemplate, WorkerError
 from worker.folders import WEIGHTED_COMPONENTS, TemplateFolder, check_template_folder, folder_weight_bytes
 from worker.pipelines import LoadedTemplate, load_template, pipeline_weight_bytes
@@ -39,6 +40,7 @@ from worker.sync.recipes import (
     RecipeInvalid,
     checkpoint_dir,
     checkpoint_dir_name,
+    embedding_path,
     lora_path,
     missing_sources,
 )
@@ -67,9 +69,9 @@ def read_recipe(settings: WorkerSettings, template_id: str) -> Recipe | None:
 
 
 def adapter_name(index: int, source: str) -> str:
-    """A PEFT adapter name for the template's `index`-th LoRA: [0-9A-Za-z_] only (PEFT joins adapter names
-    into module paths, where a '.' or ':' breaks the lookup), unique by the index prefix."""
-    return f"lora{index}_{re.sub(r'[^0-9A-Za-z_]', '_', source)}"[:64]
+    """A PEFT adapter name for the template's `index`-th LoRA (adapters.peft_name), unique by the index
+    prefix."""
+    return f"lora{index}_{peft_name(source)}"[:64]
 
 
 # ----------------------------------------------------------------------------------------- resolving
@@ -187,20 +189,25 @@ def _stored_bytes_per_value(path: Path) -> int:
 
 def verify_lora_file(path: Path, lora: LoraRef) -> None:
     """Refuse a pickle, and a file whose content is not the recipe's sha256 (a wrong or damaged LoRA)."""
-    try:
-        if sniff_format(path) in ("pickle", "torch-zip"):
-            raise ModelInvalid(
-                f"{path} (LoRA {lora.source!r}) is a pickle (torch.save) file, which can run code when "
-                "loaded; put the .safetensors release of this LoRA there"
-            )
-        actual = sha256_file(path)
-    except OSError as exc:
-        raise ModelInvalid(f"{path} (LoRA {lora.source!r}): unreadable ({exc})") from None
-    if actual != lora.sha256:
-        raise ModelInvalid(
-            f"{path} (LoRA {lora.source!r}) has sha256 {actual}, not the {lora.sha256} its name and the "
-            f"recipe promise; the file is damaged or not this LoRA: copy the right file there ({DOCS})"
-        )
+    check_lora_file(
+        path,
+        lora.source,
+        lora.sha256,
+        f"its name and the recipe promise; the file is damaged or not this LoRA: copy the right file there "
+        f"({DOCS})",
+    )
+
+
+def recipe_embeddings(settings: WorkerSettings, folder: TemplateFolder) -> list[EmbeddingFile]:
+    """The recipe's embedding files under sources/embeddings/, each checked against its sha256."""
+    recipe = read_recipe(settings, folder.template_id)
+    files = []
+    for embedding in (recipe.embeddings if recipe is not None else None) or ():
+        path = embedding_path(settings.volume, embedding.sha256)
+        fix = f"its name and the recipe promise; copy the right file there ({DOCS})"
+        check_lora_file(path, embedding.source, embedding.sha256, fix, what="embedding")
+        files.append(EmbeddingFile(embedding.token, path, embedding.source))
+    return files
 
 
 def _fp16_variant(base: Path) -> str | None:
@@ -226,6 +233,7 @@ def load_runtime_loras(
     # Hash before the (slow) pipeline load: a wrong file fails in the time it takes to read it.
     for lora in manifest.loras:
         verify_lora_file(lora_path(settings.volume, lora.sha256), lora)
+    embeddings = recipe_embeddings(settings, folder)
     try:
         if manifest.loras:
             import peft  # noqa: F401  (diffusers' load_lora_weights needs its PEFT backend)
@@ -255,20 +263,10 @@ def load_runtime_loras(
         ) from None
     names = [adapter_name(i, lora.source) for i, lora in enumerate(manifest.loras)]
     for name, lora in zip(names, manifest.loras, strict=True):
-        path = lora_path(settings.volume, lora.sha256)
-        try:
-            pipe.load_lora_weights(str(path), adapter_name=name, local_files_only=True)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:
-            if unrecoverable_device_error(exc) is not None:
-                raise
-            raise ModelInvalid(
-                f"{path} (LoRA {lora.source!r}): diffusers could not apply it to {base}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from None
+        load_adapter(pipe, lora_path(settings.volume, lora.sha256), name, lora.source, str(base))
     if names:
         pipe.set_adapters(names, adapter_weights=[lora.scale for lora in manifest.loras])
+    load_embeddings(pipe, template_id, embeddings)
     # As the merge does: the catalog's prediction type wins over whatever the base's scheduler says
     # (diffusers cannot detect v-prediction from an SDXL single file).
     scheduler_config = {**pipe.scheduler.config, "prediction_type": manifest.prediction_type}
@@ -284,6 +282,8 @@ def load_runtime_loras(
         nbytes=pipeline_weight_bytes(pipe),
         load_ms=(time.perf_counter() - started) * 1000,
         merged_marker=refused_marker,
+        # What a job's add-ons are set beside and restored to (worker/addons.py).
+        base_adapters=tuple(zip(names, (lora.scale for lora in manifest.loras), strict=True)),
     )
 
 
@@ -338,8 +338,10 @@ def fallback_status(settings: WorkerSettings) -> list[FallbackStatus]:
             out.append(FallbackStatus(template, path, False, [exc.message]))
             continue
         assert recipe is not None
-        expected = [f"{checkpoint_dir(settings.volume, recipe.checkpoint)}/"] + [
-            str(lora_path(settings.volume, x.sha256)) for x in recipe.loras
+        expected = [
+            f"{checkpoint_dir(settings.volume, recipe.checkpoint)}/",
+            *(str(lora_path(settings.volume, x.sha256)) for x in recipe.loras),
+            *(str(embedding_path(settings.volume, x.sha256)) for x in recipe.embeddings or ()),
         ]
         missing = missing_sources(settings.volume, recipe)
         out.append(FallbackStatus(template, path, not missing, missing or expected))

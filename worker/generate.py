@@ -177,7 +177,7 @@ def generate(
     mode_inputs = _mode_inputs(params, image_job)
     started = time.perf_counter()
     pipe.scheduler = build_scheduler(params.scheduler, loaded.scheduler_config)
-    embeddings = encode_prompts(pipe, params.prompt, params.negative_prompt)
+    embeddings = encode_prompts(pipe, params.prompt, params.negative_prompt, params.clip_skip)
     warnings = list(embeddings.warnings)
     seeds = image_seeds(params.seed, params.num_images)
     # One CPU generator per image: the same noise on every device, and image i starts from the same noise

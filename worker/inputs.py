@@ -21,9 +21,12 @@ from pydantic import (
 
 from fuseline.core.catalog.model import ID_PATTERN, Defaults
 from fuseline.core.serving import (
+    CLIP_SKIP_MAX,
+    CLIP_SKIP_MIN,
     DEFAULT_SCHEDULER,
     MAX_SIZE,
     SCHEDULER_NAMES,
+    SDXL_CLIP_SKIP,
     SIZE_MULTIPLE,
     nearest_sizes,
     size_problem,
@@ -49,6 +52,8 @@ MAX_PROMPT_CHARS = 4000
 MAX_NUM_IMAGES = 4
 MAX_SEED = 2**64 - 1
 DEFAULT_QUALITY = 90
+# Add-on LoRAs one job may apply at once (each adds adapter matmuls to every adapted layer and step).
+MAX_JOB_LORAS = 4
 
 _STRICT = ConfigDict(strict=True, extra="forbid")
 
@@ -75,6 +80,16 @@ class OutputOptions(BaseModel):
         return self
 
 
+class LoraRequest(BaseModel):
+    """One add-on LoRA a job asks for (the template's add-ons: worker/addons.py checks name and scale)."""
+
+    model_config = _STRICT
+
+    name: str = Field(pattern=ID_PATTERN, max_length=64)
+    # None: the add-on's default_scale.
+    scale: float | None = Field(default=None, allow_inf_nan=False)
+
+
 class GenerationInput(BaseModel):
     """What a job may ask for; None means "not given": resolved later from the template's defaults."""
 
@@ -99,6 +114,8 @@ class GenerationInput(BaseModel):
     inpaint_full_res: bool | None = None
     inpaint_full_res_padding: int | None = Field(default=None, ge=0, le=256)
     hires: HiresOptions | None = None
+    loras: list[LoraRequest] | None = Field(default=None, max_length=MAX_JOB_LORAS)
+    clip_skip: int | None = Field(default=None, ge=CLIP_SKIP_MIN, le=CLIP_SKIP_MAX)
 
     @property
     def mode(self) -> Mode:
@@ -125,6 +142,17 @@ class GenerationInput(BaseModel):
             )
         if not min_size <= value <= MAX_SIZE:
             raise ValueError(f"must be between {min_size} and {MAX_SIZE} (got {value})")
+        return value
+
+    @field_validator("loras")
+    @classmethod
+    def _each_once(cls, value: list[LoraRequest] | None) -> list[LoraRequest] | None:
+        names = [lora.name for lora in value or ()]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(
+                f"names {', '.join(twice)} more than once; give each add-on once, with its scale"
+            )
         return value
 
     @field_validator("scheduler")
@@ -162,6 +190,10 @@ class GenerationParameters(BaseModel):
     inpaint_full_res: bool | None = Field(default=None, exclude_if=_unset)
     inpaint_full_res_padding: int | None = Field(default=None, exclude_if=_unset)
     hires: HiresParameters | None = Field(default=None, exclude_if=_unset)
+    # Clip skip used (A1111 numbering; 2: SDXL's own penultimate layer).
+    clip_skip: int = SDXL_CLIP_SKIP
+    # Add-on LoRAs applied, each {"name", "scale"} with its scale resolved (worker/addons.py).
+    loras: list[dict[str, Any]] = Field(default_factory=list)
 
     def public(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True)
@@ -177,7 +209,9 @@ def _format_errors(error: ValidationError) -> list[str]:
     for item in error.errors():
         loc = ".".join(str(part) for part in item["loc"]) or "input"
         if item["type"] == "extra_forbidden":
-            model = _MODELS_AT.get(tuple(str(p) for p in item["loc"][:-1]), GenerationInput)
+            # List items (loras[1].x) are looked up by their list's name.
+            path = tuple(str(p) for p in item["loc"][:-1] if not isinstance(p, int))
+            model = _MODELS_AT.get(path, GenerationInput)
             valid = [f.alias or name for name, f in model.model_fields.items()]
             problems.append(f"{loc}: unknown field; valid fields: {', '.join(valid)}")
             continue
@@ -197,6 +231,7 @@ _MODELS_AT: dict[tuple[str, ...], type[BaseModel]] = {
     ("output",): OutputOptions,
     ("output", "s3"): OutputPlace,
     ("hires",): HiresOptions,
+    ("loras",): LoraRequest,
 }
 
 
@@ -319,4 +354,5 @@ def resolve_parameters(
         hires=resolve_hires(request.hires, width, height, steps, settings)
         if request.hires is not None
         else None,
+        clip_skip=request.clip_skip or defaults.clip_skip or SDXL_CLIP_SKIP,
     )

@@ -15,6 +15,7 @@ from typing import Any
 
 from fuseline.core.serving import CHECKPOINT_KIND_BY_IN_CHANNELS
 from worker.device import default_device, unrecoverable_device_error
+from worker.embeddings import EmbeddingFile, load_embeddings
 from worker.errors import ModelInvalid
 from worker.folders import WEIGHTED_COMPONENTS, TemplateFolder, check_template_folder
 from worker.settings import WorkerSettings
@@ -38,6 +39,11 @@ class LoadedTemplate:
     # The img2img/inpaint pipelines built from `pipe`'s own components (worker.mode_pipelines), by mode:
     # they live and die with this entry and hold no weights of their own.
     mode_pipes: dict[str, Any] = field(default_factory=dict)
+    # The template's own runtime adapters (fallback entries: its LoRAs) as (adapter name, weight): what
+    # set_adapters restores after a job's add-ons (worker/addons.py). Empty for a merged model.
+    base_adapters: tuple[tuple[str, float], ...] = ()
+    # Add-on adapters loaded into this pipeline, least recently used first: adapter name -> add-on name.
+    addon_adapters: OrderedDict[str, str] = field(default_factory=OrderedDict)
 
     @property
     def template_id(self) -> str:
@@ -115,6 +121,7 @@ def _load(
             f"checkpoint.kind is {folder.manifest.checkpoint.kind!r} (a 9-channel UNet is an inpainting "
             "checkpoint, 'inpaint'; a 4-channel one is ordinary, no kind); rebuild the export"
         )
+    load_embeddings(pipe, template_id, folder_embeddings(folder))
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     apply_speed_options(pipe, settings.speed)
@@ -125,6 +132,11 @@ def _load(
         nbytes=pipeline_weight_bytes(pipe),
         load_ms=(time.perf_counter() - started) * 1000,
     )
+
+
+def folder_embeddings(folder: TemplateFolder) -> list[EmbeddingFile]:
+    """The embedding files a merged folder's manifest names (inside the folder)."""
+    return [EmbeddingFile(e.token, folder.path / e.file, e.source) for e in folder.manifest.embeddings or ()]
 
 
 def pipeline_weight_bytes(pipe: Any) -> int:

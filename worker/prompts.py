@@ -2,10 +2,12 @@
 
 Each encoder sees the prompt in chunks of 75 tokens wrapped in BOS/EOS and padded to 77 (the layout the
 stock pipeline uses for one chunk, so a short unweighted prompt encodes exactly as diffusers does).
-Chunk outputs (penultimate hidden states, as SDXL uses) are concatenated along the sequence axis; the
-UNet's cross-attention takes any length. Weights are applied the A1111 way: multiply each token's
-embedding by its weight, then rescale the chunk so its mean is what it was unweighted. The pooled
-embedding comes from encoder 2's first chunk, unweighted, as in A1111.
+Chunk outputs (penultimate hidden states, as SDXL uses; an earlier layer with clip skip, see
+core.serving.hidden_state_index) are concatenated along the sequence axis; the UNet's cross-attention
+takes any length. Weights are applied the A1111 way: multiply each token's embedding by its weight, then
+rescale the chunk so its mean is what it was unweighted. The pooled embedding comes from encoder 2's first
+chunk, unweighted, as in A1111. A textual-inversion token stands for all its vectors, kept in one chunk as
+A1111 keeps them (worker/embeddings.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fuseline.core.serving import hidden_state_index
+from worker.embeddings import embedding_vectors
+from worker.errors import InvalidInput
 from worker.prompt_syntax import MAX_WEIGHT, Fragment, parse_prompt_weights
 
 # 16 chunks = 1200 tokens: far beyond what a 4000-character prompt needs with the real CLIP vocab
@@ -49,10 +54,13 @@ def _tokenize(tokenizer, text: str) -> list[int]:
 
 
 def weighted_chunks(tokenizer, fragments: list[Fragment], max_chunks: int = MAX_CHUNKS) -> WeightedChunks:
-    """Lay the weighted fragments out as BOS + 75 tokens + EOS + padding rows; BREAK starts a new row."""
+    """Lay the weighted fragments out as BOS + 75 tokens + EOS + padding rows; BREAK starts a new row. A
+    multi-vector embedding's token becomes all its vectors, moved whole to the next row when they do not
+    fit in this one (A1111's rule; one longer than a row is split)."""
     length = tokenizer.model_max_length
     per_chunk = length - 2
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    vectors = embedding_vectors(tokenizer)
     rows: list[list[tuple[int, float]]] = []
     current: list[tuple[int, float]] = []
     for fragment in fragments:
@@ -61,10 +69,15 @@ def weighted_chunks(tokenizer, fragments: list[Fragment], max_chunks: int = MAX_
             current = []
             continue
         for token in _tokenize(tokenizer, fragment.text):
-            if len(current) == per_chunk:
+            ids = vectors.get(token, [token])
+            if current and len(current) + len(ids) > per_chunk and len(ids) <= per_chunk:
                 rows.append(current)
                 current = []
-            current.append((token, fragment.weight))
+            for part in ids:
+                if len(current) == per_chunk:
+                    rows.append(current)
+                    current = []
+                current.append((part, fragment.weight))
     if current or not rows:
         rows.append(current)
 
@@ -117,11 +130,20 @@ def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return h.to(hidden.dtype)
 
 
-def _encode(text_encoder, chunks: WeightedChunks) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode(
+    text_encoder, chunks: WeightedChunks, clip_skip: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(weighted hidden states as (1, chunks*77, d), pooled/projected output of the first chunk)."""
     device = text_encoder.device
     output = text_encoder(chunks.input_ids.to(device), output_hidden_states=True)
-    hidden = output.hidden_states[-2]
+    index = hidden_state_index(clip_skip)
+    if -index >= len(output.hidden_states):  # hidden_states[0] is the token embedding, before any layer
+        raise InvalidInput(
+            f"1 problem(s): clip_skip: {clip_skip} is deeper than this template's text encoder "
+            f"({len(output.hidden_states) - 1} layers); use a smaller clip_skip"
+        )
+    # The pooled output stays the final layer's whatever the clip skip, as in diffusers, A1111 and ComfyUI.
+    hidden = output.hidden_states[index]
     hidden = apply_weights(hidden, chunks.weights.to(device))
     pooled = output[0][:1] if output[0].ndim == 2 else None
     return hidden.reshape(1, -1, hidden.shape[-1]), pooled
@@ -141,11 +163,12 @@ def _limit_warning(side: str, chunks: WeightedChunks, per_chunk: int) -> str | N
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompt: str, negative_prompt: str) -> PromptEmbeddings:
+def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int | None = None) -> PromptEmbeddings:
     """Embeddings for StableDiffusionXLPipeline(prompt_embeds=..., ...) from A1111-syntax prompts.
 
     An empty negative prompt gives zero embeddings when the pipeline's `force_zeros_for_empty_prompt`
     is set (SDXL's default), exactly as the stock pipeline does when no negative prompt is given.
+    `clip_skip` in the A1111 numbering (core.serving): None, 1 and 2 take SDXL's penultimate layer.
     """
     tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
     encoders = [pipe.text_encoder, pipe.text_encoder_2]
@@ -169,7 +192,7 @@ def encode_prompts(pipe, prompt: str, negative_prompt: str) -> PromptEmbeddings:
             warnings.append(message)
 
     pos_hidden, pos_pooled = zip(
-        *(_encode(e, c) for e, c in zip(encoders, positive, strict=True)), strict=True
+        *(_encode(e, c, clip_skip) for e, c in zip(encoders, positive, strict=True)), strict=True
     )
     prompt_embeds = torch.cat(pos_hidden, dim=-1)
     pooled = pos_pooled[1]
@@ -178,7 +201,7 @@ def encode_prompts(pipe, prompt: str, negative_prompt: str) -> PromptEmbeddings:
         negative_pooled = torch.zeros_like(pooled)
     else:
         neg_hidden, neg_pooled = zip(
-            *(_encode(e, c) for e, c in zip(encoders, negative, strict=True)), strict=True
+            *(_encode(e, c, clip_skip) for e, c in zip(encoders, negative, strict=True)), strict=True
         )
         negative_embeds = torch.cat(neg_hidden, dim=-1)
         negative_pooled = neg_pooled[1]

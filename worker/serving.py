@@ -14,6 +14,8 @@ from typing import Any
 
 from fuseline.core.logs import log_event
 from worker import startup
+from worker.addons import addons_applied, resolve_addons
+from worker.describe import check_action, describe, is_action
 from worker.device import default_device, free_memory, is_out_of_memory
 from worker.errors import OutOfMemory
 from worker.fallback import (
@@ -83,6 +85,9 @@ class Worker:
         return template_id
 
     def run(self, raw_input: Any, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        if is_action(raw_input):
+            check_action(raw_input)  # "describe", the one action: files only, no pipeline, no generation
+            return describe(self.settings, self.cache.loaded())
         job_started = time.perf_counter()
         # Imported at the first job: generate and images import torch, which `import worker.handler`
         # (and the start-up's configuration checks) should not pay for.
@@ -95,6 +100,8 @@ class Worker:
         folder = resolve_template(self.settings, template_id)  # the merged folder, else the fallback's
         # A mode the checkpoint cannot serve is refused before any picture is fetched.
         check_mode_served(template_id, folder.manifest.checkpoint.kind, request.mode)
+        # Add-on LoRAs the job asks for, checked against the template's before anything loads or is fetched.
+        addons = resolve_addons(self.settings, template_id, request.loras)
         started = time.perf_counter()
         image_job = load_image_job(request, self.settings)  # None for txt2img
         inputs_ms = (time.perf_counter() - started) * 1000 if image_job is not None else None
@@ -107,11 +114,14 @@ class Worker:
         )
         if image_job is not None:
             image_job = image_job.planned(params)
+        if addons:
+            params = params.model_copy(update={"loras": [addon.public() for addon in addons]})
         note_parameters(params)
 
         def attempt() -> tuple[LoadedTemplate, bool, Any]:
             entry, loaded_now = self.cache.get(template_id)
-            return entry, loaded_now, generate(entry, params, progress, image_job)
+            with addons_applied(self.settings, entry, addons):
+                return entry, loaded_now, generate(entry, params, progress, image_job)
 
         try:
             entry, loaded_now, result = attempt()
@@ -194,6 +204,16 @@ class Worker:
                 "loras": [
                     {"source": lora.source, "sha256": lora.sha256, "scale": lora.scale}
                     for lora in manifest.loras
+                ],
+                # Add-on LoRAs applied to this job on top of the template, as loaded.
+                "addons": [
+                    {
+                        "name": a.addon.name,
+                        "source": a.addon.manifest.source,
+                        "sha256": a.addon.manifest.sha256,
+                        "scale": a.scale,
+                    }
+                    for a in addons
                 ],
             },
             "parameters": params.public(),

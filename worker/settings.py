@@ -27,8 +27,11 @@ from worker.image_inputs import (
     SizeBounds,
 )
 from worker.sync.settings import DEFAULT_VOLUME, SyncSettings
+from worker.sync.volume import ADDONS_FOLDER
 
 DEFAULT_MAX_PIPELINES = 2
+# A job may name up to 4 add-ons (worker/inputs.py): twice that stays loaded for the next jobs.
+DEFAULT_MAX_ADDONS = 8
 # SigV4 presigned URLs are valid for at most 7 days.
 MAX_OUTPUT_URL_EXPIRY_S = 7 * 24 * 3600
 # S3 bucket naming rules (3-63 characters: lowercase letters, digits, dots, hyphens; letter or digit at
@@ -118,6 +121,8 @@ class WorkerSettings(EnvSettings):
     )
     # None: any bucket the worker's keys can read.
     input_buckets: frozenset[str] | None = Field(default=None, validation_alias="FUSELINE_INPUT_BUCKETS")
+    # Add-on LoRA adapters kept loaded per cached pipeline, least recently used dropped first.
+    max_addons: int = Field(default=DEFAULT_MAX_ADDONS, validation_alias="FUSELINE_MAX_ADDONS")
     # Jobs between two `worker.counters` log events (FUSELINE_COUNTERS_EVERY; 0: only at exit).
     counters_every: int = Field(default=50, validation_alias="FUSELINE_COUNTERS_EVERY")
     # FUSELINE_SPEED and companions, FUSELINE_SYNC_*: their own models, parsed with these (from_env).
@@ -144,6 +149,10 @@ class WorkerSettings(EnvSettings):
         """The generation sizes an input image is brought to (FUSELINE_MIN_SIZE, 2048,
         FUSELINE_MAX_PIXELS)."""
         return SizeBounds(min_side=self.min_size, max_side=MAX_SIZE, max_pixels=self.max_pixels)
+
+    @property
+    def addons_dir(self) -> Path:
+        return self.volume / ADDONS_FOLDER
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **values: Any) -> Self:
@@ -181,7 +190,7 @@ class WorkerSettings(EnvSettings):
     def _preload(cls, value: Any) -> tuple[str, ...] | None:
         return env_list(value) or None
 
-    @field_validator("max_pipelines", mode="before")
+    @field_validator("max_pipelines", "max_addons", mode="before")
     @classmethod
     def _at_least_one(cls, value: Any, info: ValidationInfo) -> int:
         return env_int(cls.variable(info.field_name), value, minimum=1)

@@ -156,6 +156,7 @@ def sync_volume(worker: StartingWorker) -> list[str]:
     report.log(logging.getLogger("fuseline.worker.sync"))
     problems = [report.error] if report.error else []
     problems += [f"template {t.template}: {t.error}" for t in report.templates if t.error]
+    problems += [f"add-on {a.template}: {a.error}" for a in report.addons if a.error]
     return problems
 
 

@@ -16,6 +16,8 @@ STATS_DIR = Path("artifacts/stats")
 TEMPLATE_STAGES = ("fetch-loras", "merge", "verify")
 CHECKPOINT_STAGES = ("fetch-checkpoint", "convert")
 SHARED_STAGES = ("fetch-vae", "vae")
+# Stages whose id is an add-on's name.
+ADDON_STAGES = ("addon",)
 
 
 def stats_path(stage: str, item_id: str, root: str | os.PathLike[str] = ".") -> Path:
@@ -24,11 +26,14 @@ def stats_path(stage: str, item_id: str, root: str | os.PathLike[str] = ".") -> 
 
 
 def id_field(stage: str) -> str | None:
-    """The name the stage's id also goes by in logs and metrics: `template`, `checkpoint` or None."""
+    """The name the stage's id also goes by in logs and metrics: `template`, `checkpoint`, `addon` or
+    None."""
     if stage in TEMPLATE_STAGES:
         return "template"
     if stage in CHECKPOINT_STAGES:
         return "checkpoint"
+    if stage in ADDON_STAGES:
+        return "addon"
     return None
 
 

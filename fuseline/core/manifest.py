@@ -70,6 +70,21 @@ class LoraRef(_Frozen):
     )
 
 
+EMBEDDINGS_DIR = "embeddings"
+
+
+class EmbeddingRef(_Frozen):
+    token: str = Field(description="The word prompts use for the embedding.")
+    source: str
+    sha256: str = Field(description="SHA-256 of the embedding file (the copy in the folder is that file).")
+    vectors: int = Field(ge=1, description="Vectors per text encoder (tokens the word stands for).")
+    file: str = Field(
+        description="The file in the model folder, embeddings/<token>.safetensors.",
+        # Joined onto the folder by the worker: one file directly under embeddings/, nothing else.
+        pattern=r"^embeddings/[A-Za-z0-9_.-]+\.safetensors$",
+    )
+
+
 class ModelManifest(_Frozen):
     format: Literal[1] = MANIFEST_FORMAT
     template: str
@@ -87,6 +102,13 @@ class ModelManifest(_Frozen):
         default=None,
         description="The template's generation defaults from the catalog; the worker serves them when a "
         "request leaves a setting out (absent: the worker's global defaults).",
+    )
+    embeddings: list[EmbeddingRef] | None = Field(
+        default=None,
+        # Absent when the template has none, so manifests written before the field stay byte-identical.
+        exclude_if=lambda value: value is None,
+        description="Textual-inversion embeddings copied into the folder; the worker loads them into both "
+        "text encoders when it loads the pipeline.",
     )
 
     def to_json(self) -> str:
@@ -108,3 +130,51 @@ class ModelManifest(_Frozen):
             ) from None
         except ValidationError as exc:
             raise ManifestError(f"{path}: invalid manifest ({exc.error_count()} problems):\n{exc}") from None
+
+
+ADDON_MANIFEST_NAME = "addon.json"
+ADDON_LORA_NAME = "lora.safetensors"
+ADDON_MANIFEST_FORMAT = 1
+
+
+class AddonManifest(_Frozen):
+    """`addon.json`: what an add-on folder (`artifacts/addons/<name>/`, the add-on stage's output) holds: the
+    LoRA file `lora.safetensors` and the rules a job's request for it must follow. Published and synced
+    like a model folder; the worker reads it to offer, check and load the add-on."""
+
+    format: Literal[1] = ADDON_MANIFEST_FORMAT
+    name: str
+    source: str
+    sha256: str = Field(description="SHA-256 of lora.safetensors.")
+    default_scale: float
+    min_scale: float
+    max_scale: float
+    templates: list[str] | None = Field(
+        description="Templates it is offered with; null: every template of the release."
+    )
+    placed_keys: dict[str, int] = Field(
+        description="Keys of the LoRA file placed on each component of the base checkpoint(s) it was checked "
+        "against; together they are every key of the file."
+    )
+    checked_on: list[str] = Field(
+        description="Checkpoint ids it was placed on, key by key, at build time (those of its templates)."
+    )
+    fuseline_version: str
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+    def write(self, folder: str | os.PathLike[str]) -> Path:
+        path = Path(folder) / ADDON_MANIFEST_NAME
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike[str]) -> AddonManifest:
+        path = Path(folder) / ADDON_MANIFEST_NAME
+        try:
+            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ManifestError(f"{path}: no add-on manifest; re-run the add-on stage and sync") from None
+        except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            raise ManifestError(f"{path}: invalid add-on manifest: {' '.join(str(exc).split())}") from None

@@ -40,6 +40,19 @@ def history_key(channel: str, timestamp: str) -> str:
     return f"releases/{channel}/{timestamp}.json"
 
 
+def _check_dir_md5(value: str) -> str:
+    if not MD5_DIR_PATTERN.match(value):
+        raise ValueError(f"dir_md5 must be 32 lowercase hex digits followed by .dir, got {value!r}")
+    return value
+
+
+def _check_relative_path(value: str) -> str:
+    p = PurePosixPath(value)
+    if p.is_absolute() or ".." in p.parts:
+        raise ValueError(f"path must be relative without '..', got {value!r}")
+    return value
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -48,6 +61,12 @@ class LoraSummary(_Frozen):
     source: str
     sha256: str
     scale: float
+
+
+class EmbeddingSummary(_Frozen):
+    token: str
+    source: str
+    sha256: str
 
 
 class ReleasedTemplate(_Frozen):
@@ -59,21 +78,33 @@ class ReleasedTemplate(_Frozen):
     checkpoint: str = Field(description="Checkpoint source the model was built from.")
     loras: list[LoraSummary] = Field(default_factory=list)
     prediction_type: str = "epsilon"
+    embeddings: list[EmbeddingSummary] | None = Field(
+        default=None,
+        # Absent for templates without embeddings: releases written before the field keep their bytes.
+        exclude_if=lambda value: value is None,
+        description="The template's textual-inversion embeddings (also inside its folder).",
+    )
 
-    @field_validator("dir_md5")
-    @classmethod
-    def _dir_md5(cls, value: str) -> str:
-        if not MD5_DIR_PATTERN.match(value):
-            raise ValueError(f"dir_md5 must be 32 lowercase hex digits followed by .dir, got {value!r}")
-        return value
+    _dir_md5 = field_validator("dir_md5")(lambda value: _check_dir_md5(value))
+    _relative_path = field_validator("path")(lambda value: _check_relative_path(value))
 
-    @field_validator("path")
-    @classmethod
-    def _relative_path(cls, value: str) -> str:
-        p = PurePosixPath(value)
-        if p.is_absolute() or ".." in p.parts:
-            raise ValueError(f"path must be relative without '..', got {value!r}")
-        return value
+
+class ReleasedAddon(_Frozen):
+    """An add-on LoRA of the release: its folder (`addon.json` + `lora.safetensors`) and what jobs may ask."""
+
+    dir_md5: str = Field(description="DVC hash of the add-on folder, `<32 hex>.dir`.")
+    path: str = Field(description="Where the folder lies in the build project, e.g. artifacts/addons/<name>.")
+    size: int = Field(ge=0)
+    nfiles: int = Field(ge=1)
+    source: str
+    sha256: str = Field(description="SHA-256 of the LoRA file.")
+    default_scale: float
+    min_scale: float
+    max_scale: float
+    templates: list[str] | None = Field(description="Templates it is offered with; null: every template.")
+
+    _dir_md5 = field_validator("dir_md5")(lambda value: _check_dir_md5(value))
+    _relative_path = field_validator("path")(lambda value: _check_relative_path(value))
 
 
 class Release(_Frozen):
@@ -82,6 +113,12 @@ class Release(_Frozen):
     created: str = Field(description=f"UTC time of publishing, {TIMESTAMP_FORMAT}; names the history copy.")
     git_commit: str | None = None
     templates: dict[str, ReleasedTemplate]
+    addons: dict[str, ReleasedAddon] | None = Field(
+        default=None,
+        # Absent when the catalog has no add-ons: such releases keep the bytes they had before the field.
+        exclude_if=lambda value: value is None,
+        description="Add-on LoRAs by name, synced beside the templates they are offered with.",
+    )
 
     @field_validator("format")
     @classmethod
@@ -104,17 +141,33 @@ class Release(_Frozen):
             )
         return value
 
-    @field_validator("templates")
+    @field_validator("templates", "addons")
     @classmethod
-    def _template_ids(cls, value: dict[str, ReleasedTemplate]) -> dict[str, ReleasedTemplate]:
-        # Sync joins these keys into volume paths (models/<id>, locks/<id>.lock): only catalog ids pass.
-        bad = [key for key in value if not re.match(ID_PATTERN, key)]
+    def _ids(cls, value: dict | None) -> dict | None:
+        # Sync joins these keys into volume paths (models/<id>, addons/<name>, locks/...): only catalog ids.
+        bad = [key for key in value or () if not re.match(ID_PATTERN, key)]
         if bad:
             raise ValueError(
-                f"template ids {bad!r} are not catalog ids (pattern {ID_PATTERN}: lowercase letters, digits "
+                f"ids {bad!r} are not catalog ids (pattern {ID_PATTERN}: lowercase letters, digits "
                 "and inner dashes); republish the release from templates.json"
             )
         return value
+
+    def folder_hashes(self) -> list[str]:
+        """The `.dir` hash of every folder the release names (templates, then add-ons): what must stay
+        on the remote for it to be synced."""
+        return [t.dir_md5 for t in self.templates.values()] + [
+            a.dir_md5 for a in (self.addons or {}).values()
+        ]
+
+    def addons_for(self, template_ids: list[str] | None = None) -> list[str]:
+        """Names of the add-ons offered with any of `template_ids` (None: every template), sorted."""
+        wanted = set(self.templates if template_ids is None else template_ids)
+        offered = {
+            name: set(self.templates if addon.templates is None else addon.templates)
+            for name, addon in (self.addons or {}).items()
+        }
+        return sorted(name for name, templates in offered.items() if wanted & templates)
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"

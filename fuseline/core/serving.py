@@ -46,6 +46,19 @@ MAX_SIZE = 2048
 DEFAULT_MAX_PIXELS = 1536 * 1536
 
 
+# Clip skip in the A1111/Civitai numbering, for SDXL as Forge applies it to both text encoders: N takes the
+# hidden state N layers from the end (hidden_states[-N]), with 1 and 2 both SDXL's own penultimate layer (it
+# was trained on it). At most CLIP-L's 12 layers. docs/templates.md ("Clip skip") compares the UIs.
+CLIP_SKIP_MIN = 1
+CLIP_SKIP_MAX = 12
+SDXL_CLIP_SKIP = 2
+
+
+def hidden_state_index(clip_skip: int | None) -> int:
+    """The index into a CLIP encoder's `hidden_states` that `clip_skip` selects (None: SDXL's -2)."""
+    return -max(SDXL_CLIP_SKIP, clip_skip or SDXL_CLIP_SKIP)
+
+
 def size_problem(value: int, min_size: int = DEFAULT_MIN_SIZE) -> str | None:
     """Why a width or height is not one the worker serves, or None when it is."""
     if value % SIZE_MULTIPLE or not min_size <= value <= MAX_SIZE:

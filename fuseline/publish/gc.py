@@ -98,7 +98,7 @@ def referenced_objects(root: Path, store: ObjectStore) -> set[str]:
     local_cache = root / ".dvc" / "cache"
     dirs: set[str] = set()
     for release in [*release_history(store), *current_releases(store).values()]:
-        dirs.update(t.dir_md5 for t in release.templates.values())
+        dirs.update(release.folder_hashes())
     files, lock_dirs = _lock_object_refs(root)
     dirs |= lock_dirs
     keys = {object_key(m) for m in files}

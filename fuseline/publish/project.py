@@ -16,14 +16,16 @@ from typing import Any
 
 import yaml
 
-from fuseline.core.manifest import ManifestError, ModelManifest
+from fuseline.core.manifest import AddonManifest, ManifestError, ModelManifest
 from fuseline.core.redact import redact
-from fuseline.core.release import LoraSummary, ReleasedTemplate
+from fuseline.core.release import EmbeddingSummary, LoraSummary, ReleasedAddon, ReleasedTemplate
 from fuseline.publish.errors import PublishError
 from fuseline.remote.stores import RemoteConfig
 
 MODELS_DIR = "artifacts/models"
+ADDONS_DIR = "artifacts/addons"
 _MERGE_STAGE = re.compile(r"^merge@(?P<id>.+)$")
+_ADDON_STAGE = re.compile(r"^addon@(?P<id>.+)$")
 _VERIFY_STAGE = re.compile(r"^verify@(?P<id>.+)$")
 
 
@@ -45,41 +47,62 @@ def read_lock(root: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def catalog_template_ids(root: Path) -> list[str]:
+def _catalog_ids(root: Path, key: str) -> list[str]:
     path = root / "templates.json"
     try:
-        return sorted(json.loads(path.read_text())["templates"])
+        data = json.loads(path.read_text())
+        return sorted(data[key] if key == "templates" else data.get(key, {}))
     except FileNotFoundError:
         raise PublishError("NO_CATALOG", f"{path}: not found (fix: run from the project root)") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise PublishError(
-            "BAD_CATALOG", f"{path}: cannot read templates ({exc}) (fix: `fuseline validate`)"
+            "BAD_CATALOG", f"{path}: cannot read {key} ({exc}) (fix: `fuseline validate`)"
         ) from None
 
 
-def built_templates(root: Path, template_ids: Iterable[str] | None = None) -> dict[str, BuiltTemplate]:
-    """Each catalog template's model folder from dvc.lock (the `merge@<id>` stage's out)."""
-    ids = list(template_ids) if template_ids is not None else catalog_template_ids(root)
+def catalog_template_ids(root: Path) -> list[str]:
+    return _catalog_ids(root, "templates")
+
+
+def catalog_addon_names(root: Path) -> list[str]:
+    """The catalog's add-on names (none when it has no `addons`)."""
+    return _catalog_ids(root, "addons")
+
+
+def _built_folders(root: Path, stage: str, folder: str, ids: Iterable[str]) -> dict[str, BuiltTemplate]:
+    """The folder `<folder>/<id>` each `<stage>@<id>` stage wrote, as dvc.lock records it."""
     stages = read_lock(root).get("stages", {})
     found: dict[str, BuiltTemplate] = {}
-    for template in ids:
-        wanted = f"{MODELS_DIR}/{template}"
-        outs = stages.get(f"merge@{template}", {}).get("outs", [])
+    for item in ids:
+        wanted = f"{folder}/{item}"
+        outs = stages.get(f"{stage}@{item}", {}).get("outs", [])
         out = next((o for o in outs if o.get("path") == wanted), None)
         if out is None or not str(out.get("md5", "")).endswith(".dir"):
             raise PublishError(
                 "NOT_BUILT",
-                f"{root / 'dvc.lock'}: no entry for {wanted} (stage merge@{template}) "
-                f"(fix: `dvc repro merge@{template}`, or `dvc repro --pull` to restore it)",
+                f"{root / 'dvc.lock'}: no entry for {wanted} (stage {stage}@{item}) "
+                f"(fix: `dvc repro {stage}@{item}`, or `dvc repro --pull` to restore it)",
             )
-        found[template] = BuiltTemplate(
-            id=template,
+        found[item] = BuiltTemplate(
+            id=item,
             path=wanted,
             dir_md5=out["md5"],
             size=int(out.get("size", 0)),
             nfiles=int(out.get("nfiles", 1)),
         )
     return found
+
+
+def built_templates(root: Path, template_ids: Iterable[str] | None = None) -> dict[str, BuiltTemplate]:
+    """Each catalog template's model folder from dvc.lock (the `merge@<id>` stage's out)."""
+    ids = list(template_ids) if template_ids is not None else catalog_template_ids(root)
+    return _built_folders(root, "merge", MODELS_DIR, ids)
+
+
+def built_addons(root: Path, names: Iterable[str] | None = None) -> dict[str, BuiltTemplate]:
+    """Each catalog add-on's folder from dvc.lock (the `addon@<name>` stage's out)."""
+    ids = list(names) if names is not None else catalog_addon_names(root)
+    return _built_folders(root, "addon", ADDONS_DIR, ids)
 
 
 def released_template(root: Path, built: BuiltTemplate) -> ReleasedTemplate:
@@ -104,6 +127,36 @@ def released_template(root: Path, built: BuiltTemplate) -> ReleasedTemplate:
         checkpoint=manifest.checkpoint.source,
         loras=[LoraSummary(source=x.source, sha256=x.sha256, scale=x.scale) for x in manifest.loras],
         prediction_type=manifest.prediction_type,
+        embeddings=None
+        if manifest.embeddings is None
+        else [EmbeddingSummary(token=x.token, source=x.source, sha256=x.sha256) for x in manifest.embeddings],
+    )
+
+
+def released_addon(root: Path, built: BuiltTemplate) -> ReleasedAddon:
+    """The release entry of a built add-on: its hash and sizes plus what its addon.json says."""
+    try:
+        manifest = AddonManifest.read(root / built.path)
+    except ManifestError as exc:
+        fix = f"(fix: `dvc checkout {built.path}` or `dvc repro addon@{built.id}`)"
+        raise PublishError("BAD_MANIFEST", f"{exc} {fix}") from None
+    if manifest.name != built.id:
+        raise PublishError(
+            "BAD_MANIFEST",
+            f"{root / built.path}/addon.json: names add-on {manifest.name!r}, expected {built.id!r} "
+            f"(fix: `dvc repro addon@{built.id}`)",
+        )
+    return ReleasedAddon(
+        dir_md5=built.dir_md5,
+        path=built.path,
+        size=built.size,
+        nfiles=built.nfiles,
+        source=manifest.source,
+        sha256=manifest.sha256,
+        default_scale=manifest.default_scale,
+        min_scale=manifest.min_scale,
+        max_scale=manifest.max_scale,
+        templates=manifest.templates,
     )
 
 
@@ -142,6 +195,18 @@ def stale_templates(root: Path, template_ids: Iterable[str]) -> list[str]:
         raise PublishError("DVC_FAILED", f"`dvc status` failed in {root}: {_last_line(proc.stderr)}")
     changed = json.loads(proc.stdout or "{}")
     return sorted(m["id"] for name in changed if (m := _MERGE_STAGE.match(name)))
+
+
+def stale_addons(root: Path, names: Iterable[str]) -> list[str]:
+    """Add-ons whose `addon@<name>` stage `dvc status` reports changed."""
+    targets = [f"addon@{name}" for name in names]
+    if not targets:
+        return []
+    proc = run_dvc(root, "status", "--json", *targets)
+    if proc.returncode != 0:
+        raise PublishError("DVC_FAILED", f"`dvc status` failed in {root}: {_last_line(proc.stderr)}")
+    changed = json.loads(proc.stdout or "{}")
+    return sorted(m["id"] for name in changed if (m := _ADDON_STAGE.match(name)))
 
 
 def unverified_templates(root: Path, template_ids: Iterable[str]) -> list[str]:

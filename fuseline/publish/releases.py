@@ -24,10 +24,13 @@ from fuseline.core.release import (
 )
 from fuseline.publish.errors import PublishError
 from fuseline.publish.project import (
+    built_addons,
     built_templates,
     git_commit,
     push,
+    released_addon,
     released_template,
+    stale_addons,
     stale_templates,
     unverified_templates,
 )
@@ -138,7 +141,8 @@ def publish(
     store = open_store(remote)
     store.check()
     built = built_templates(root)
-    stale = stale_templates(root, built)
+    addons = built_addons(root)
+    stale = stale_templates(root, built) + [f"add-on {name}" for name in stale_addons(root, addons)]
     if stale:
         raise PublishError(
             "STALE",
@@ -154,7 +158,8 @@ def publish(
             "check it passes, commit dvc.lock, then publish)",
         )
     templates = {t: released_template(root, b) for t, b in built.items()}
-    dir_md5s = sorted(b.dir_md5 for b in built.values())
+    released_addons = {name: released_addon(root, b) for name, b in addons.items()}
+    dir_md5s = sorted({b.dir_md5 for b in [*built.values(), *addons.values()]})
     if do_push:
         push(root, remote)
     missing = missing_objects(store, dir_md5s)
@@ -178,7 +183,14 @@ def publish(
     # Before the release: a released model's sources are in the archive, so it can be rebuilt elsewhere.
     sources = archive_sources(root, store) if archive_sources is not None and do_push else None
     created = (now or datetime.now(UTC)).strftime(TIMESTAMP_FORMAT)
-    release = Release(channel=channel, created=created, git_commit=git_commit(root), templates=templates)
+    release = Release(
+        channel=channel,
+        created=created,
+        git_commit=git_commit(root),
+        templates=templates,
+        # None (absent from the JSON) without add-ons: such a release reads exactly as before the field.
+        addons=released_addons or None,
+    )
     return PublishResult(release=write_release(store, release), remote=remote.name, sources=sources)
 
 
@@ -255,7 +267,7 @@ def rollback(store: ObjectStore, channel: str, to: str) -> Release:
             "fix: pick one from `fuseline release list`)",
         )
     release = load_release(store, history_key(channel, to), data)
-    missing = missing_objects(store, (t.dir_md5 for t in release.templates.values()))
+    missing = missing_objects(store, release.folder_hashes())
     if missing:
         raise PublishError(
             "INCOMPLETE_RELEASE",

@@ -126,11 +126,17 @@ def _source_objects(root: _Node) -> Iterator[tuple[str, _Node]]:
     templates = root.get("templates")
     if templates is not None and templates.kind == "object":
         for key, _, template in templates.members:
-            loras = template.get("loras") if template.kind == "object" else None
-            if loras is not None and loras.kind == "array":
-                for index, node in enumerate(loras.items):
-                    if node.kind == "object":
-                        yield format_path(("templates", key, "loras", index)), node
+            for kind in ("loras", "embeddings"):
+                items = template.get(kind) if template.kind == "object" else None
+                if items is not None and items.kind == "array":
+                    for index, node in enumerate(items.items):
+                        if node.kind == "object":
+                            yield format_path(("templates", key, kind, index)), node
+    addons = root.get("addons")
+    if addons is not None and addons.kind == "object":
+        for key, _, node in addons.members:
+            if node.kind == "object":
+                yield format_path(("addons", key)), node
 
 
 # ------------------------------------------------------------------------------------------ locking

@@ -121,3 +121,17 @@ def test_a_bad_download_setting_is_config_invalid(civitai, tmp_path, monkeypatch
     code, out = invoke("lock", str(path))
     assert code == 1 and "lock failed: [CONFIG_INVALID]" in out, out
     assert "FUSELINE_DOWNLOAD_ATTEMPTS='many' is not an integer" in out and "Traceback" not in out
+
+
+def test_embeddings_and_addons_are_pinned_too(civitai, tmp_path):
+    path = write_catalog(tmp_path, [])
+    catalog = json.loads(path.read_text())
+    catalog["templates"]["one"]["embeddings"] = [{"source": "civitai:202", "token": "embDetail"}]
+    catalog["addons"] = {"style": {"source": "civitai:201", "max_scale": 1.2}}
+    path.write_text(json.dumps(catalog, indent=2) + "\n")
+    code, out = invoke("lock", str(path))
+    assert code == 0, out
+    assert "templates.one.embeddings[0]" in out and "addons.style" in out, out
+    after = load_catalog(path)
+    assert after.templates["one"].embeddings[0].sha256 == civitai.versions[202].sha256
+    assert after.addons["style"].sha256 == civitai.versions[201].sha256

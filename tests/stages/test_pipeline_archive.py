@@ -1,7 +1,8 @@
 """Sources that survive their upstream, end to end with the real `dvc` and `fuseline` commands: build once
 against the local Civitai look-alike, publish (which archives every source), lose the files upstream (the
-LoRA deleted, the checkpoint replaced by other bytes), then build again in a fresh clone with an empty
-download cache: the same model bit for bit, each lost source logged as `source.archived`. Once with the
+LoRA and the add-on LoRA deleted, the checkpoint replaced by other bytes), then build again in a fresh
+clone with an empty download cache: the same model and add-on folder bit for bit, each lost source logged
+as `source.archived`. Once with the
 project's local remote, once with SeaweedFS S3."""
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from testkit.servers import SeaweedS3
 
 TARGET = "merge@alpha"
 MODEL = Path("artifacts/models/alpha")
+ADDON_TARGET = "addon@extra"
+ADDON = Path("artifacts/addons/extra")
 
 
 @dataclass
@@ -64,6 +67,7 @@ def built(kit, s3_server: SeaweedS3, tmp_path_factory) -> Iterator[Built]:
     with CivitaiServer(root / "civitai", api_key="civ-" + secrets.token_hex(16)) as civ:
         ckpt = civ.add_version(600, kit.single_file, name="tiny.safetensors", model_type="Checkpoint")
         lora = civ.add_version(601, kit.loras["kohya_sgm"], name="style.safetensors")
+        addon = civ.add_version(602, kit.loras["peft"], name="extra.safetensors")
         catalog = {
             "version": 1,
             "vae": {"source": f"file:{kit.vae_dir}"},
@@ -73,6 +77,8 @@ def built(kit, s3_server: SeaweedS3, tmp_path_factory) -> Iterator[Built]:
             "templates": {
                 "alpha": {"checkpoint": "tiny", "loras": [{"source": "civitai:601", "sha256": lora.sha256}]}
             },
+            # An add-on has no fetch stage of its own: the archive takes its file from its addon.json.
+            "addons": {"extra": {"source": "civitai:602", "sha256": addon.sha256}},
         }
         project = make_dvc_project(root / "a" / "project", catalog, params={"merge": {"shard_size_mb": 0.5}})
         local = root / "remote"
@@ -80,7 +86,7 @@ def built(kit, s3_server: SeaweedS3, tmp_path_factory) -> Iterator[Built]:
         (project.root / ".dvc" / "config").write_text(remotes_config(local, s3_url, s3_server, "local"))
         project.env.update(civ.env() | s3_server.env())
         project.env["FUSELINE_CACHE_DIR"] = str(root / "cache-a")
-        project.dvc("repro", "verify@alpha")
+        project.dvc("repro", "verify@alpha", ADDON_TARGET)
         for remote in ("local", "s3"):
             out = fuseline(project, "publish", "--remote", remote)
             assert "sources archived in" in out, out
@@ -91,6 +97,7 @@ def lose_upstream(civ: CivitaiServer) -> None:
     """The LoRA's author deleted it (the API answers 404); the checkpoint's file was replaced by other bytes
     (its listed sha256 no longer matches what is served)."""
     civ.versions.pop(601, None)
+    civ.versions.pop(602, None)
     checkpoint = civ.root / "storage" / civ.versions[600].storage_path.lstrip("/")
     checkpoint.write_bytes(checkpoint.read_bytes()[:-1024] + b"\0" * 1024)
 
@@ -120,18 +127,23 @@ def test_a_fresh_clone_rebuilds_the_same_model_from_the_archive_after_upstream_l
     clone.env["FUSELINE_CACHE_DIR"] = str(built.root / f"cache-{remote}")
     built.civitai.clear_requests()
 
-    proc = clone.dvc("repro", TARGET)
+    proc = clone.dvc("repro", TARGET, ADDON_TARGET)
 
     # Upstream was asked and failed (this is no cache hit): the LoRA's metadata 404, the checkpoint's bytes.
     asked = {(r.path.split("?")[0], r.status) for r in built.civitai.api.requests}
     assert ("/api/v1/model-versions/601", 404) in asked and ("/api/download/models/600", 307) in asked
     events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
     archived = sorted((e["source"], e["upstream_code"]) for e in events if e["event"] == "source.archived")
-    assert archived == [("civitai:600", "SHA256_MISMATCH"), ("civitai:601", "NOT_FOUND")], proc.stderr[-3000:]
+    assert archived == [
+        ("civitai:600", "SHA256_MISMATCH"),
+        ("civitai:601", "NOT_FOUND"),
+        ("civitai:602", "NOT_FOUND"),
+    ], proc.stderr[-3000:]
     assert all(e["archive"].startswith(built.s3_url if remote == "s3" else str(built.local_remote))
                for e in events if e["event"] == "source.archived")  # fmt: skip
     # The same model, bit for bit, and the same DVC hash for it.
     assert files_of(clone.root / MODEL) == files_of(built.project.root / MODEL)
+    assert files_of(clone.root / ADDON) == files_of(built.project.root / ADDON)
     model_outs = [
         [o for o in p.lock()["stages"][TARGET]["outs"] if o["path"] == MODEL.as_posix()]
         for p in (clone, built.project)

@@ -530,3 +530,27 @@ def test_a_release_entry_the_recipe_refuses_is_a_warning_not_a_sync_failure(
     message = next(r.getMessage() for r in caplog.records if event_fields(r)[0] == "sync.recipe_not_written")
     assert "ValidationError" in message and "sha256 must be 64 lowercase hex digits, got 'ABC123'" in message
     assert not recipe_path(tmp_path / "fresh", TINY).exists()
+
+
+def test_an_addon_on_a_fallback_pipeline_sits_beside_its_loras_and_leaves_them_as_they_were(
+    kit, fallback_worker
+) -> None:
+    """A job's add-on is set beside the template's own runtime adapters, and afterwards the adapters are the
+    template's alone at their scales again: the next job's image is the one before, bit for bit."""
+    from stages.addon import write_addon
+    from stages.lora import LoraInput
+
+    volume = fallback_worker.settings.volume
+    rules = {"default_scale": 0.5, "min_scale": 0.0, "max_scale": 1.0, "templates": None}
+    if not (volume / "addons" / "extra").is_dir():
+        source = LoraInput(kit.loras["kohya_diffusers"], 0.5, "file:loras/kohya_diffusers.safetensors")
+        write_addon("extra", source, rules, {"tiny": kit.diffusers_dir}, volume / "addons" / "extra")
+    before = fallback_worker.run(JOB)
+    added = fallback_worker.run({**JOB, "loras": [{"name": "extra", "scale": 0.8}]})
+    after = fallback_worker.run(JOB)
+    assert added["degraded"] is True and added["template"]["addons"][0]["name"] == "extra"
+    assert numpy.abs(pixels(added) - pixels(before)).max() > 0
+    assert after["images"][0]["data"] == before["images"][0]["data"]
+    entry, _ = fallback_worker.cache.get(TEMPLATE)
+    names = [adapter_name(i, f"file:loras/{n}.safetensors") for i, (n, _) in enumerate(LORAS)]
+    assert entry.pipe.get_active_adapters() == names

@@ -58,12 +58,15 @@ def test_generates_a_png_with_resolved_parameters() -> None:
         "num_images": 1,
         "scheduler": "default",
         "output": {"format": "png", "quality": 90, "return": "base64"},
+        "clip_skip": 2,  # SDXL's own layer (docs/templates.md, "Clip skip")
+        "loras": [],  # the add-ons applied
     }
     assert result["template"] == {
         "id": TEMPLATE,
         "model_hash": "0" * 64,
         "checkpoint": {"id": "sdxl-tiny", "source": "file:sdxl-tiny.safetensors", "sha256": "a" * 64},
         "loras": [{"source": "file:loras/kohya_sgm.safetensors", "sha256": "b" * 64, "scale": 0.8}],
+        "addons": [],  # the job asked for none
     }
     assert set(result["timings_ms"]) == {"load", "inference", "decode", "encode", "total"}
     assert result["warnings"] == []

@@ -4,6 +4,7 @@ thing for each template, before any download can fail) and the worker's fallback
     .fuseline/recipes/<template>.json        the recipe: the template's checkpoint, LoRAs, spec hash
     sources/checkpoints/<checkpoint dir>/    the base checkpoint as a diffusers SDXL folder (safetensors)
     sources/loras/<sha256>.safetensors       each LoRA file, named by its content hash
+    sources/embeddings/<sha256>.safetensors  each textual-inversion embedding, named by its content hash
 
 Files and JSON only (no torch): the volume layout is sync's business; loading is worker/fallback.py's.
 """
@@ -29,6 +30,7 @@ RECIPE_FORMAT = 1
 RECIPES_DIR = Path(".fuseline") / "recipes"
 CHECKPOINTS_DIR = Path("sources") / "checkpoints"
 LORAS_DIR = Path("sources") / "loras"
+EMBEDDINGS_DIR = Path("sources") / "embeddings"
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 # Longest checkpoint folder name kept as is; longer sources get a hash suffix (filesystems stop at 255).
 MAX_DIR_NAME = 120
@@ -58,6 +60,14 @@ class RecipeLora(_Frozen):
         return value
 
 
+class RecipeEmbedding(_Frozen):
+    token: str
+    source: str
+    sha256: str = Field(description="SHA-256 of the embedding file; also its name under sources/embeddings/.")
+
+    _hex = field_validator("sha256")(lambda value: RecipeLora._hex(value))
+
+
 class Recipe(_Frozen):
     """What the merged folder was built from, kept apart from it so the template survives its loss."""
 
@@ -68,6 +78,9 @@ class Recipe(_Frozen):
     loras: list[RecipeLora] = Field(default_factory=list, description="In fusing order.")
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     defaults: Defaults | None = Field(default=None, description="Absent: the worker's global defaults.")
+    embeddings: list[RecipeEmbedding] | None = Field(
+        default=None, description="Textual-inversion embeddings loaded into both text encoders."
+    )
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2, sort_keys=True) + "\n"
@@ -85,6 +98,9 @@ def recipe_from_release(template_id: str, released: ReleasedTemplate) -> Recipe:
         checkpoint=released.checkpoint,
         loras=[RecipeLora(source=x.source, sha256=x.sha256, scale=x.scale) for x in released.loras],
         prediction_type=released.prediction_type,
+        embeddings=None
+        if released.embeddings is None
+        else [RecipeEmbedding(token=x.token, source=x.source, sha256=x.sha256) for x in released.embeddings],
     )
 
 
@@ -147,6 +163,10 @@ def lora_path(volume: Path, sha256: str) -> Path:
     return Path(volume) / LORAS_DIR / f"{sha256}.safetensors"
 
 
+def embedding_path(volume: Path, sha256: str) -> Path:
+    return Path(volume) / EMBEDDINGS_DIR / f"{sha256}.safetensors"
+
+
 def missing_sources(volume: Path, recipe: Recipe) -> list[str]:
     """What the recipe needs that the volume lacks, one line each (empty: the fallback can load)."""
     missing = []
@@ -160,6 +180,10 @@ def missing_sources(volume: Path, recipe: Recipe) -> list[str]:
             pickles = [p.name for p in (path.with_suffix(s) for s in PICKLE_SUFFIXES) if p.exists()]
             note = f"; {', '.join(pickles)} there is a pickle file, refused: convert it" if pickles else ""
             missing.append(f"{path} (LoRA {lora.source!r}){note}")
+    for embedding in recipe.embeddings or ():
+        path = embedding_path(volume, embedding.sha256)
+        if not path.is_file():
+            missing.append(f"{path} (embedding {embedding.token!r}, {embedding.source!r})")
     return missing
 
 

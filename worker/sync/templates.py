@@ -1,5 +1,6 @@
 """Syncing templates: bring `<volume>/models/<template>/` to the version a release names, from the DVC
-remote, verified, resumable and safe with many workers starting at once on one network volume.
+remote, verified, resumable and safe with many workers starting at once on one network volume; then the
+add-on LoRAs offered with those templates, the same way, into `<volume>/addons/<name>/`.
 
 Per template: trust the marker when it names the release's hash (warm start costs one small GET of the
 release); otherwise take the template's volume lock, read the folder listing, HEAD the missing objects,
@@ -18,20 +19,20 @@ import socket
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fuseline.core.errors import ConfigInvalid
 from fuseline.core.files import md5_file
 from fuseline.core.logs import log_event
-from fuseline.core.release import Release, ReleasedTemplate, object_key
+from fuseline.core.release import Release, ReleasedAddon, ReleasedTemplate, object_key
 from worker.sync.errors import ObjectCorrupt, ReleaseInvalid, SyncError, VolumeError
 from worker.sync.locks import VolumeLock
 from worker.sync.objects import Transfer, fetch_objects, resumed_bytes
 from worker.sync.recipes import recipe_from_release, write_recipe
 from worker.sync.remote import open_release, read_release
 from worker.sync.settings import SyncSettings
-from worker.sync.volume import Entry, Volume, check_free_space, parse_listing, place
+from worker.sync.volume import ADDONS_FOLDER, Entry, Volume, check_free_space, parse_listing, place
 
 log = logging.getLogger("fuseline.worker.sync")
 
@@ -62,10 +63,12 @@ class SyncReport:
     templates: list[TemplateResult] = field(default_factory=list)
     error: str | None = None  # a failure before any template (release unreadable, remote down)
     seconds: float = 0.0
+    # Add-on LoRAs offered with the synced templates (`template` holds the add-on's name).
+    addons: list[TemplateResult] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.error is None and all(t.ok for t in self.templates)
+        return self.error is None and all(t.ok for t in [*self.templates, *self.addons])
 
     @property
     def available(self) -> list[str]:
@@ -75,13 +78,15 @@ class SyncReport:
     def summary(self) -> dict:
         """The report in numbers, for the worker's `sync.done`/`worker.start` events: failures count the
         templates whose sync failed (kept or not) plus one when the release itself could not be read."""
+        folders = [*self.templates, *self.addons]
         return {
             "release": self.release,
             "seconds": round(self.seconds, 2),
-            "bytes": sum(t.bytes_fetched for t in self.templates),
-            "objects": sum(t.objects_fetched for t in self.templates),
-            "failures": sum(1 for t in self.templates if t.error) + (1 if self.error else 0),
+            "bytes": sum(t.bytes_fetched for t in folders),
+            "objects": sum(t.objects_fetched for t in folders),
+            "failures": sum(1 for t in folders if t.error) + (1 if self.error else 0),
             "templates": {t.template: t.status for t in self.templates},
+            **({"addons": {a.template: a.status for a in self.addons}} if self.addons else {}),
             "error": self.error,
         }
 
@@ -96,12 +101,15 @@ class SyncReport:
             out.append(f"  error: {self.error}")
         for t in self.templates:
             out.append("  " + _template_line(t))
+        for a in self.addons:
+            out.append("  add-on " + _template_line(a))
         return out
 
     def log(self, logger: logging.Logger) -> None:
-        """The report as log events: `sync.template` for each template, then `sync.done` with summary()'s
-        fields (docs/operations.md, "Worker logs"). The worker's start and `python -m worker.sync` both log
-        it so: JSON lines off a terminal, every string redacted (fuseline.core.logs)."""
+        """The report as log events: `sync.template` for each template, `sync.addon` for each add-on, then
+        `sync.done` with summary()'s fields (docs/operations.md, "Worker logs"). The worker's start and
+        `python -m worker.sync` both log it so: JSON lines off a terminal, every string redacted
+        (fuseline.core.logs)."""
         for t in self.templates:
             log_event(
                 logger,
@@ -115,6 +123,20 @@ class SyncReport:
                 bytes=t.bytes_fetched,
                 reused=t.objects_reused,
                 error=t.error,
+            )
+        for a in self.addons:
+            log_event(
+                logger,
+                "sync.addon",
+                "add-on " + _template_line(a),
+                level=logging.INFO if a.ok else logging.WARNING,
+                addon=a.template,
+                status=a.status,
+                dir_md5=a.dir_md5,
+                objects=a.objects_fetched,
+                bytes=a.bytes_fetched,
+                reused=a.objects_reused,
+                error=a.error,
             )
         level = logging.INFO if self.ok else logging.WARNING
         log_event(logger, "sync.done", "\n".join(self.lines()), level=level, **self.summary())
@@ -136,13 +158,19 @@ class _Ctx(Transfer):
     lock_stale_after: float
     lock_timeout: float | None
     object_grace: float
+    # What the folders of this context are, in messages: "template" (models/) or "add-on" (addons/).
+    kind: str = "template"
+
+
+# A release entry of a folder: a template's model folder or an add-on's.
+Released = ReleasedTemplate | ReleasedAddon
 
 
 # ----------------------------------------------------------------------------------------- templates
 
 
 def _listing(ctx: _Ctx, template: str, dir_md5: str) -> list[Entry]:
-    where = f"{ctx.remote.describe(object_key(dir_md5))} (template {template})"
+    where = f"{ctx.remote.describe(object_key(dir_md5))} ({ctx.kind} {template})"
     stored = ctx.volume.object_path(dir_md5)
     if stored.is_file():
         return parse_listing(stored.read_bytes(), where)
@@ -159,11 +187,16 @@ def _listing(ctx: _Ctx, template: str, dir_md5: str) -> list[Entry]:
     return entries
 
 
-def _marker(ctx: _Ctx, template: str, released: ReleasedTemplate) -> dict:
+def _marker(ctx: _Ctx, template: str, released: Released) -> dict:
+    identity = (
+        {"spec_hash": released.spec_hash}
+        if isinstance(released, ReleasedTemplate)
+        else {"sha256": released.sha256, "kind": "addon"}
+    )
     return {
         "template": template,
         "dir_md5": released.dir_md5,
-        "spec_hash": released.spec_hash,
+        **identity,
         "size": released.size,
         "nfiles": released.nfiles,
         "channel": ctx.release.channel,
@@ -173,9 +206,9 @@ def _marker(ctx: _Ctx, template: str, released: ReleasedTemplate) -> dict:
     }
 
 
-def _fetch_template(ctx: _Ctx, template: str, released: ReleasedTemplate, result: TemplateResult) -> None:
+def _fetch_template(ctx: _Ctx, template: str, released: Released, result: TemplateResult) -> None:
     entries = _listing(ctx, template, released.dir_md5)
-    where = f"{ctx.remote.describe(object_key(released.dir_md5))} (template {template})"
+    where = f"{ctx.remote.describe(object_key(released.dir_md5))} ({ctx.kind} {template})"
     if len(entries) != released.nfiles:
         raise ReleaseInvalid(f"{where}: listing has {len(entries)} files, the release says {released.nfiles}")
     relpaths: dict[str, list[str]] = {}
@@ -203,13 +236,13 @@ def _fetch_template(ctx: _Ctx, template: str, released: ReleasedTemplate, result
         )
     # Bytes still to write: partial files already hold the finished parts of a resumed download.
     needed = sum(size - resumed_bytes(ctx.volume, md5, size, ctx.part_size) for md5, size in sizes.items())
-    check_free_space(ctx.volume, needed, f"template {template} ({len(sizes)} objects to fetch)")
+    check_free_space(ctx.volume, needed, f"{ctx.kind} {template} ({len(sizes)} objects to fetch)")
     result.bytes_fetched = fetch_objects(ctx, sizes, relpaths)
     result.objects_fetched = len(sizes)
     result.objects_reused = len(stored)
 
 
-def _verify_template(ctx: _Ctx, template: str, released: ReleasedTemplate, result: TemplateResult) -> None:
+def _verify_template(ctx: _Ctx, template: str, released: Released, result: TemplateResult) -> None:
     """Re-hash the served folder; refetch damaged objects and swap the files in (each swap atomic)."""
     version = ctx.volume.current_version(template)
     assert version is not None
@@ -259,10 +292,15 @@ def _write_recipe(volume: Volume, template: str, released: ReleasedTemplate) -> 
 
 def _sync_template(ctx: _Ctx, template: str, verify: bool) -> TemplateResult:
     released = ctx.release.templates[template]
+    _write_recipe(ctx.volume, template, released)  # a failure is a warning event, not the template's error
+    return _sync_folder(ctx, template, released, verify)
+
+
+def _sync_folder(ctx: _Ctx, template: str, released: Released, verify: bool) -> TemplateResult:
+    """Bring one folder of `ctx.volume` (a template's, or an add-on's) to the release's version."""
     result = TemplateResult(template, "present", released.dir_md5)
     volume = ctx.volume
     result.path = str(volume.link_path(template))
-    _write_recipe(volume, template, released)  # a failure is a warning event, not the template's error
     if volume.current_release_hash(template) == released.dir_md5 and not verify:
         return result  # warm start: trust the marker (written only after a verified, complete build)
     lock = VolumeLock(volume.lock_path(template), stale_after=ctx.lock_stale_after, timeout=ctx.lock_timeout)
@@ -303,7 +341,8 @@ def sync_templates(
     lock_stale_after: float | None = None,
     lock_timeout: float | None = None,
 ) -> SyncReport:
-    """Sync `template_ids` (default: every template of the release) onto `volume`.
+    """Sync `template_ids` (default: every template of the release) onto `volume`, then the release's add-on
+    LoRAs offered with any of them (`report.addons`).
 
     `settings`: the FUSELINE_SYNC_* values the process parsed at its start; without them they are read
     from the environment here, and a bad one is the report's CONFIG_INVALID error. The keyword values
@@ -365,14 +404,28 @@ def sync_templates(
                 )
             )
             continue
-        try:
-            report.templates.append(_sync_template(ctx, template, verify))
-        except (SyncError, OSError) as err:
-            if not isinstance(err, SyncError):
-                err = VolumeError(f"volume {vol.root}: {err}; check that it is mounted and writable")
-            # A failed update leaves the version already there in service: report it as kept.
-            present = vol.current_release_hash(template)
-            status = "kept" if present else "failed"
-            report.templates.append(TemplateResult(template, status, present, error=str(err)))
+        report.templates.append(_sync_guarded(ctx, template, lambda t: _sync_template(ctx, t, verify)))
+    # The add-ons a job on these templates may ask for, into addons/ (same store, versions and locks).
+    addons = replace(ctx, volume=Volume(vol.root, ADDONS_FOLDER), kind="add-on")
+    synced = [t.template for t in report.templates if t.template in release.templates]
+    for name in release.addons_for(synced) if synced else []:
+        assert release.addons is not None
+        entry = release.addons[name]
+        report.addons.append(
+            _sync_guarded(addons, name, lambda n, e=entry: _sync_folder(addons, n, e, verify))
+        )
     report.seconds = time.monotonic() - started
     return report
+
+
+def _sync_guarded(ctx: _Ctx, name: str, sync) -> TemplateResult:
+    """`sync(name)`'s result, or its failure as a result: a failed update leaves the version already there
+    in service (reported `kept`)."""
+    try:
+        return sync(name)
+    except (SyncError, OSError) as err:
+        if not isinstance(err, SyncError):
+            err = VolumeError(f"volume {ctx.volume.root}: {err}; check that it is mounted and writable")
+        present = ctx.volume.current_release_hash(name)
+        status = "kept" if present else "failed"
+        return TemplateResult(name, status, present, error=str(err))

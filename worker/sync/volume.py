@@ -12,6 +12,8 @@ Layout under the volume root:
     models/<id> -> .v.<id>.<dir md5>          relative symlink: the version served
     models/.t.<id>.<uuid>/, .l.<id>.<uuid>    a version being built, a symlink about to replace <id>
     models/.x.<...>, .r.<...>                 a folder being deleted (trash), a version being retired
+    addons/...                                the same for add-on LoRA folders (Volume(root, "addons"))
+    .fuseline/locks/addons.<name>.lock        an add-on's sync lock
 
 Bookkeeping names start with a one-letter tag and a dot: template ids (catalog ID_PATTERN, [a-z0-9-],
 validated in the release) hold no dot, so `.v.<id>.` can only be a version of that very template, never
@@ -145,14 +147,26 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+MODELS_FOLDER = "models"
+# Add-on LoRAs (addons/<name> -> .v.<name>.<dir md5>/ holding addon.json and lora.safetensors): the same
+# versions, switch and leases as model folders, sharing the object store.
+ADDONS_FOLDER = "addons"
+
+
 class Volume:
-    def __init__(self, root: Path | str) -> None:
+    """The volume's store plus one kind of served folder: `models/` (templates, the default) or `addons/`."""
+
+    def __init__(self, root: Path | str, folder: str = MODELS_FOLDER) -> None:
         self.root = Path(root)
         self.state = self.root / STATE_DIR
         self.objects = self.state / "objects"
         self.partial = self.state / "partial"
         self.locks = self.state / "locks"
-        self.models = self.root / "models"
+        # The served folders of this kind (named `models` for history: add-ons live in `addons/`).
+        self.models = self.root / folder
+        # Lock files of add-ons carry their kind (`addons.<name>.lock`): names hold no dots, so a template
+        # and an add-on of the same name never share a lock.
+        self._lock_prefix = "" if folder == MODELS_FOLDER else f"{folder}."
 
     def ensure(self) -> None:
         for folder in (self.objects, self.partial, self.locks, self.models):
@@ -184,7 +198,7 @@ class Volume:
         return target
 
     def lock_path(self, template: str) -> Path:
-        return self.locks / f"{template}.lock"
+        return self.locks / f"{self._lock_prefix}{template}.lock"
 
     # -- versions
 

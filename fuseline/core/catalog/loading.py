@@ -15,14 +15,18 @@ from pydantic import BaseModel, ValidationError
 from fuseline.core import serving
 from fuseline.core.catalog.model import (
     CATALOG_VERSION,
+    AddonSpec,
     Catalog,
     Checkpoint,
     Defaults,
+    EmbeddingSpec,
     LoraSpec,
     Template,
     VaeSpec,
+    addon_pickle_error,
     pickle_error,
     serving_errors,
+    unknown_addon_template,
     unknown_checkpoint,
 )
 from fuseline.core.catalog.problems import CatalogError, Problem, format_path, show_value
@@ -95,6 +99,23 @@ _FIELD_RULES: dict[str, tuple[str, str]] = {
     ),
     "negative_prompt": ("a string", 'write "" for none'),
     "scheduler": ("a scheduler name (a string)", "remove it to use the export's scheduler"),
+    "clip_skip": ("a whole number from 1 to 12", "use 2 (SDXL's own layer) or remove it"),
+    "embeddings": (
+        "a list of embedding objects",
+        'write "embeddings": [{"source": "...", "token": "negativeXL_D"}]',
+    ),
+    "token": ("a string", 'write the word prompts use, e.g. "negativeXL_D"'),
+    "addons": (
+        "an object mapping add-on names to add-ons",
+        'write "addons": {"<name>": {"source": "...", "max_scale": 1.0}}',
+    ),
+    "default_scale": ("a finite number from -4 to 4", "use a number such as 0.8"),
+    "min_scale": ("a finite number from -4 to 4", "use a number such as 0"),
+    "max_scale": ("a finite number from -4 to 4", "use a number such as 1.2"),
+}
+# Keys whose rule differs under addons.<name> (an add-on's `templates` is a list of ids).
+_ADDON_FIELD_RULES: dict[str, tuple[str, str]] = {
+    "templates": ("a list of template ids", 'write "templates": ["<template id>", ...] or remove it'),
 }
 
 
@@ -110,6 +131,10 @@ def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
         return Template
     if len(loc) == 4 and loc[0] == "templates" and loc[2] == "loras":
         return LoraSpec
+    if len(loc) == 4 and loc[0] == "templates" and loc[2] == "embeddings":
+        return EmbeddingSpec
+    if len(loc) == 2 and loc[0] == "addons":
+        return AddonSpec
     if len(loc) == 3 and loc[0] == "templates" and loc[2] == "defaults":
         return Defaults
     return None
@@ -171,8 +196,11 @@ def _translate(error: dict[str, Any], file: str) -> Problem:
             code="TEMPLATES_EMPTY",
         )
     field = next((part for part in reversed(loc) if isinstance(part, str)), "")
-    if field in _FIELD_RULES:
-        rule, hint = _FIELD_RULES[field]
+    rules = (
+        {**_FIELD_RULES, **_ADDON_FIELD_RULES} if loc[:1] == ("addons",) and len(loc) > 2 else _FIELD_RULES
+    )
+    if field in rules:
+        rule, hint = rules[field]
         return Problem(
             file, format_path(loc), f"{field} must be {rule}, got {show_value(value)}", hint, code=kind
         )
@@ -190,10 +218,15 @@ def _raw_sources(data: dict[str, Any]) -> Iterator[tuple[tuple[str | int, ...], 
                 yield ("checkpoints", key), value
     if isinstance(data.get("templates"), dict):
         for key, template in data["templates"].items():
-            if isinstance(template, dict) and isinstance(template.get("loras"), list):
-                for index, value in enumerate(template["loras"]):
-                    if isinstance(value, dict):
-                        yield ("templates", key, "loras", index), value
+            for kind in ("loras", "embeddings"):
+                if isinstance(template, dict) and isinstance(template.get(kind), list):
+                    for index, value in enumerate(template[kind]):
+                        if isinstance(value, dict):
+                            yield ("templates", key, kind, index), value
+    if isinstance(data.get("addons"), dict):
+        for key, value in data["addons"].items():
+            if isinstance(value, dict):
+                yield ("addons", key), value
 
 
 def _cross_field_problems(data: dict[str, Any], file: str) -> Iterator[Problem]:
@@ -206,8 +239,11 @@ def _cross_field_problems(data: dict[str, Any], file: str) -> Iterator[Problem]:
             pickle = isinstance(source, str) and parse_source(source).is_pickle
         except SourceStringError:
             pickle = False
-        if pickle and obj.get("allow_pickle") is not True:
-            err = pickle_error(source)
+        addon = loc[:1] == ("addons",)
+        if (pickle and obj.get("allow_pickle") is not True) or (
+            addon and (pickle or obj.get("allow_pickle"))
+        ):
+            err = addon_pickle_error(source) if addon else pickle_error(source)
             yield Problem(
                 file,
                 format_path((*loc, "source")),
@@ -221,6 +257,16 @@ def _cross_field_problems(data: dict[str, Any], file: str) -> Iterator[Problem]:
         for err in serving_errors(defaults) if isinstance(defaults, dict) else ():
             loc = ("templates", template_id, "defaults", *err.context["at"])
             yield Problem(file, format_path(loc), err.context["message"], err.context["hint"], code=err.type)
+    addons = data.get("addons")
+    for addon_id, addon in addons.items() if isinstance(addons, dict) and isinstance(templates, dict) else ():
+        named = addon.get("templates") if isinstance(addon, dict) else None
+        for index, name in enumerate(named) if isinstance(named, list) else ():
+            if isinstance(name, str) and name not in templates:
+                err = unknown_addon_template(addon_id, index, name, list(templates))
+                loc = ("addons", addon_id, "templates", index)
+                yield Problem(
+                    file, format_path(loc), err.context["message"], err.context["hint"], code=err.type
+                )
     checkpoints = data.get("checkpoints")
     if not isinstance(checkpoints, dict) or not isinstance(templates, dict):
         return

@@ -255,6 +255,107 @@ class LoraSpec(Source):
         return None if self.block_weights is None else block_weights.resolve(self.block_weights)
 
 
+# A textual-inversion token: what prompts write to use the embedding. No spaces or A1111 prompt syntax
+# (parentheses, brackets, colons, backslashes), and no `_<digits>` ending: diffusers names the extra vectors
+# of a multi-vector embedding `<token>_1`, `<token>_2`, ...
+TOKEN_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
+_VECTOR_SUFFIX = re.compile(r"_[0-9]+$")
+
+
+class EmbeddingSpec(Source):
+    """A textual-inversion embedding for SDXL (a safetensors file with `clip_l` and `clip_g` tensors), loaded
+    into both text encoders with the template, its token usable in prompts and negative prompts."""
+
+    token: str = Field(
+        description="The word prompts use for the embedding (e.g. negativeXL_D): a letter, then letters, "
+        "digits, '_', '.', '-', 1-64 characters, not ending in _<digits>.",
+        json_schema_extra={"pattern": TOKEN_PATTERN},
+    )
+
+    @field_validator("token")
+    @classmethod
+    def _token_usable(cls, value: str) -> str:
+        if not re.match(TOKEN_PATTERN, value) or _VECTOR_SUFFIX.search(value):
+            suggestion = re.sub(r"[^A-Za-z0-9_.-]+", "_", value).lstrip("0123456789_.-")[:64]
+            suggestion = _VECTOR_SUFFIX.sub(lambda m: m.group(0).replace("_", "v"), suggestion)
+            hint = "use a letter, then letters, digits, '_', '.' or '-' (no spaces or prompt syntax)"
+            if suggestion and suggestion != value:
+                hint += f", e.g. {suggestion!r}"
+            raise fail(
+                "TOKEN_INVALID",
+                f"embedding token {value!r} cannot be written in a prompt as one word (spaces, A1111 prompt "
+                "syntax such as ( ) [ ] : \\, a leading digit, or a _<digits> ending, which names the extra "
+                "vectors of a multi-vector embedding)",
+                hint,
+            )
+        return value
+
+
+ADDON_SCALE_LIMIT = 4.0
+
+
+def addon_pickle_error(source: str) -> PydanticCustomError:
+    return fail(
+        "ADDON_PICKLE",
+        f"add-on source {source!r}: an add-on is loaded by the worker, which never loads pickle files",
+        'use the .safetensors release of this LoRA (and no "allow_pickle")',
+        at=("source",),
+    )
+
+
+class AddonSpec(Source):
+    """A LoRA that is not fused but that a job may ask for by name, applied on top of the merged template
+    at run time (diffusers adapters) and removed after the job."""
+
+    default_scale: float = Field(
+        default=1.0,
+        ge=-ADDON_SCALE_LIMIT,
+        le=ADDON_SCALE_LIMIT,
+        allow_inf_nan=False,
+        description="Strength used when a job names the add-on without a scale.",
+    )
+    min_scale: float = Field(
+        default=0.0,
+        ge=-ADDON_SCALE_LIMIT,
+        le=ADDON_SCALE_LIMIT,
+        allow_inf_nan=False,
+        description="Lowest strength a job may ask for (negative values for slider LoRAs).",
+    )
+    max_scale: float = Field(
+        default=1.0,
+        ge=-ADDON_SCALE_LIMIT,
+        le=ADDON_SCALE_LIMIT,
+        allow_inf_nan=False,
+        description="Highest strength a job may ask for; above it the job is refused (INVALID_INPUT).",
+    )
+    templates: list[Id] | None = Field(
+        default=None,
+        min_length=1,
+        description="Ids of the templates it is offered with; absent: every template.",
+        json_schema_extra={"items": {"pattern": ID_PATTERN, "maxLength": ID_MAX_LENGTH}},
+    )
+
+    @model_validator(mode="after")
+    def _scales_ordered(self) -> AddonSpec:
+        if not self.min_scale <= self.default_scale <= self.max_scale:
+            raise fail(
+                "ADDON_SCALES",
+                f"min_scale {self.min_scale:g} <= default_scale {self.default_scale:g} <= max_scale "
+                f"{self.max_scale:g} does not hold",
+                "order them so that min_scale <= default_scale <= max_scale",
+                at=("default_scale",),
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _pickle_needs_consent(self) -> AddonSpec:
+        # Replaces Source's check of the same name: no consent helps here, the worker loads add-ons itself
+        # and never unpickles (a job must not be able to run code).
+        if self.allow_pickle or parse_source(self.source).is_pickle:
+            raise addon_pickle_error(self.source)
+        return self
+
+
 class Defaults(BaseModel):
     """Generation defaults the worker uses when a request leaves a parameter out."""
 
@@ -282,6 +383,15 @@ class Defaults(BaseModel):
     scheduler: str | None = Field(
         default=None, description="Scheduler name; absent: the one the export writes for the checkpoint."
     )
+    clip_skip: int | None = Field(
+        default=None,
+        ge=serving.CLIP_SKIP_MIN,
+        le=serving.CLIP_SKIP_MAX,
+        # Left out when absent, so that adding the field changed no template's spec hash or manifest.
+        exclude_if=lambda value: value is None,
+        description="Clip skip in the A1111/Civitai numbering, 1-12: both text encoders use the hidden state "
+        "N layers from the end; 1 and 2 are SDXL's own penultimate layer (docs/templates.md). Absent: 2.",
+    )
 
 
 class Template(BaseModel):
@@ -291,6 +401,13 @@ class Template(BaseModel):
 
     checkpoint: str = Field(description="Id of an entry under checkpoints.")
     loras: list[LoraSpec] = Field(default_factory=list, description="LoRAs fused in this order.")
+    embeddings: list[EmbeddingSpec] | None = Field(
+        default=None,
+        # Left out of the spec when absent, so that adding the field changed no template's spec hash.
+        exclude_if=lambda value: value is None,
+        description="Textual-inversion embeddings (SDXL: clip_l and clip_g tensors) loaded into both text "
+        "encoders with the template; their tokens are usable in prompts and negative prompts.",
+    )
     defaults: Defaults = Field(
         default_factory=Defaults,
         description="Generation defaults for the worker.",
@@ -304,6 +421,23 @@ class Template(BaseModel):
             }
         },
     )
+
+    @field_validator("embeddings")
+    @classmethod
+    def _tokens_unique(cls, embeddings: list[EmbeddingSpec] | None) -> list[EmbeddingSpec] | None:
+        # CLIP's tokenizer lowercases prompts: tokens differing only in case would be one word.
+        seen: set[str] = set()
+        for index, embedding in enumerate(embeddings or ()):
+            if embedding.token.lower() in seen:
+                raise fail(
+                    "TOKEN_DUPLICATE",
+                    f"token {embedding.token!r} names two embeddings of this template (tokens are matched "
+                    "ignoring case)",
+                    "give each embedding its own token",
+                    at=(index, "token"),
+                )
+            seen.add(embedding.token.lower())
+        return embeddings
 
     @field_validator("defaults")
     @classmethod
@@ -369,6 +503,14 @@ class Catalog(BaseModel):
         description="Templates by id; each becomes one merged model.",
         json_schema_extra={"propertyNames": {"pattern": ID_PATTERN, "maxLength": ID_MAX_LENGTH}},
     )
+    addons: dict[Id, AddonSpec] = Field(
+        default_factory=dict,
+        # Left out of a dump when empty: catalogs without add-ons dump as they did before the field.
+        exclude_if=lambda value: not value,
+        description="Add-on LoRAs by name: not fused, applied at run time when a job asks for them "
+        '("loras": [{"name": ..., "scale": ...}]). Not part of any template\'s spec.',
+        json_schema_extra={"propertyNames": {"pattern": ID_PATTERN, "maxLength": ID_MAX_LENGTH}},
+    )
 
     _path: Path | None = PrivateAttr(default=None)
     _warnings: list[Problem] = PrivateAttr(default_factory=list)
@@ -391,6 +533,19 @@ class Catalog(BaseModel):
             if template.checkpoint not in self.checkpoints:
                 raise unknown_checkpoint(template_id, template.checkpoint, list(self.checkpoints))
         return self
+
+    @model_validator(mode="after")
+    def _addons_name_existing_templates(self) -> Catalog:
+        for addon_id, addon in self.addons.items():
+            for index, name in enumerate(addon.templates or ()):
+                if name not in self.templates:
+                    raise unknown_addon_template(addon_id, index, name, list(self.templates))
+        return self
+
+    def addon_templates(self, addon_id: str) -> list[str]:
+        """The templates an add-on is offered with (its `templates`, else every template), sorted."""
+        named = self.addons[addon_id].templates
+        return sorted(self.templates if named is None else set(named))
 
     @property
     def path(self) -> Path | None:
@@ -443,6 +598,10 @@ class Catalog(BaseModel):
         for template_id, template in self.templates.items():
             for index, lora in enumerate(template.loras):
                 yield format_path(("templates", template_id, "loras", index)), lora
+            for index, embedding in enumerate(template.embeddings or ()):
+                yield format_path(("templates", template_id, "embeddings", index)), embedding
+        for addon_id, addon in self.addons.items():
+            yield format_path(("addons", addon_id)), addon
 
 
 def unknown_checkpoint(template_id: str, name: str, existing: list[str]) -> PydanticCustomError:
@@ -459,6 +618,18 @@ def unknown_checkpoint(template_id: str, name: str, existing: list[str]) -> Pyda
         f"template {template_id!r} names checkpoint {name!r}, which is not in checkpoints",
         hint,
         at=("templates", template_id, "checkpoint"),
+    )
+
+
+def unknown_addon_template(addon_id: str, index: int, name: str, existing: list[str]) -> PydanticCustomError:
+    close = difflib.get_close_matches(name, existing, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    hint += f'use one of: {", ".join(existing)}, or remove "templates" to offer it with every template'
+    return fail(
+        "TEMPLATE_UNKNOWN",
+        f"add-on {addon_id!r} names template {name!r}, which is not in templates",
+        hint,
+        at=("addons", addon_id, "templates", index),
     )
 
 
