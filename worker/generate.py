@@ -41,7 +41,7 @@ def generate(
 ) -> GenerationResult:
     pipe = loaded.pipe
     started = time.perf_counter()
-    pipe.scheduler = build_scheduler(params.scheduler, loaded.scheduler_config)
+    pipe.scheduler = build_scheduler(params.scheduler, loaded.scheduler_config, params.scheduler_options)
     embeddings = encode_prompts(pipe, params.prompt, params.negative_prompt)
     warnings = list(embeddings.warnings)
     seeds = image_seeds(params.seed, params.num_images)

@@ -11,8 +11,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from fuseline.core.catalog.model import ID_PATTERN, Defaults
-from fuseline.core.serving import DEFAULT_SCHEDULER, MAX_SIZE, SCHEDULER_NAMES, SIZE_MULTIPLE, size_problem
+from fuseline.core.catalog.model import ID_PATTERN, Defaults, RefinerOptions
+from fuseline.core.serving import (
+    DEFAULT_SCHEDULER,
+    MAX_SIZE,
+    SCHEDULER_NAMES,
+    SIZE_MULTIPLE,
+    canonical_scheduler,
+    size_problem,
+)
 from worker.errors import InvalidInput, ModelInvalid, UploadNotConfigured
 from worker.settings import WorkerSettings
 
@@ -51,6 +58,8 @@ class GenerationInput(BaseModel):
     num_images: int | None = Field(default=None, ge=1, le=MAX_NUM_IMAGES)
     scheduler: str | None = None
     output: OutputOptions | None = None
+    # The template's refiner takes over at `switch_at` ({"switch_at": 1} turns a default refiner off).
+    refiner: RefinerOptions | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -78,6 +87,7 @@ class GenerationInput(BaseModel):
     @field_validator("scheduler")
     @classmethod
     def _scheduler(cls, value: str | None) -> str | None:
+        value = canonical_scheduler(value) if value is not None else None  # "DPM++ 2M Karras" too
         if value is not None and value not in SCHEDULER_NAMES:
             raise ValueError(f"unknown scheduler {value!r}; valid: {', '.join(SCHEDULER_NAMES)}")
         return value
@@ -99,6 +109,14 @@ class GenerationParameters(BaseModel):
     num_images: int
     scheduler: str
     output: OutputOptions
+    # The template's scheduler options and refiner split; left out of `parameters` when unused.
+    timestep_spacing: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    karras_sigmas: bool | None = Field(default=None, exclude_if=lambda value: value is None)
+    refiner: RefinerOptions | None = Field(default=None, exclude_if=lambda value: value is None)
+
+    @property
+    def scheduler_options(self) -> dict[str, Any]:
+        return {"timestep_spacing": self.timestep_spacing, "karras_sigmas": self.karras_sigmas}
 
     def public(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True)
@@ -152,9 +170,15 @@ def parse_input(raw: Any, settings: WorkerSettings) -> GenerationInput:
 
 
 def resolve_parameters(
-    request: GenerationInput, template_id: str, defaults: Defaults, settings: WorkerSettings
+    request: GenerationInput,
+    template_id: str,
+    defaults: Defaults,
+    settings: WorkerSettings,
+    *,
+    refiner: str | None = None,
 ) -> GenerationParameters:
-    """Request values first, then the template's defaults (which carry the global ones), then a seed."""
+    """Request values first, then the template's defaults (which carry the global ones), then a seed.
+    `refiner`: the refiner the template's folder names (None: it has none)."""
     width = request.width if request.width is not None else defaults.width
     height = request.height if request.height is not None else defaults.height
     # The catalog refuses defaults outside the serving rules (core.serving), but a fuseline.json may come
@@ -187,6 +211,17 @@ def resolve_parameters(
             f"template {template_id!r}: fuseline.json defaults.scheduler {scheduler!r} is not a scheduler "
             f"this worker knows ({', '.join(SCHEDULER_NAMES)}); fix the template's defaults in templates.json"
         )
+    split = request.refiner or defaults.refiner
+    if request.refiner is not None and refiner is None:
+        raise InvalidInput(
+            f"1 problem(s): refiner: template {template_id!r} has no refiner; leave refiner out, or use a "
+            "template whose catalog entry names one"
+        )
+    if split is not None and refiner is None:
+        raise ModelInvalid(
+            f"template {template_id!r}: fuseline.json defaults.refiner is set but the manifest names no "
+            "refiner; fix the template in templates.json and rebuild it"
+        )
     return GenerationParameters(
         template=template_id,
         prompt=request.prompt,
@@ -204,4 +239,8 @@ def resolve_parameters(
         num_images=request.num_images or 1,
         scheduler=scheduler,
         output=request.output or OutputOptions(),
+        timestep_spacing=defaults.timestep_spacing,
+        karras_sigmas=defaults.karras_sigmas,
+        # switch_at 1: the base does all of it, the refiner nothing (how a request turns a default off).
+        refiner=split if split is not None and split.switch_at < 1 else None,
     )
