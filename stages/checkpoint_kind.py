@@ -2,7 +2,7 @@
 
 A safetensors header (fuseline.core.safetensors_io) names every tensor with its dtype and shape, so the kind
 of model is known without reading a single weight. The signatures below are data: the first one whose
-patterns all match names the file. Only `sdxl` converts.
+patterns all match names the file. `sdxl` and `sdxl-refiner` convert.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ SIGNATURES: tuple[Signature, ...] = (
     Signature(
         kind="sdxl-refiner",
         name="an SDXL refiner (only the OpenCLIP bigG text encoder)",
-        advice="the refiner is not a text-to-image base model; use an SDXL base-architecture checkpoint",
+        advice="a refiner is named by a template's `refiner`, not as its `checkpoint`",
         all_of=(_UNET, r"^conditioner\.embedders\.0\.model\.transformer\."),
     ),
     Signature(
