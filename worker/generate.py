@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from worker.errors import ImageInvalid
+from worker.errors import ImageInvalid, ModelInvalid
 from worker.images import decode_latents, invalid_reason, latents_are_finite, to_pil
 from worker.inputs import MAX_SEED, GenerationParameters
 from worker.pipelines import LoadedTemplate
@@ -55,6 +55,10 @@ def generate(
             progress(step + 1, pipeline.num_timesteps)
         return callback_kwargs
 
+    # The ensemble of experts: the base stops at switch_at and hands its latents to the refiner.
+    split = params.refiner.switch_at if params.refiner is not None else None
+    if split is not None and loaded.refiner is None:
+        raise ModelInvalid(f"template {params.template!r}: a refiner was asked for, but none is loaded")
     latents = pipe(
         prompt_embeds=embeddings.prompt_embeds,
         negative_prompt_embeds=embeddings.negative_prompt_embeds,
@@ -68,7 +72,10 @@ def generate(
         generator=generators,
         output_type="latent",
         callback_on_step_end=on_step_end,
+        **({"denoising_end": split} if split is not None else {}),
     ).images
+    if split is not None:
+        latents = _refine(loaded, params, latents, generators, split, on_step_end, warnings)
 
     if not latents_are_finite(latents):
         # The UNet itself produced NaN/Inf: decoding again in fp32 cannot repair the latents.
@@ -92,3 +99,30 @@ def generate(
     images = to_pil(pixels)
     decode_ms = (time.perf_counter() - decode_started) * 1000
     return GenerationResult(images, seeds, (decode_started - started) * 1000, warnings, decode_ms)
+
+
+def _refine(loaded: LoadedTemplate, params: GenerationParameters, latents, generators, split: float,
+            on_step_end, warnings: list[str]):  # fmt: skip
+    """The refiner's part: the same scheduler, steps, guidance and generators, from `split` to the end,
+    conditioned through its own text encoder (aesthetic scores: diffusers' defaults, 6 and 2.5)."""
+    refiner = loaded.refiner
+    assert refiner is not None and loaded.refiner_scheduler_config is not None
+    refiner.scheduler = build_scheduler(
+        params.scheduler, loaded.refiner_scheduler_config, params.scheduler_options
+    )
+    embeddings = encode_prompts(refiner, params.prompt, params.negative_prompt)
+    warnings.extend(w for w in embeddings.warnings if w not in warnings)
+    return refiner(
+        prompt_embeds=embeddings.prompt_embeds,
+        negative_prompt_embeds=embeddings.negative_prompt_embeds,
+        pooled_prompt_embeds=embeddings.pooled_prompt_embeds,
+        negative_pooled_prompt_embeds=embeddings.negative_pooled_prompt_embeds,
+        image=latents,
+        num_images_per_prompt=params.num_images,
+        num_inference_steps=params.steps,
+        denoising_start=split,
+        guidance_scale=params.guidance_scale,
+        generator=generators,
+        output_type="latent",
+        callback_on_step_end=on_step_end,
+    ).images

@@ -85,7 +85,9 @@ class Worker:
         template_id = self.template_id(request)
         # Resolved once from the folder's manifest, before any loading: a retry reuses the same seed.
         folder = resolve_template(self.settings, template_id)  # the merged folder, else the fallback's
-        params = resolve_parameters(request, template_id, folder.defaults, self.settings)
+        params = resolve_parameters(
+            request, template_id, folder.defaults, self.settings, refiner=folder.manifest.refiner
+        )
         note_parameters(params)
 
         def attempt() -> tuple[LoadedTemplate, bool, Any]:

@@ -15,7 +15,7 @@ import json
 import re
 from pathlib import PurePosixPath
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fuseline.core.catalog.model import ID_PATTERN
 
@@ -48,14 +48,15 @@ class LoraSummary(_Frozen):
     scale: float
 
 
-class ReleasedTemplate(_Frozen):
+class ReleasedFolder(_Frozen):
+    """A published model folder: its DVC hash (the listing object) and where it came from."""
+
     dir_md5: str = Field(description="DVC hash of the model folder, `<32 hex>.dir` (its listing object).")
     path: str = Field(description="Where the folder lies in the build project, e.g. artifacts/models/<id>.")
     size: int = Field(ge=0, description="Bytes of all files in the folder.")
     nfiles: int = Field(ge=1)
-    spec_hash: str = Field(description="ModelManifest.spec_hash of the folder's fuseline.json.")
+    spec_hash: str = Field(description="The spec hash of the folder's fuseline.json.")
     checkpoint: str = Field(description="Checkpoint source the model was built from.")
-    loras: list[LoraSummary] = Field(default_factory=list)
     prediction_type: str = "epsilon"
 
     @field_validator("dir_md5")
@@ -74,24 +75,55 @@ class ReleasedTemplate(_Frozen):
         return value
 
 
+class ReleasedTemplate(ReleasedFolder):
+    loras: list[LoraSummary] = Field(default_factory=list)
+    refiner: str | None = Field(
+        default=None,
+        # Absent when unused: releases of templates without a refiner read as before.
+        exclude_if=lambda value: value is None,
+        description="Id of the template's refiner under `refiners` (synced with the template).",
+    )
+
+
+class ReleasedRefiner(ReleasedFolder):
+    """An SDXL refiner folder (the convert stage's fp16 export, artifacts/base/<id>), served beside the
+    templates naming it; synced to `<volume>/refiners/<id>`."""
+
+
 class Release(_Frozen):
     format: int = RELEASE_FORMAT
     channel: str
     created: str = Field(description=f"UTC time of publishing, {TIMESTAMP_FORMAT}; names the history copy.")
     git_commit: str | None = None
     templates: dict[str, ReleasedTemplate]
+    refiners: dict[str, ReleasedRefiner] = Field(
+        default_factory=dict,
+        # Absent when empty, so that releases without refiners keep their bytes.
+        exclude_if=lambda value: not value,
+        description="SDXL refiner folders by checkpoint id, named by templates' `refiner`.",
+    )
 
-    @field_validator("templates")
+    @field_validator("templates", "refiners")
     @classmethod
-    def _template_ids(cls, value: dict[str, ReleasedTemplate]) -> dict[str, ReleasedTemplate]:
+    def _template_ids(cls, value: dict[str, ReleasedFolder]) -> dict[str, ReleasedFolder]:
         # Sync joins these keys into volume paths (models/<id>, locks/<id>.lock): only catalog ids pass.
         bad = [key for key in value if not re.match(ID_PATTERN, key)]
         if bad:
             raise ValueError(
-                f"template ids {bad!r} are not catalog ids (pattern {ID_PATTERN}: lowercase letters, digits "
+                f"ids {bad!r} are not catalog ids (pattern {ID_PATTERN}: lowercase letters, digits "
                 "and inner dashes); republish the release from templates.json"
             )
         return value
+
+    @model_validator(mode="after")
+    def _refiners_are_released(self) -> Release:
+        for template_id, template in self.templates.items():
+            if template.refiner is not None and template.refiner not in self.refiners:
+                raise ValueError(
+                    f"template {template_id!r} names refiner {template.refiner!r}, which the release lacks; "
+                    "republish the release"
+                )
+        return self
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"

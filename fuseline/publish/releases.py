@@ -17,10 +17,13 @@ from pydantic import ValidationError
 from fuseline.core.release import TIMESTAMP_FORMAT, Release, history_key, object_key, release_key
 from fuseline.publish.errors import PublishError
 from fuseline.publish.project import (
+    built_refiners,
     built_templates,
     git_commit,
     push,
+    released_refiner,
     released_template,
+    stale_refiners,
     stale_templates,
     unverified_templates,
 )
@@ -127,7 +130,16 @@ def publish(
             "check it passes, commit dvc.lock, then publish)",
         )
     templates = {t: released_template(root, b) for t, b in built.items()}
-    dir_md5s = sorted(b.dir_md5 for b in built.values())
+    refiners_built = built_refiners(root, [t.refiner for t in templates.values() if t.refiner is not None])
+    stale = stale_refiners(root, refiners_built)
+    if stale:
+        raise PublishError(
+            "STALE",
+            f"{root / 'dvc.lock'}: out of date for refiner(s) {', '.join(stale)} "
+            f"(fix: `dvc repro {' '.join(f'convert@{r}' for r in stale)}` and commit dvc.lock, then publish)",
+        )
+    refiners = {r: released_refiner(root, b) for r, b in refiners_built.items()}
+    dir_md5s = sorted(b.dir_md5 for b in [*built.values(), *refiners_built.values()])
     if do_push:
         push(root, remote)
     missing = missing_objects(store, dir_md5s)
@@ -149,7 +161,9 @@ def publish(
             f"(first: {missing[0]}) (fix: {fix}; the current release is untouched)",
         )
     created = _free_timestamp(store, channel, now or datetime.now(UTC))
-    release = Release(channel=channel, created=created, git_commit=git_commit(root), templates=templates)
+    release = Release(
+        channel=channel, created=created, git_commit=git_commit(root), templates=templates, refiners=refiners
+    )
     write_release(store, release)
     return PublishResult(release=release, remote=remote.name)
 

@@ -11,6 +11,7 @@ See worker/sync/volume.py for the layout and docs/operations.md ("Volume and syn
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -24,14 +25,14 @@ from pathlib import Path
 from fuseline.core.errors import ConfigInvalid
 from fuseline.core.files import md5_file
 from fuseline.core.logs import log_event
-from fuseline.core.release import Release, ReleasedTemplate, object_key
+from fuseline.core.release import Release, ReleasedFolder, ReleasedTemplate, object_key
 from worker.sync.errors import ObjectCorrupt, ReleaseInvalid, SyncError, VolumeError
 from worker.sync.locks import VolumeLock
 from worker.sync.objects import Transfer, fetch_objects, resumed_bytes
 from worker.sync.recipes import recipe_from_release, write_recipe
 from worker.sync.remote import open_release, read_release
 from worker.sync.settings import SyncSettings
-from worker.sync.volume import Entry, Volume, check_free_space, parse_listing, place
+from worker.sync.volume import REFINERS, Entry, Volume, check_free_space, parse_listing, place
 
 log = logging.getLogger("fuseline.worker.sync")
 
@@ -62,10 +63,12 @@ class SyncReport:
     templates: list[TemplateResult] = field(default_factory=list)
     error: str | None = None  # a failure before any template (release unreadable, remote down)
     seconds: float = 0.0
+    # The SDXL refiners the synced templates name (`refiners/<id>`), one result each.
+    refiners: list[TemplateResult] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.error is None and all(t.ok for t in self.templates)
+        return self.error is None and all(t.ok for t in [*self.templates, *self.refiners])
 
     @property
     def available(self) -> list[str]:
@@ -80,8 +83,10 @@ class SyncReport:
             "seconds": round(self.seconds, 2),
             "bytes": sum(t.bytes_fetched for t in self.templates),
             "objects": sum(t.objects_fetched for t in self.templates),
-            "failures": sum(1 for t in self.templates if t.error) + (1 if self.error else 0),
+            "failures": sum(1 for t in [*self.templates, *self.refiners] if t.error)
+            + (1 if self.error else 0),
             "templates": {t.template: t.status for t in self.templates},
+            **({"refiners": {r.template: r.status for r in self.refiners}} if self.refiners else {}),
             "error": self.error,
         }
 
@@ -89,7 +94,7 @@ class SyncReport:
         out = [f"release {self.release} -> volume {self.volume} ({self.seconds:.2f} s)"]
         if self.error:
             out.append(f"  error: {self.error}")
-        for t in self.templates:
+        for t in [*self.templates, *self.refiners]:
             detail = (
                 f"{t.objects_fetched} objects / {t.bytes_fetched:,} bytes fetched, {t.objects_reused} reused"
                 if t.status in ("synced", "repaired")
@@ -129,7 +134,7 @@ def _listing(ctx: _Ctx, template: str, dir_md5: str) -> list[Entry]:
     return entries
 
 
-def _marker(ctx: _Ctx, template: str, released: ReleasedTemplate) -> dict:
+def _marker(ctx: _Ctx, template: str, released: ReleasedFolder) -> dict:
     return {
         "template": template,
         "dir_md5": released.dir_md5,
@@ -143,7 +148,7 @@ def _marker(ctx: _Ctx, template: str, released: ReleasedTemplate) -> dict:
     }
 
 
-def _fetch_template(ctx: _Ctx, template: str, released: ReleasedTemplate, result: TemplateResult) -> None:
+def _fetch_template(ctx: _Ctx, template: str, released: ReleasedFolder, result: TemplateResult) -> None:
     entries = _listing(ctx, template, released.dir_md5)
     where = f"{ctx.remote.describe(object_key(released.dir_md5))} (template {template})"
     if len(entries) != released.nfiles:
@@ -179,7 +184,7 @@ def _fetch_template(ctx: _Ctx, template: str, released: ReleasedTemplate, result
     result.objects_reused = len(stored)
 
 
-def _verify_template(ctx: _Ctx, template: str, released: ReleasedTemplate, result: TemplateResult) -> None:
+def _verify_template(ctx: _Ctx, template: str, released: ReleasedFolder, result: TemplateResult) -> None:
     """Re-hash the served folder; refetch damaged objects and swap the files in (each swap atomic)."""
     version = ctx.volume.current_version(template)
     assert version is not None
@@ -229,10 +234,15 @@ def _write_recipe(volume: Volume, template: str, released: ReleasedTemplate) -> 
 
 def _sync_template(ctx: _Ctx, template: str, verify: bool) -> TemplateResult:
     released = ctx.release.templates[template]
+    _write_recipe(ctx.volume, template, released)  # a failure is a warning event, not the template's error
+    return _sync_folder(ctx, template, released, verify)
+
+
+def _sync_folder(ctx: _Ctx, template: str, released: ReleasedFolder, verify: bool) -> TemplateResult:
+    """Bring `<ctx.volume.models>/<template>` to `released` (a template's model, or a refiner)."""
     result = TemplateResult(template, "present", released.dir_md5)
     volume = ctx.volume
     result.path = str(volume.link_path(template))
-    _write_recipe(volume, template, released)  # a failure is a warning event, not the template's error
     if volume.current_release_hash(template) == released.dir_md5 and not verify:
         return result  # warm start: trust the marker (written only after a verified, complete build)
     lock = VolumeLock(volume.lock_path(template), stale_after=ctx.lock_stale_after, timeout=ctx.lock_timeout)
@@ -320,6 +330,7 @@ def sync_templates(
         lock_timeout=lock_timeout,
         object_grace=settings.object_grace,
     )
+    synced: list[str] = []
     for template in wanted if wanted is not None else sorted(release.templates):
         if template not in release.templates:
             report.templates.append(
@@ -331,14 +342,29 @@ def sync_templates(
                 )
             )
             continue
-        try:
-            report.templates.append(_sync_template(ctx, template, verify))
-        except (SyncError, OSError) as err:
-            if not isinstance(err, SyncError):
-                err = VolumeError(f"volume {vol.root}: {err}; check that it is mounted and writable")
-            # A failed update leaves the version already there in service: report it as kept.
-            present = vol.current_release_hash(template)
-            status = "kept" if present else "failed"
-            report.templates.append(TemplateResult(template, status, present, error=str(err)))
+        synced.append(template)
+        report.templates.append(_sync_guarded(ctx, template, release.templates[template], verify, True))
+    # The refiners the synced templates name, each once, into refiners/<id> (same store, own locks).
+    refiner_ctx = dataclasses.replace(ctx, volume=Volume(vol.root, REFINERS))
+    refiner_ctx.volume.ensure()
+    for refiner in sorted({r for t in synced if (r := release.templates[t].refiner) is not None}):
+        report.refiners.append(_sync_guarded(refiner_ctx, refiner, release.refiners[refiner], verify, False))
     report.seconds = time.monotonic() - started
     return report
+
+
+def _sync_guarded(
+    ctx: _Ctx, name: str, released: ReleasedFolder, verify: bool, is_template: bool
+) -> TemplateResult:
+    """One folder's sync, its failure turned into its result (the version already there stays served)."""
+    try:
+        if is_template:
+            return _sync_template(ctx, name, verify)
+        return _sync_folder(ctx, name, released, verify)
+    except (SyncError, OSError) as err:
+        if not isinstance(err, SyncError):
+            err = VolumeError(f"volume {ctx.volume.root}: {err}; check that it is mounted and writable")
+        # A failed update leaves the version already there in service: report it as kept.
+        present = ctx.volume.current_release_hash(name)
+        status = "kept" if present else "failed"
+        return TemplateResult(name, status, present, error=str(err))

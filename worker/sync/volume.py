@@ -12,6 +12,8 @@ Layout under the volume root:
     models/<id> -> .v.<id>.<dir md5>          relative symlink: the version served
     models/.t.<id>.<uuid>/, .l.<id>.<uuid>    a version being built, a symlink about to replace <id>
     models/.x.<...>, .r.<...>                 a folder being deleted (trash), a version being retired
+    refiners/<id> -> .v.<id>.<dir md5>        an SDXL refiner a template names: the layout of models/
+                                              (versions, leases, switch); its lock: locks/refiner.<id>.lock
 
 Bookkeeping names start with a one-letter tag and a dot: template ids (catalog ID_PATTERN, [a-z0-9-],
 validated in the release) hold no dot, so `.v.<id>.` can only be a version of that very template, never
@@ -116,14 +118,24 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+MODELS = "models"
+REFINERS = "refiners"
+# Lock names per folder kind: ids hold no dot, so `refiner.<id>` never names a template's lock.
+_LOCK_PREFIXES = {MODELS: "", REFINERS: "refiner."}
+
+
 class Volume:
-    def __init__(self, root: Path | str) -> None:
+    """The volume's store and one kind of served folder: template models (`models/`, the default) or SDXL
+    refiners (`refiners/`), both versioned and switched the same way over one object store."""
+
+    def __init__(self, root: Path | str, kind: str = MODELS) -> None:
         self.root = Path(root)
         self.state = self.root / STATE_DIR
         self.objects = self.state / "objects"
         self.partial = self.state / "partial"
         self.locks = self.state / "locks"
-        self.models = self.root / "models"
+        self.models = self.root / kind
+        self._lock_prefix = _LOCK_PREFIXES[kind]
 
     def ensure(self) -> None:
         for folder in (self.objects, self.partial, self.locks, self.models):
@@ -155,7 +167,7 @@ class Volume:
         return target
 
     def lock_path(self, template: str) -> Path:
-        return self.locks / f"{template}.lock"
+        return self.locks / f"{self._lock_prefix}{template}.lock"
 
     # -- versions
 
