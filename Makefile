@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 TORCH_VERSION := $(shell sed -n 's/^torch==\([^ ]*\).*/\1/p' requirements/worker.lock)
 TORCH_CPU_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/torch/)
 
-.PHONY: setup test lint demo lock clean image image-smoke image-push
+.PHONY: setup test lint demo lock clean image image-smoke image-push image-deps test-deps
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,22 @@ lint: setup
 
 demo: setup
 	$(PY) -m testkit.demo
+
+# The Debian packages the tests need beyond the virtualenv (as root): chromium takes the headless screenshot
+# of the `dvc plots diff` preview page (tests/stages/test_pipeline_recipe_refiner.py). Installs only what is
+# missing.
+test-deps:
+	@command -v chromium >/dev/null || { echo "installing chromium"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+# The Debian packages the image targets need (as root): buildah builds and runs the image, debootstrap
+# makes the stand-in base where the public one cannot be pulled, docker-registry is what `make image-push`
+# is tested against. Installs only what is missing.
+image-deps:
+	@missing=""; for tool in buildah debootstrap docker-registry; do \
+	  command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
 # The worker image, built with buildah from the Dockerfile (stand-in bases where the public ones cannot be
 # pulled): build/fuseline-worker.oci.tar + `localhost/fuseline-worker:dev` in buildah's local storage.

@@ -37,7 +37,7 @@ from stages.checkpoint_kind import CheckpointKind, classify_keys, declares_v_pre
 from stages.checkpoint_recipe import merge_converted
 from stages.errors import StageError
 from stages.export import copy_plain_files, export_component
-from stages.local_files import check_pickle_allowed, check_sha256, materialize
+from stages.local_files import check_pickle_allowed, check_sha256, materialize, project_archive
 from stages.receipts import read_receipt
 from stages.runtime import load_params, load_project_catalog, record_metrics, run_stage
 from stages.settings import BuildSettings
@@ -89,6 +89,7 @@ def config_dir_for(
         is_config=True,
         cache_dir=settings.download_cache,
         policy=RetryPolicy.from_settings(settings),
+        archive=project_archive(catalog, settings),
     )
     if not (path / "model_index.json").is_file():
         raise StageError(
@@ -416,6 +417,7 @@ def main(
     # from the download cache (or are fetched again on a machine that lacks them).
     recorded = read_receipt(receipt, where)
     policy = RetryPolicy.from_settings(settings)
+    archive = project_archive(catalog, settings)
     config_dir = None
     if checkpoint.config is not None:
         config_dir = config_dir_for(catalog, checkpoint, where, recorded, settings=settings)
@@ -429,6 +431,7 @@ def main(
                     receipt=recorded,
                     cache_dir=settings.download_cache,
                     policy=policy,
+                    archive=archive,
                 ),
                 model,
             )
@@ -441,7 +444,13 @@ def main(
         record_metrics(**summary)
         return
     source = materialize(
-        catalog, checkpoint, where, receipt=recorded, cache_dir=settings.download_cache, policy=policy
+        catalog,
+        checkpoint,
+        where,
+        receipt=recorded,
+        cache_dir=settings.download_cache,
+        policy=policy,
+        archive=archive,
     )
     if parse_source(checkpoint.source).scheme == "file" and source.is_dir() and checkpoint.config is not None:
         log.info("%s: a diffusers folder carries its own configs; %s.config is not used", source, where)

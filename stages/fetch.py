@@ -19,7 +19,6 @@ pushed twice.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import shutil
@@ -32,10 +31,13 @@ from fuseline.core.errors import ConfigInvalid, FuselineError
 from fuseline.core.files import sha256_file
 from fuseline.core.logs import setup_logging
 from fuseline.core.redact import install_redaction, redact
+from fuseline.remote.archive import tree_listing, tree_sha256
 from stages.errors import StageError
+from stages.local_files import project_archive
 from stages.receipts import check_group, write_receipt_file
 from stages.runtime import CATALOG_FILE, load_project_catalog, measure_stage
 from stages.settings import BuildSettings
+from stages.sources.archived import ProjectArchive
 from stages.sources.cache import DownloadCache
 from stages.sources.download import RetryPolicy
 from stages.sources.hf import CONFIG_FOLDER_PATTERNS
@@ -66,8 +68,10 @@ def fetch_source(
     source_spec: str | Source,
     cache_dir: str | os.PathLike[str] | None,
     policy: RetryPolicy | None = None,
+    archive: ProjectArchive | None = None,
 ) -> Path:
-    """The verified local path of one catalog source (downloading it into `cache_dir` if needed)."""
+    """The verified local path of one catalog source (downloading it into `cache_dir` if needed; from the
+    project's source `archive` when upstream lost it)."""
     source, is_config = find_source(catalog, source_spec)
     return fetch(
         source,
@@ -75,6 +79,7 @@ def fetch_source(
         catalog=catalog,
         allow_patterns=CONFIG_FOLDER_PATTERNS if is_config else None,
         policy=policy,
+        archive=archive,
     )
 
 
@@ -123,22 +128,14 @@ def group_sources(catalog: Catalog, group: str) -> list[tuple[str, Source, bool]
     return [(f"{group}.loras[{i}]", lora, False) for i, lora in enumerate(catalog.templates[key].loras)]
 
 
-def tree_sha256(folder: Path) -> tuple[str, int]:
-    """(sha256 over the sorted `<file sha256>  <relative path>` lines, total bytes) of a folder: a
-    content identity for folder sources (diffusers layouts, config folders) that ignores where it lives."""
-    lines, total = [], 0
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        lines.append(f"{sha256_file(path)}  {path.relative_to(folder).as_posix()}\n")
-        total += path.stat().st_size
-    return hashlib.sha256("".join(lines).encode()).hexdigest(), total
-
-
 def describe(where: str, source: Source, path: Path, cache: DownloadCache) -> dict[str, Any]:
     """One receipt entry. A file's sha256 is the catalog pin (fetch verified it), its name in the
     download cache (content-addressed), or computed (unpinned file: and hf: files)."""
     if path.is_dir():
-        sha, size = tree_sha256(path)
-        kind = "folder"
+        # A content identity for folder sources (diffusers layouts, config folders) that ignores where
+        # the folder lies; the source archive names archived folders by it (fuseline/remote/archive.py).
+        listing = tree_listing(path)
+        sha, size, kind = tree_sha256(listing), sum(e["size"] for e in listing), "folder"
     elif source.sha256:
         sha, size, kind = source.sha256.lower(), path.stat().st_size, "file"
     elif path.parent.parent == cache.root / "sha256":
@@ -154,8 +151,10 @@ def write_receipt(
     out: str | os.PathLike[str],
     cache_dir: str | os.PathLike[str] | None = None,
     policy: RetryPolicy | None = None,
+    archive: ProjectArchive | None = None,
 ) -> Path:
-    """Fetch every source of `group` into the download cache and write its receipt at `out`."""
+    """Fetch every source of `group` into the download cache (from the project's source `archive` when
+    upstream lost one) and write its receipt at `out`."""
     cache = DownloadCache(cache_dir)
     entries = []
     for where, source, is_config in group_sources(catalog, group):
@@ -165,6 +164,7 @@ def write_receipt(
             catalog=catalog,
             allow_patterns=CONFIG_FOLDER_PATTERNS if is_config else None,
             policy=policy,
+            archive=archive,
         )
         entries.append(describe(where, source, path, cache))
         log.info("%s: %s (%s, %d bytes) sha256 %s", where, entries[-1]["source"],
@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with measure_stage(*receipt_stage(args.receipt)):  # stage.* events, build metrics
                 catalog = load_project_catalog(args.catalog)
-                path = write_receipt(catalog, args.receipt, args.receipt_out, cache_dir, policy)
+                archive = project_archive(catalog, settings)
+                path = write_receipt(catalog, args.receipt, args.receipt_out, cache_dir, policy, archive)
         except FuselineError as exc:
             # print() does not go through the logging redaction: redact here, as run_stage does.
             print(redact(f"error: fetch --receipt {args.receipt}: {exc}"), file=sys.stderr)
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         catalog = load_project_catalog(args.catalog)
-        path = fetch_source(catalog, args.source, cache_dir, policy)
+        path = fetch_source(catalog, args.source, cache_dir, policy, project_archive(catalog, settings))
         if args.out:
             place(path, Path(args.out))
     except FuselineError as exc:

@@ -14,8 +14,11 @@ from fuseline.core.files import sha256_file
 from fuseline.core.redact import install_redaction, redact
 from fuseline.core.safetensors_io import PICKLE_SUFFIXES, sniff_format
 from stages.errors import StageError
+from stages.settings import BuildSettings
+from stages.sources.archived import ProjectArchive, restore
 from stages.sources.cache import DownloadCache
 from stages.sources.download import RetryPolicy
+from stages.sources.errors import SourceError
 from stages.sources.hf import CONFIG_FOLDER_PATTERNS
 from stages.sources.resolve import fetch
 
@@ -35,6 +38,13 @@ def resolve_local_source(catalog: Catalog, source: str, where: str) -> Path:
     return path
 
 
+def project_archive(catalog: Catalog, settings: BuildSettings) -> ProjectArchive:
+    """The source archive of the project whose catalog this is (the catalog sits at the project's root),
+    in the remote FUSELINE_ARCHIVE_REMOTE names (default: DVC's default remote)."""
+    root = catalog.path.parent if catalog.path is not None else Path.cwd()
+    return ProjectArchive(root, settings.archive_remote)
+
+
 def materialize(
     catalog: Catalog,
     source: Source,
@@ -44,6 +54,7 @@ def materialize(
     is_config: bool = False,
     cache_dir: str | Path | None = None,
     policy: RetryPolicy | None = None,
+    archive: ProjectArchive | None = None,
 ) -> Path:
     """The local path of one catalog source, for a stage that reads it. `where` is its catalog path
     (`checkpoints.<id>`, `checkpoints.<id>.config`, `templates.<id>.loras[<n>]`, `vae`).
@@ -53,32 +64,44 @@ def materialize(
     network; a miss (another machine, a cleaned cache) downloads it again, verified against that sha256.
     The receipt only supplies hashes; its paths are never used, so it means the same on every machine.
     `cache_dir` and `policy` come from the stage's build settings (default: read from the environment).
+    With an `archive` (project_archive), a source upstream lost (or a `file:` source missing on this
+    machine) comes from the project's source archive, found by its pin or the receipt's hash.
     """
     parsed = source.parsed
-    if parsed.scheme == "file":
-        return resolve_local_source(catalog, source.source, where)
-    pin = source.sha256
     recorded = (receipt or {}).get(where)
-    if recorded is not None:
-        if recorded.get("source") != redact(source.source):
-            raise StageError(
-                "RECEIPT_STALE",
-                f"{where}: the fetch receipt names {recorded.get('source')!r}, the catalog "
-                f"{redact(source.source)!r}; run `dvc repro` (it re-runs the fetch stage first), "
-                "not this stage alone",
-            )
-        if pin is None and recorded.get("kind") == "file":
-            pin = recorded.get("sha256")
-    install_redaction()
-    pinned = source.model_copy(update={"sha256": pin}) if pin != source.sha256 else source
+    identity = None  # (kind, sha256) the fetch stage recorded: what the archive knows the source by
+    if recorded is not None and recorded.get("source") == redact(source.source):
+        identity = (recorded.get("kind"), recorded.get("sha256"))
     cache = DownloadCache(cache_dir)
-    path = fetch(
-        pinned,
-        cache=cache,
-        catalog=catalog,
-        allow_patterns=CONFIG_FOLDER_PATTERNS if is_config else None,
-        policy=policy,
-    )
+    if parsed.scheme == "file":
+        used_in_place = catalog.resolve_file(parsed).exists() or archive is None
+        if used_in_place or not (source.sha256 or identity):
+            return resolve_local_source(catalog, source.source, where)
+        failure = SourceError("NOT_FOUND", f"{where}: {source.source} names a path that does not exist")
+        path = restore(archive, source, cache, failure, recorded=identity)
+    else:
+        pin = source.sha256
+        if recorded is not None:
+            if identity is None:
+                raise StageError(
+                    "RECEIPT_STALE",
+                    f"{where}: the fetch receipt names {recorded.get('source')!r}, the catalog "
+                    f"{redact(source.source)!r}; run `dvc repro` (it re-runs the fetch stage first), "
+                    "not this stage alone",
+                )
+            if pin is None and recorded.get("kind") == "file":
+                pin = recorded.get("sha256")
+        install_redaction()
+        pinned = source.model_copy(update={"sha256": pin}) if pin != source.sha256 else source
+        path = fetch(
+            pinned,
+            cache=cache,
+            catalog=catalog,
+            allow_patterns=CONFIG_FOLDER_PATTERNS if is_config else None,
+            policy=policy,
+            archive=archive,
+            recorded=identity,
+        )
     if path.is_file() and path.parent.parent == cache.root / "sha256":
         return named_view(path, cache.root)
     return path

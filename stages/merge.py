@@ -28,7 +28,7 @@ from fuseline.core.manifest import CheckpointRef, LoraRef, ModelManifest, VaeRef
 from stages.errors import StageError
 from stages.export import copy_plain_files, export_component
 from stages.fuse import LoraFactors, WeightUpdate, fuse_weight, scaling
-from stages.local_files import materialize
+from stages.local_files import materialize, project_archive
 from stages.lora import COMPONENTS, LoadedLora, LoraInput, read_lora
 from stages.receipts import read_receipt
 from stages.runtime import load_params, load_project_catalog, peak_rss_mb, record_metrics, run_stage
@@ -284,6 +284,7 @@ def _lora_inputs(
             receipt=recorded,
             cache_dir=settings.download_cache,
             policy=RetryPolicy.from_settings(settings),
+            archive=project_archive(catalog, settings),
         )
         inputs.append(
             LoraInput(

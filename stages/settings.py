@@ -4,6 +4,8 @@
                                      ~/.cache/fuseline)
     FUSELINE_DOWNLOAD_RETRY_SECONDS  how long one download may keep retrying (default 600)
     FUSELINE_DOWNLOAD_ATTEMPTS       attempts per download (default 20)
+    FUSELINE_ARCHIVE_REMOTE          the DVC remote whose source archive a fetch falls back to when upstream
+                                     lost a source (default: DVC's default remote; fuseline/remote/archive.py)
 
 A bad value stops the stage with CONFIG_INVALID naming the variable (fuseline.core.settings).
 """
@@ -23,6 +25,7 @@ class BuildSettings(EnvSettings):
     xdg_cache_home: Path | None = Field(default=None, validation_alias="XDG_CACHE_HOME")
     download_retry_seconds: float = Field(default=600.0, validation_alias="FUSELINE_DOWNLOAD_RETRY_SECONDS")
     download_attempts: int = Field(default=20, validation_alias="FUSELINE_DOWNLOAD_ATTEMPTS")
+    archive_remote: str | None = Field(default=None, validation_alias="FUSELINE_ARCHIVE_REMOTE")
 
     @field_validator("download_retry_seconds", mode="before")
     @classmethod

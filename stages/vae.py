@@ -16,7 +16,7 @@ from fuseline.core.safetensors_io import SafetensorsError, read_header
 from stages.checkpoint_kind import classify_keys, dominant_dtype
 from stages.convert import DEFAULT_CONFIG_DIR, DTYPES, strip_local_paths, torch_dtype_for
 from stages.errors import StageError
-from stages.local_files import check_pickle_allowed, check_sha256, materialize
+from stages.local_files import check_pickle_allowed, check_sha256, materialize, project_archive
 from stages.receipts import read_receipt
 from stages.runtime import load_project_catalog, run_stage
 from stages.settings import BuildSettings
@@ -144,6 +144,7 @@ def main(
         receipt=read_receipt(receipt, "vae"),
         cache_dir=settings.download_cache,
         policy=RetryPolicy.from_settings(settings),
+        archive=project_archive(catalog, settings),
     )
     with atomic_dir(out) as tmp:
         convert_vae(

@@ -34,7 +34,7 @@ from typing import Any
 
 from fuseline.publish.project import built_templates, released_template, stale_templates
 from fuseline.publish.releases import missing_objects, publish, read_release
-from fuseline.publish.stores import open_store, read_remote_config
+from fuseline.remote.stores import open_store, read_remote_config
 from testkit.project import REPO, RUNNING_STAGE, VENV_BIN, DvcProject, dvc_env, make_dvc_project
 from testkit.servers import free_port, set_parent_death_signal
 
@@ -531,7 +531,16 @@ class Demo:
             store = open_store(remote)
             release = _current_release_if_up_to_date(root, store)
             if release is None:
-                release = publish(root, channel=CHANNEL).release
+                from stages.archive import archive_sources
+                from stages.settings import BuildSettings
+
+                settings = BuildSettings.from_env()
+                result = publish(
+                    root,
+                    channel=CHANNEL,
+                    archive_sources=lambda root, store: archive_sources(root, store, settings),
+                )
+                release = result.release
                 self.result.published = True
             path = Path(remote.url) / "releases" / f"{CHANNEL}.json"
             self.result.release_created = release.created

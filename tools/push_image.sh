@@ -3,6 +3,9 @@
 #
 #   IMAGE_REPO=ghcr.io/<owner>/fuseline-worker IMAGE_TAGS="sha-0123abcd main" make image-push
 #
+# Without IMAGE_TAGS, in GitHub Actions (GITHUB_SHA set): `sha-<12 hex of the commit>`, the release channel
+# (RELEASE_CHANNEL, default main) and, on a tag push, the git tag.
+#
 # Reads which image and which buildah storage from build/fuseline-worker.json (written by `make image`).
 # REGISTRY_USER / REGISTRY_PASSWORD, when set, log in first (the password is read from stdin, never put on
 # a command line). REGISTRY_TLS_VERIFY=false allows a plain-HTTP registry (tests use a local one).
@@ -13,6 +16,10 @@ cd "$(dirname "$0")/.."
 INFO=build/fuseline-worker.json
 [[ -f "$INFO" ]] || { echo "make image-push: $INFO not found: run \`make image\` first" >&2; exit 2; }
 : "${IMAGE_REPO:?make image-push: set IMAGE_REPO, e.g. ghcr.io/<owner>/fuseline-worker}"
+if [[ -z "${IMAGE_TAGS:-}" && -n "${GITHUB_SHA:-}" ]]; then
+  IMAGE_TAGS="sha-${GITHUB_SHA:0:12} ${RELEASE_CHANNEL:-main}"
+  [[ "${GITHUB_REF_TYPE:-}" == tag ]] && IMAGE_TAGS="$IMAGE_TAGS ${GITHUB_REF_NAME}"
+fi
 : "${IMAGE_TAGS:?make image-push: set IMAGE_TAGS, e.g. \"sha-0123abcd main\"}"
 read -r built driver < <(python3 -c 'import json,sys; i=json.load(open(sys.argv[1])); print(i["image"], i["storage_driver"])' "$INFO")
 image=${IMAGE:-$built}  # IMAGE: push another image of the same storage (the tests push the small base)

@@ -18,6 +18,7 @@ from fuseline.core.serving import (
     SCHEDULER_NAMES,
     SIZE_MULTIPLE,
     canonical_scheduler,
+    nearest_sizes,
     size_problem,
 )
 from worker.errors import InvalidInput, ModelInvalid, UploadNotConfigured
@@ -75,10 +76,10 @@ class GenerationInput(BaseModel):
             return None
         min_size = _settings(info).min_size
         if value % SIZE_MULTIPLE:
-            lower = value // SIZE_MULTIPLE * SIZE_MULTIPLE
+            nearest = " or ".join(str(size) for size in nearest_sizes(value, min_size))
             raise ValueError(
-                f"must be a multiple of {SIZE_MULTIPLE} "
-                f"(got {value}; nearest: {lower} or {lower + SIZE_MULTIPLE})"
+                f"must be a multiple of {SIZE_MULTIPLE} between {min_size} and {MAX_SIZE} "
+                f"(got {value}; nearest: {nearest})"
             )
         if not min_size <= value <= MAX_SIZE:
             raise ValueError(f"must be between {min_size} and {MAX_SIZE} (got {value})")

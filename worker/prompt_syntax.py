@@ -7,6 +7,10 @@ Pure and dependency-free so it can be tested exhaustively. The grammar follows A
 - `\\(`, `\\)`, `\\[`, `\\]` and `\\\\` are literal characters;
 - brackets left open at the end still apply to the rest of the prompt; stray closers are literal text;
 - `BREAK` (upper case, a word of its own) ends the current 75-token chunk.
+
+Unlike A1111, every weight is capped at +-MAX_WEIGHT as it is computed (a written weight and each product
+of nested brackets), so `(word:1e40)` or 930 unclosed `(` stay finite numbers that fit a float32 tensor,
+and a capped weight times 0 is 0, never inf * 0 = NaN.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from dataclasses import dataclass
 
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
+# Emphasis weights beyond this are capped (A1111 prompts use about 0.5 to 2; float32 ends near 3.4e38).
+MAX_WEIGHT = 1000.0
 
 _ATTENTION = re.compile(
     r"""
@@ -56,7 +62,7 @@ def parse_prompt_weights(prompt: str) -> list[Fragment]:
     def multiply(start: int, factor: float) -> None:
         for part in parts[start:]:
             if not part[2]:
-                part[1] *= factor
+                part[1] = _capped(part[1] * _capped(factor))
 
     for match in _ATTENTION.finditer(prompt):
         token = match.group(0)
@@ -96,6 +102,10 @@ def parse_prompt_weights(prompt: str) -> list[Fragment]:
         else:
             fragments.append(Fragment(text, weight))
     return fragments or [Fragment("", 1.0)]
+
+
+def _capped(weight: float) -> float:
+    return max(-MAX_WEIGHT, min(MAX_WEIGHT, weight))
 
 
 def _is_number(text: str) -> bool:

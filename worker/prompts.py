@@ -14,13 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from worker.prompt_syntax import Fragment, parse_prompt_weights
+from worker.prompt_syntax import MAX_WEIGHT, Fragment, parse_prompt_weights
 
 # 16 chunks = 1200 tokens: far beyond what a 4000-character prompt needs with the real CLIP vocab
 # (about 4 characters per token); a limit so a pathological prompt cannot make attention explode.
 MAX_CHUNKS = 16
-# Emphasis weights beyond this are capped (A1111 prompts use about 0.5 to 2).
-MAX_WEIGHT = 1000.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +29,7 @@ class WeightedChunks:
     weights: torch.Tensor  # (chunks, 77) float, 1.0 on BOS/EOS/padding
     token_count: int  # prompt tokens before any limit (without BOS/EOS/padding)
     dropped_tokens: int  # tokens beyond MAX_CHUNKS that were not encoded
+    chunk_count: int = 0  # chunks the prompt makes before the limit (BREAK ends one early)
 
 
 @dataclass
@@ -71,6 +70,7 @@ def weighted_chunks(tokenizer, fragments: list[Fragment], max_chunks: int = MAX_
 
     token_count = sum(len(row) for row in rows)
     dropped = sum(len(row) for row in rows[max_chunks:])
+    chunk_count = len(rows)
     rows = rows[:max_chunks]
     ids = torch.full((len(rows), length), pad, dtype=torch.long)
     weights = torch.ones((len(rows), length), dtype=torch.float32)
@@ -80,7 +80,7 @@ def weighted_chunks(tokenizer, fragments: list[Fragment], max_chunks: int = MAX_
             ids[r, i] = token
             weights[r, i] = weight
         ids[r, len(row) + 1] = eos
-    return WeightedChunks(ids, weights, token_count, dropped)
+    return WeightedChunks(ids, weights, token_count, dropped, chunk_count)
 
 
 def _pad_rows(chunks: WeightedChunks, rows: int, tokenizer) -> WeightedChunks:
@@ -94,6 +94,7 @@ def _pad_rows(chunks: WeightedChunks, rows: int, tokenizer) -> WeightedChunks:
         torch.cat([chunks.weights, empty.weights.repeat(missing, 1)]),
         chunks.token_count,
         chunks.dropped_tokens,
+        chunks.chunk_count,
     )
 
 
@@ -127,12 +128,15 @@ def _encode(text_encoder, chunks: WeightedChunks) -> tuple[torch.Tensor, torch.T
 
 
 def _limit_warning(side: str, chunks: WeightedChunks, per_chunk: int) -> str | None:
+    # Counted in chunks and tokens apart: with BREAK a chunk holds fewer than `per_chunk` tokens, so the
+    # tokens kept are not MAX_CHUNKS * per_chunk.
     if not chunks.dropped_tokens:
         return None
     kept = chunks.token_count - chunks.dropped_tokens
     return (
-        f"{side} has {chunks.token_count} tokens; only the first {kept} ({MAX_CHUNKS} chunks of {per_chunk}) "
-        f"were used, {chunks.dropped_tokens} were dropped"
+        f"{side} has {chunks.token_count} tokens in {chunks.chunk_count} chunks ({per_chunk} tokens each at "
+        f"most; BREAK starts a new one); only the first {MAX_CHUNKS} chunks ({kept} tokens) were used, "
+        f"{chunks.dropped_tokens} tokens were dropped"
     )
 
 

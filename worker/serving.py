@@ -41,6 +41,8 @@ class Worker:
 
     def __init__(self, settings: WorkerSettings, device: str | None = None):
         self.settings = settings
+        # Templates served as the volume holds them because their start-up sync failed.
+        self.sync_unsynced: list[str] = []
         self.device = device or default_device(settings.device)
         on_cuda = self.device.startswith("cuda")
         max_bytes = settings.vram_budget_bytes

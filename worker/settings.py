@@ -26,6 +26,9 @@ MAX_OUTPUT_URL_EXPIRY_S = 7 * 24 * 3600
 # both ends): checked at start so a typo fails the deployment, not every job.
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 SPEED_OPTIONS = ("channels_last", "fuse_qkv", "compile")
+# The devices the worker generates on (worker/device.py): checked here, without importing torch, so that a
+# typo fails the start with CONFIG_INVALID instead of a traceback from torch.device() in the first load.
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
 class SpeedOptions(EnvSettings):
@@ -113,6 +116,19 @@ class WorkerSettings(EnvSettings):
             check_endpoint_variables(env)
         addressing_from_env(env)
         return settings
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, value: Any) -> str | None:
+        if value is None:
+            return None
+        device = str(value).strip().lower()
+        if not _DEVICE_RE.match(device):
+            raise ConfigInvalid(
+                f"FUSELINE_DEVICE={value!r} is not a device this worker runs on: use cuda, cuda:<index> "
+                "(e.g. cuda:0) or cpu, or unset it (cuda when a GPU is present, else cpu)"
+            )
+        return device
 
     @field_validator("preload", mode="before")
     @classmethod

@@ -47,6 +47,8 @@ class StartingWorker(Protocol):
     cache: PipelineCache
     # SyncReport.summary() of the start-up sync (None: no FUSELINE_RELEASE), for the worker.start event.
     sync_summary: dict[str, Any] | None
+    # Templates served as the volume holds them because their sync failed (SyncReport.unsynced).
+    sync_unsynced: list[str]
 
 
 def prepare(worker: StartingWorker) -> list[str]:
@@ -140,10 +142,10 @@ def sync_volume(worker: StartingWorker) -> list[str]:
         return []
     report = sync_templates(settings.release, settings.volume, settings.preload, settings=settings.sync)
     worker.sync_summary = summary = report.summary()
+    worker.sync_unsynced = report.unsynced
     COUNTERS.add("sync_bytes", summary["bytes"])
     COUNTERS.add("sync_failures", summary["failures"])
-    level = logging.INFO if report.ok else logging.WARNING
-    log_event(log, "sync.done", "\n".join(report.lines()), level=level, **summary)
+    report.log(logging.getLogger("fuseline.worker.sync"))
     problems = [report.error] if report.error else []
     problems += [f"template {t.template}: {t.error}" for t in report.templates if t.error]
     return problems
@@ -307,13 +309,14 @@ def start_fields(worker: StartingWorker, problems: list[str], check: SelfCheck) 
         free = shutil.disk_usage(settings.volume).free
     except OSError:
         free = None
-    sync = getattr(worker, "sync_summary", None)
+    sync = worker.sync_summary
     return {
         **environment(worker.device),
         "volume": {"path": str(settings.volume), "free_bytes": free},
         "templates_present": available_templates(settings),
         "default_template": settings.default_template,
         "templates_synced": sorted(sync["templates"]) if sync else [],
+        "templates_unsynced": sorted(worker.sync_unsynced),
         "sync": sync,
         "problems": problems,
         "self_check": check.fields(),
@@ -327,7 +330,14 @@ def log_start(
     fields = start_fields(worker, problems, check)
     if check.ok:
         level, message = (logging.WARNING if problems else logging.INFO), "worker started"
-        if problems:
+        sync_error = (fields["sync"] or {}).get("error")
+        if sync_error:
+            # The release could not be read (remote down, release file unreadable): say what is served.
+            unsynced = fields["templates_unsynced"]
+            message += f" without its release ({sync_error}); serving what the volume holds: " + (
+                ", ".join(unsynced) if unsynced else "no template"
+            )
+        elif problems:
             message += f" with {len(problems)} template problem(s); jobs for those templates will fail"
     else:
         level, message = logging.ERROR, f"self-check failed, not taking jobs: {check.error}"

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from fuseline.cli.ci import register as register_ci_commands
 from fuseline.cli.publish import register as register_publish_commands
 from fuseline.cli.report import register as register_report_command
 from fuseline.core.catalog.loading import load_catalog
@@ -132,5 +133,6 @@ def schema() -> None:
 
 # Publishing commands (publish, release list|rollback, gc) live in their own module.
 register_publish_commands(app)
+register_ci_commands(app)
 # `fuseline report`: per-template build metrics (fuseline/cli/report.py).
 register_report_command(app)

@@ -12,10 +12,10 @@ from typing import Annotated
 
 import typer
 
-from fuseline.publish.errors import PublishError
 from fuseline.publish.gc import find_local_garbage, find_remote_garbage, remove_local_garbage
 from fuseline.publish.releases import DEFAULT_CHANNEL, current_releases, publish, release_history, rollback
-from fuseline.publish.stores import open_store, read_remote_config
+from fuseline.remote.errors import RemoteError
+from fuseline.remote.stores import open_store, read_remote_config
 
 RemoteOpt = Annotated[
     str | None, typer.Option("--remote", "-r", help="DVC remote name (default: the config's default remote).")
@@ -24,7 +24,7 @@ ChannelOpt = Annotated[str, typer.Option("--channel", "-c", help="Release channe
 ProjectOpt = Annotated[Path, typer.Option("--project", help="The DVC project's root folder.")]
 
 
-def _fail(exc: PublishError) -> typer.Exit:
+def _fail(exc: RemoteError) -> typer.Exit:
     typer.echo(f"error [{exc.code}]: {exc}", err=True)
     return typer.Exit(1)
 
@@ -34,14 +34,35 @@ def publish_command(
     channel: ChannelOpt = DEFAULT_CHANNEL,
     project: ProjectOpt = Path("."),
     no_push: Annotated[
-        bool, typer.Option("--no-push", help="Only check the remote and write the release (objects pushed).")
+        bool,
+        typer.Option(
+            "--no-push",
+            help="Only check the remote and write the release (objects pushed, sources archived already).",
+        ),
     ] = False,
 ) -> None:
-    """Push the built templates and the run-cache to the remote, then write the channel's release manifest
-    (only once every object it names is on the remote)."""
+    """Push the built templates, the run-cache and the build's sources (the source archive) to the remote,
+    then write the channel's release manifest (only once every object it names is on the remote)."""
+    # The build side (the download cache, the sources library), imported only here: the other commands
+    # stay light.
+    from fuseline.core.errors import ConfigInvalid
+    from stages.archive import archive_sources
+    from stages.settings import BuildSettings
+
     try:
-        result = publish(project, remote_name=remote, channel=channel, do_push=not no_push)
-    except PublishError as exc:
+        settings = BuildSettings.from_env()  # FUSELINE_CACHE_DIR: where the build's sources are
+    except ConfigInvalid as exc:
+        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    try:
+        result = publish(
+            project,
+            remote_name=remote,
+            channel=channel,
+            do_push=not no_push,
+            archive_sources=lambda root, store: archive_sources(root, store, settings),
+        )
+    except RemoteError as exc:
         raise _fail(exc) from None
     release = result.release
     typer.echo(
@@ -50,6 +71,12 @@ def publish_command(
     )
     for template, entry in sorted(release.templates.items()):
         typer.echo(f"  {template}  {entry.dir_md5}  {entry.nfiles} files  {entry.size} bytes")
+    if result.sources is not None:
+        sources = result.sources
+        typer.echo(
+            f"sources archived in {sources.archive}: {len(sources.uploaded)} files uploaded "
+            f"({sources.uploaded_bytes} bytes), {len(sources.present)} already there"
+        )
 
 
 release_app = typer.Typer(help="Inspect and roll back release manifests on a remote.", no_args_is_help=True)
@@ -66,7 +93,7 @@ def release_list(
         store = open_store(read_remote_config(project.resolve(), remote))
         history = release_history(store, channel)
         current = current_releases(store)
-    except PublishError as exc:
+    except RemoteError as exc:
         raise _fail(exc) from None
     if not history:
         typer.echo(f"no releases on {store.description}")
@@ -90,7 +117,7 @@ def release_rollback(
     try:
         store = open_store(read_remote_config(project.resolve(), remote))
         release = rollback(store, channel, to)
-    except PublishError as exc:
+    except RemoteError as exc:
         raise _fail(exc) from None
     typer.echo(f"{channel} now serves the release of {release.created} ({len(release.templates)} templates)")
 
@@ -129,7 +156,7 @@ def gc_command(
             remove_local_garbage(root, local)
             if store is not None:
                 store.delete(remote_garbage)
-    except PublishError as exc:
+    except RemoteError as exc:
         raise _fail(exc) from None
     total = len(local.stages) + len(local.paths) + len(remote_garbage)
     if not total:

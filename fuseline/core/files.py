@@ -2,7 +2,8 @@
 
 `atomic_write` and `atomic_dir` write beside the target under a name no other writer uses, flush to disk,
 then rename into place: a reader (DVC, the worker, another process, a crash) sees the old content or the
-new, never half of it. `local_lock` is `filelock` (an flock on a lock file): for processes sharing one
+new, never half of it. `atomic_create` does the same but never replaces: of many writers of one name,
+exactly one creates it. `local_lock` is `filelock` (an flock on a lock file): for processes sharing one
 machine's filesystem, such as two DVC stages filling the same download-cache entry. A network volume shared
 by several machines needs worker.sync.locks instead (flock is missing or machine-local there).
 """
@@ -57,6 +58,54 @@ def atomic_write(
         raise
     fsync_dir(path.parent)
     return path
+
+
+def atomic_copy(
+    source: str | os.PathLike[str], path: str | os.PathLike[str], *, mode: int | None = None
+) -> Path:
+    """Copy the file `source` to `path` the way atomic_write writes (whole or not at all), streaming: for
+    files too large to hold in memory (a checkpoint)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path)
+    try:
+        with open(source, "rb") as src, tmp.open("wb") as handle:
+            shutil.copyfileobj(src, handle, 8 << 20)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_create(path: str | os.PathLike[str], data: bytes, *, mode: int | None = None) -> bool:
+    """Create `path` with `data` unless something is there already: True when created, False when the name
+    was taken (its content untouched). Like atomic_write, a reader never sees half the file: the data goes
+    to a temporary file first, which is then hard-linked to `path`, and link(2) refuses an existing name
+    atomically (O_CREAT|O_EXCL would give the name to a file still being written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path)
+    try:
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return True
 
 
 @contextlib.contextmanager

@@ -100,6 +100,9 @@ _SECRET_KEY_NAMES = (
     "secret_access_key",
     "session_token",
     "x-amz-security-token",
+    # SigV4's Authorization parts (`Credential=AKID.../scope, Signature=...`), as echoing servers repeat them.
+    "credential",
+    "signature",
 )
 _KEY_VALUE_RE = re.compile(
     r"(?P<lead>(?<![\w-])(?P<q>['\"]?)(?:"

@@ -23,6 +23,8 @@ RELEASE_FORMAT = 1
 MD5_DIR_PATTERN = re.compile(r"^[0-9a-f]{32}\.dir$")
 MD5_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"  # also the history object's name: sortable, no ':' (unsafe in keys)
+# A release id: TIMESTAMP_FORMAT's shape. It names a history object, so nothing else may (no '/' or '..').
+RELEASE_ID_PATTERN = re.compile(r"^[0-9]{8}T[0-9]{6}Z$")
 
 
 def object_key(md5: str) -> str:
@@ -102,6 +104,27 @@ class Release(_Frozen):
         exclude_if=lambda value: not value,
         description="SDXL refiner folders by checkpoint id, named by templates' `refiner`.",
     )
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: int) -> int:
+        # A newer publisher may change what the fields mean: reading a format as if it were ours could
+        # sync the wrong folders, so only the formats this code knows are read.
+        if value != RELEASE_FORMAT:
+            raise ValueError(
+                f"release format {value} is not one this fuseline reads (it reads format {RELEASE_FORMAT}); "
+                "publish the release with the same fuseline version as the worker, or update the worker"
+            )
+        return value
+
+    @field_validator("created")
+    @classmethod
+    def _release_id(cls, value: str) -> str:
+        if not RELEASE_ID_PATTERN.match(value):
+            raise ValueError(
+                f"created must be a UTC time like 20261127T211500Z (it names the history copy), got {value!r}"
+            )
+        return value
 
     @field_validator("templates", "refiners")
     @classmethod

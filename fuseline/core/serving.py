@@ -125,6 +125,14 @@ def canonical_scheduler(name: str) -> str:
     return _ALIASES_FOLDED.get(name.strip().casefold(), name)
 
 
+def nearest_sizes(value: int, min_size: int = DEFAULT_MIN_SIZE) -> tuple[int, ...]:
+    """The served sizes nearest to `value`, for a hint: the multiples of SIZE_MULTIPLE on either side of it,
+    kept between `min_size` and MAX_SIZE (one value when both sides land on the same one)."""
+    lower = value // SIZE_MULTIPLE * SIZE_MULTIPLE
+    upper = -(-value // SIZE_MULTIPLE) * SIZE_MULTIPLE
+    return tuple(sorted({max(min_size, min(MAX_SIZE, size)) for size in (lower, upper)}))
+
+
 def scheduler_problem(name: str) -> str | None:
     """Why a scheduler name is not one the worker knows, or None when it is."""
     if name not in SCHEDULER_NAMES:

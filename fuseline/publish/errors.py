@@ -1,16 +1,9 @@
-"""The one error type of publishing: a coded FuselineError whose message is redacted at birth."""
+"""The error type of publishing: a coded RemoteError (the remote's own errors are RemoteErrors too)."""
 
 from __future__ import annotations
 
-from fuseline.core.errors import FuselineError
-from fuseline.core.redact import redact
+from fuseline.remote.errors import RemoteError
 
 
-class PublishError(FuselineError):
+class PublishError(RemoteError):
     """A publishing step failed; the message is one line naming the cause and the fix (never a secret)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(redact(message), code=code)
-
-    def __str__(self) -> str:
-        return self.message

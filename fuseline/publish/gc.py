@@ -13,7 +13,7 @@ from fuseline.core.release import object_key
 from fuseline.publish.errors import PublishError
 from fuseline.publish.project import read_lock
 from fuseline.publish.releases import OBJECTS_PREFIX, current_releases, dir_listing, release_history
-from fuseline.publish.stores import ObjectStore
+from fuseline.remote.stores import ObjectStore
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from fuseline.core.manifest import ManifestError, ModelManifest, RefinerManifest
 from fuseline.core.redact import redact
 from fuseline.core.release import LoraSummary, ReleasedRefiner, ReleasedTemplate
 from fuseline.publish.errors import PublishError
-from fuseline.publish.stores import RemoteConfig
+from fuseline.remote.stores import RemoteConfig
 
 MODELS_DIR = "artifacts/models"
 BASE_DIR = "artifacts/base"
@@ -172,7 +172,7 @@ def git_commit(root: Path) -> str | None:
     return proc.stdout.strip() or None if proc.returncode == 0 else None
 
 
-def _dvc_bin() -> str:
+def dvc_bin() -> str:
     beside = Path(sys.executable).parent / "dvc"
     return str(beside) if beside.is_file() else "dvc"
 
@@ -180,7 +180,7 @@ def _dvc_bin() -> str:
 def run_dvc(root: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "DVC_NO_ANALYTICS": "1", **(env or {})}
     return subprocess.run(
-        [_dvc_bin(), *args], cwd=root, env=full_env, capture_output=True, text=True, check=False
+        [dvc_bin(), *args], cwd=root, env=full_env, capture_output=True, text=True, check=False
     )
 
 
@@ -305,8 +305,3 @@ def project_changed_templates(root: Path) -> list[str]:
         raise PublishError("DVC_FAILED", f"`dvc status` failed in {root}: {_last_line(proc.stderr)}")
     catalog = json.loads((root / "templates.json").read_text())
     return changed_templates(json.loads(proc.stdout or "{}"), catalog, produced_paths(root))
-
-
-def print_changed_templates(root: Path | str = ".") -> None:
-    """Print the templates to rebuild as a JSON list (what CI feeds its job matrix)."""
-    print(json.dumps(project_changed_templates(Path(root))))

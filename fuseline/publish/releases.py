@@ -7,14 +7,21 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from fuseline.core.release import TIMESTAMP_FORMAT, Release, history_key, object_key, release_key
+from fuseline.core.release import (
+    RELEASE_ID_PATTERN,
+    TIMESTAMP_FORMAT,
+    Release,
+    history_key,
+    object_key,
+    release_key,
+)
 from fuseline.publish.errors import PublishError
 from fuseline.publish.project import (
     built_refiners,
@@ -27,7 +34,8 @@ from fuseline.publish.project import (
     stale_templates,
     unverified_templates,
 )
-from fuseline.publish.stores import ObjectStore, open_store, read_remote_config
+from fuseline.remote.archive import ArchiveReport
+from fuseline.remote.stores import ObjectStore, open_store, read_remote_config
 
 DEFAULT_CHANNEL = "main"
 OBJECTS_PREFIX = "files/md5/"
@@ -76,26 +84,43 @@ def _check_channel(channel: str) -> None:
         )
 
 
-def _free_timestamp(store: ObjectStore, channel: str, now: datetime) -> str:
-    # History copies are immutable: two publishes in one second get distinct names, never an overwrite.
-    for offset in range(120):
-        stamp = (now + timedelta(seconds=offset)).strftime(TIMESTAMP_FORMAT)
-        if not store.exists(history_key(channel, stamp)):
-            return stamp
-    raise PublishError("BUSY", f"channel {channel!r}: 120 releases within two minutes; wait and retry")
+# Ids tried after the one asked for, one second apart, before a publish gives up.
+MAX_ID_TRIES = 120
 
 
-def write_release(store: ObjectStore, release: Release) -> None:
-    """History copy first, then the channel pointer: a crash in between leaves the old release current."""
-    data = release.to_json().encode()
-    store.write(history_key(release.channel, release.created), data)
-    store.write(release_key(release.channel), data)
+def write_release(store: ObjectStore, release: Release) -> Release:
+    """History copy first, then the channel pointer: a crash in between leaves the old release current.
+
+    History copies are immutable and their id is their time: the copy is created exclusively
+    (`ObjectStore.create`: a hard link on a local remote, a conditional put on S3), so of two publishes
+    in the same second (two clones, two CI jobs) exactly one gets the id; the other takes the next free
+    second. No check-then-write: the store itself decides. Returns the release as written (`created` is the
+    id it got)."""
+    start = datetime.strptime(release.created, TIMESTAMP_FORMAT).replace(tzinfo=UTC)
+    for offset in range(MAX_ID_TRIES):
+        stamp = (start + timedelta(seconds=offset)).strftime(TIMESTAMP_FORMAT)
+        candidate = release.model_copy(update={"created": stamp})
+        data = candidate.to_json().encode()
+        if store.create(history_key(release.channel, stamp), data):
+            store.write(release_key(release.channel), data)
+            return candidate
+    raise PublishError(
+        "BUSY",
+        f"channel {release.channel!r}: {MAX_ID_TRIES} releases within {MAX_ID_TRIES} s of "
+        f"{release.created}; wait and retry",
+    )
+
+
+# Puts every source of the project's build into the remote's source archive (stages.archive.archive_sources,
+# passed in by the command line: publishing sits beside the build stages and does not import them).
+ArchiveSources = Callable[[Path, ObjectStore], ArchiveReport]
 
 
 @dataclass(frozen=True)
 class PublishResult:
     release: Release
     remote: str
+    sources: ArchiveReport | None = None  # what archiving the sources did (None: not archived)
 
 
 def publish(
@@ -105,9 +130,11 @@ def publish(
     channel: str = DEFAULT_CHANNEL,
     do_push: bool = True,
     now: datetime | None = None,
+    archive_sources: ArchiveSources | None = None,
 ) -> PublishResult:
-    """Push the built templates (and the run-cache), check every object is on the remote, then write the
-    channel's release. Raises PublishError with nothing written when any step fails."""
+    """Push the built templates (and the run-cache), check every object is on the remote, put the build's
+    sources into the remote's source archive (`archive_sources`, with `do_push`), then write the channel's
+    release. Raises PublishError (a RemoteError) with no release written when any step fails."""
     root = Path(root).resolve()
     _check_channel(channel)
     remote = read_remote_config(root, remote_name)
@@ -160,12 +187,13 @@ def publish(
             f"{store.description}: {len(missing)} objects of the release are not on the remote "
             f"(first: {missing[0]}) (fix: {fix}; the current release is untouched)",
         )
-    created = _free_timestamp(store, channel, now or datetime.now(UTC))
+    # Before the release: a released model's sources are in the archive, so it can be rebuilt elsewhere.
+    sources = archive_sources(root, store) if archive_sources is not None and do_push else None
+    created = (now or datetime.now(UTC)).strftime(TIMESTAMP_FORMAT)
     release = Release(
         channel=channel, created=created, git_commit=git_commit(root), templates=templates, refiners=refiners
     )
-    write_release(store, release)
-    return PublishResult(release=release, remote=remote.name)
+    return PublishResult(release=write_release(store, release), remote=remote.name, sources=sources)
 
 
 def load_release(store: ObjectStore, key: str, data: bytes) -> Release:
@@ -225,6 +253,13 @@ def rollback(store: ObjectStore, channel: str, to: str) -> Release:
     """Make the history release `to` (its timestamp) the channel's current one again, after checking its
     objects are still all on the remote."""
     _check_channel(channel)
+    if not RELEASE_ID_PATTERN.match(to):
+        # The id names a key under releases/<channel>/: a path (../../x) would name a file outside it.
+        raise PublishError(
+            "BAD_RELEASE_ID",
+            f"{to!r} is not a release id (a UTC time like 20261127T211500Z; fix: pick one from "
+            "`fuseline release list`)",
+        )
     data = store.read(history_key(channel, to))
     if data is None:
         known = ", ".join(r.created for r in release_history(store, channel)) or "none"

@@ -161,10 +161,17 @@ class LockEntry:
 class LockReport:
     path: Path
     entries: list[LockEntry]
-    changed: bool
+    changed: bool  # the pins found change the catalog (written unless dry_run)
+    dry_run: bool = False
 
     def format(self) -> str:
-        head = f"{self.path}: {'updated' if self.changed else 'unchanged'}"
+        if not self.changed:
+            state = "unchanged"
+        elif self.dry_run:
+            state = "would be updated (dry run: nothing written)"
+        else:
+            state = "updated"
+        head = f"{self.path}: {state}"
         return "\n".join([head, *(e.line() for e in self.entries)])
 
     @property
@@ -265,7 +272,7 @@ def lock_catalog(
         if not dry_run:
             # Text as it is (CRLF line ends kept); the file's permission bits too.
             atomic_write(path, new_text, mode=path.stat().st_mode & 0o7777)
-    return LockReport(path, entries, changed)
+    return LockReport(path, entries, changed, dry_run)
 
 
 def _hf_sha(parsed: Any, hf_api: Any) -> str | None:

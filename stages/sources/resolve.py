@@ -9,6 +9,7 @@ from pathlib import Path
 from fuseline.core.catalog.model import Catalog, Source
 from fuseline.core.catalog.sources import ParsedSource, parse_source
 from fuseline.core.files import local_lock
+from stages.sources.archived import FALLBACK_CODES, ProjectArchive, restore
 from stages.sources.cache import DownloadCache
 from stages.sources.civitai import CivitaiClient, fetch_civitai
 from stages.sources.download import RetryPolicy, download
@@ -28,13 +29,37 @@ def fetch(
     allow_patterns: tuple[str, ...] | None = None,
     policy: RetryPolicy | None = None,
     civitai: CivitaiClient | None = None,
+    archive: ProjectArchive | None = None,
+    recorded: tuple[str, str] | None = None,
 ) -> Path:
     """The local path of `source`: a file in the download cache (civitai, https, s3), in the
     huggingface_hub cache (hf), or the file itself (file:). Pinned sources already cached cost no request.
 
     `family` is the model family templates build (the Civitai baseModel check); `allow_patterns`
-    limits an hf folder download (config folders: no weights).
+    limits an hf folder download (config folders: no weights). With an `archive`, a source upstream has
+    lost (404/410, other bytes than pinned) comes from the project's source archive instead
+    (stages/sources/archived.py); `recorded` is its (kind, sha256) from a fetch receipt, if known.
     """
+    try:
+        return _fetch(source, cache, catalog, family, allow_patterns, policy, civitai)
+    except SourceError as err:
+        if archive is None or err.code not in FALLBACK_CODES:
+            raise
+        path = restore(archive, source, cache, err, recorded=recorded)
+    if path.is_file():  # the same refusal as upstream's bytes get (the fetchers check those)
+        check_pickle_policy(path, allow_pickle=source.allow_pickle, source=source.parsed.raw)
+    return path
+
+
+def _fetch(
+    source: Source,
+    cache: DownloadCache,
+    catalog: Catalog | None,
+    family: str,
+    allow_patterns: tuple[str, ...] | None,
+    policy: RetryPolicy | None,
+    civitai: CivitaiClient | None,
+) -> Path:
     parsed = source.parsed
     sha = source.sha256.lower() if source.sha256 else None
     if parsed.scheme == "civitai":

@@ -86,6 +86,8 @@ def test_dry_run_writes_nothing(civitai, tmp_path):
     code, out = invoke("lock", str(path), "--dry-run")
     assert code == 0 and "filled" in out, out
     assert path.read_text() == text
+    # Issue 16: it said "updated" although nothing was written.
+    assert f"{path}: would be updated (dry run: nothing written)" in out and "updated\n" not in out
 
 
 def test_a_wrong_pin_exits_1_with_verify_and_is_not_overwritten(civitai, tmp_path):

@@ -286,6 +286,25 @@ def test_rejected_case_exits_1_naming_the_path(tmp_path, edit, path, text):
     assert "s3cr3t" not in output  # a rejected credential is not printed back
 
 
+@pytest.mark.parametrize(
+    "source",
+    [
+        "s3://AKIAFUSELINE:pw-0123456789@bucket/x.safetensors",
+        "s3://bucket/x.safetensors?X-Amz-Credential=pw-0123456789&X-Amz-Signature=pw-0123456789",
+        "s3://bucket/x.safetensors?token=pw-0123456789",
+        "ftp://user:pw-0123456789@example.com/x.safetensors",
+    ],
+)
+def test_a_source_with_credentials_is_refused_without_printing_them(tmp_path, source):
+    # Issue 16: validate printed the password of an s3://KEY:SECRET@bucket source verbatim, and accepted
+    # s3 sources carrying a signature or a token.
+    data = example()
+    ckpt(data)["source"] = source
+    code, out = validate(write(tmp_path, data))
+    assert code == 1 and "checkpoints.sdxl-base.source" in out, out
+    assert "pw-0123456789" not in out
+
+
 def test_invalid_json_names_line_and_column(tmp_path):
     file = write(tmp_path, '{\n  "version": 1,\n  "checkpoints": {}\n  "templates": {}\n}\n')
     code, output = validate(file)

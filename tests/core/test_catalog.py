@@ -101,6 +101,13 @@ BAD_SOURCES = {
     "https://example.com/x.safetensors?token=abc123": "query parameter 'token'",
     "https://example.com/x?download=1&API_KEY=abc123": "query parameter 'API_KEY'",
     "https://s3.example.com/b/x?X-Amz-Credential=a&X-Amz-Signature=b": "query parameter 'X-Amz-Credential'",
+    # Issue 16: s3 sources with credentials were accepted, or refused repeating the password.
+    "s3://AKIAEXAMPLE:pw-value@bucket/x.safetensors": "user:password@ part",
+    "s3://akiaexample:pw-value@bucket/x.safetensors": "user:password@ part",
+    "s3://bucket/x.safetensors?X-Amz-Signature=abc123": "query parameter 'X-Amz-Signature'",
+    "s3://bucket/dir/x.safetensors?versionId=1&token=abc123": "query parameter 'token'",
+    "ftp://user:pw-value@example.com/x": "unknown source scheme 'ftp'",
+    "http://user:pw-value@example.com/x": "plain http",
 }
 
 
@@ -402,6 +409,16 @@ def test_format_path():
     assert format_path(("templates", "cine.matic")) == 'templates["cine.matic"]'
     assert format_path(("templates", "")) == 'templates[""]'
     assert format_path(()) == ""
+
+
+@pytest.mark.parametrize(
+    "text", ["[" * 5000, '{"templates": ' * 3000, '{"a": ' + "[" * 900 + "]" * 900 + "}"]
+)
+def test_json_nested_past_any_catalog_is_a_catalog_error(text):
+    # Found by the fuzz tests: json.loads (and the walks over the document) raised RecursionError.
+    with pytest.raises(CatalogError) as exc:
+        parse_catalog(text)
+    assert exc.value.problems[0].code in ("INVALID_JSON", "NESTED_TOO_DEEP")
 
 
 def test_catalog_error_lists_every_problem_one_per_line():

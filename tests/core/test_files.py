@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fuseline.core.files import atomic_dir, atomic_write, local_lock, md5_file, sha256_file
+from fuseline.core.files import atomic_create, atomic_dir, atomic_write, local_lock, md5_file, sha256_file
 
 
 def test_atomic_dir_renames_into_place_on_success(tmp_path):
@@ -47,6 +47,14 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path: Path):
     with pytest.raises(TypeError):
         atomic_write(path, 42)  # type: ignore[arg-type]
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["data.json"]
+
+
+def test_atomic_create_never_replaces_and_leaves_no_temp(tmp_path: Path):
+    target = tmp_path / "sub" / "release.json"
+    assert atomic_create(target, b"first", mode=0o444) is True
+    assert atomic_create(target, b"second", mode=0o444) is False
+    assert target.read_bytes() == b"first" and oct(target.stat().st_mode & 0o777) == "0o444"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["release.json"]
 
 
 def test_hashes_match_hashlib(tmp_path: Path):

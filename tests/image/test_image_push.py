@@ -64,12 +64,13 @@ def registry(tmp_path_factory) -> Iterator[tuple[str, str]]:
     process.wait(10)
 
 
-def push(address: str, password: str, tags: str) -> subprocess.CompletedProcess[str]:
+def push(address: str, password: str, tags: str | None, **extra: str) -> subprocess.CompletedProcess[str]:
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("GITHUB_")},
+        **extra,
         "IMAGE": STANDIN,
         "IMAGE_REPO": f"{address}/fuseline/worker",
-        "IMAGE_TAGS": tags,
+        **({"IMAGE_TAGS": tags} if tags is not None else {}),
         "REGISTRY_USER": USER,
         "REGISTRY_PASSWORD": password,
         "REGISTRY_TLS_VERIFY": "false",
@@ -112,3 +113,16 @@ def test_image_push_with_a_wrong_password_fails_without_echoing_it(registry):
     result = push(address, wrong, "main")
     assert result.returncode != 0
     assert wrong not in result.stdout + result.stderr
+
+
+def test_image_push_in_github_actions_tags_the_sha_the_channel_and_the_git_tag(registry):
+    """What image.yml runs: no IMAGE_TAGS, the tags come from the GitHub environment."""
+    address, password = registry
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    result = push(
+        address, password, None,
+        GITHUB_SHA=sha, GITHUB_REF_TYPE="tag", GITHUB_REF_NAME="v1.2.3", RELEASE_CHANNEL="stable",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    pushed = json.loads((BUILD_INFO.parent / "pushed.json").read_text())["pushed"]
+    assert [ref.split("@")[0].rsplit(":", 1)[1] for ref in pushed] == ["sha-0123456789ab", "stable", "v1.2.3"]

@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -23,20 +25,19 @@ import yaml
 from typer.testing import CliRunner
 
 from fuseline.cli.publish import register
+from fuseline.core.manifest import CheckpointRef, ModelManifest, VaeRef
 from fuseline.core.release import Release, ReleasedTemplate, history_key, object_key, release_key
 from fuseline.publish.errors import PublishError
 from fuseline.publish.gc import find_local_garbage
 from fuseline.publish.project import (
     changed_templates,
     git_commit,
-    print_changed_templates,
     read_lock,
     run_dvc,
     stale_templates,
     unverified_templates,
 )
 from fuseline.publish.releases import (
-    _free_timestamp,
     current_releases,
     missing_objects,
     publish,
@@ -45,8 +46,10 @@ from fuseline.publish.releases import (
     rollback,
     write_release,
 )
-from fuseline.publish.stores import LocalStore, ObjectStore, RemoteConfig, S3Store, read_remote_config
+from fuseline.remote.errors import RemoteError
+from fuseline.remote.stores import LocalStore, ObjectStore, RemoteConfig, S3Store, read_remote_config
 from testkit.servers import free_port
+from tests.worker.sync_fixtures import RecordingProxy
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -134,11 +137,73 @@ def test_missing_objects_names_each_absent_listing_and_file(tmp_path):
 
 def test_history_copies_are_never_overwritten_within_one_second(tmp_path):
     store = LocalStore(tmp_path / "remote")
-    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
-    first = _free_timestamp(store, "main", now)
-    write_release(store, release_of("main", first))
-    second = _free_timestamp(store, "main", now)
-    assert (first, second) == ("20260101T120000Z", "20260101T120001Z")
+    first = write_release(store, release_of("main", "20260101T120000Z", alpha="a" * 32 + ".dir"))
+    second = write_release(store, release_of("main", "20260101T120000Z", alpha="b" * 32 + ".dir"))
+    assert (first.created, second.created) == ("20260101T120000Z", "20260101T120001Z")
+    assert [r.templates["alpha"].dir_md5[0] for r in release_history(store, "main")] == ["a", "b"]
+    assert read_release(store, "main") == second
+
+
+def test_concurrent_releases_on_a_local_store_never_overwrite_each_other(tmp_path):
+    # Issue 16 defect 4: the free-id check and the write were two steps; the history copy is now created
+    # exclusively (a hard link of a complete temporary file: no clobbering, never half a file).
+    store = LocalStore(tmp_path / "remote")
+    count = 8
+    barrier = threading.Barrier(count)
+    written: list[Release] = []
+
+    def publish_one(i: int) -> None:
+        release = release_of("main", "20260101T120000Z", alpha=f"{i:032x}.dir")
+        barrier.wait()
+        written.append(write_release(store, release))
+
+    threads = [threading.Thread(target=publish_one, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    history = release_history(store, "main")
+    assert len({r.created for r in written}) == count and sorted(history, key=str) == sorted(written, key=str)
+    for release in history:  # each copy is the one its id was given to
+        assert store.read(history_key("main", release.created)) == release.to_json().encode()
+    assert read_release(store, "main") in written
+
+
+def test_local_release_files_are_readable_by_every_user_of_the_remote(tmp_path):
+    # Issue 16 defect 9: written 0600 under a strict umask, so another user's worker could not read them
+    # (DVC's own objects are 0444).
+    store = LocalStore(tmp_path / "remote")
+    previous = os.umask(0o077)
+    try:
+        release = write_release(store, release_of("main", "20260101T120000Z", alpha="a" * 32 + ".dir"))
+        write_release(store, release_of("main", "20260101T120000Z", alpha="b" * 32 + ".dir"))
+    finally:
+        os.umask(previous)
+    for key in (
+        history_key("main", release.created),
+        history_key("main", "20260101T120001Z"),
+        release_key("main"),
+    ):
+        mode = stat.S_IMODE((tmp_path / "remote" / key).stat().st_mode)
+        assert mode & 0o444 == 0o444, (key, oct(mode))
+
+
+@pytest.mark.parametrize(
+    "to", ["../../../outside", "../../other/20260101T000000Z", "20260101T000000Z/../x", "latest"]
+)
+def test_rollback_takes_only_release_ids(tmp_path, to):
+    # Issue 16 defect 5: `--to ../../../../tmp/x` installed a file from outside the history as current.
+    store = LocalStore(tmp_path / "remote")
+    folder = put_folder(store, {"a": b"a"})
+    current = write_release(store, release_of("main", "20260102T000000Z", alpha=folder))
+    planted = release_of("main", "20260101T000000Z", alpha=folder).to_json()
+    for path in (tmp_path / "outside.json", tmp_path / "remote/releases/other/20260101T000000Z.json"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(planted)
+    with pytest.raises(PublishError, match="not a release id") as exc:
+        rollback(store, "main", to)
+    assert exc.value.code == "BAD_RELEASE_ID" and "fuseline release list" in str(exc.value)
+    assert read_release(store, "main") == current
 
 
 def test_release_list_and_rollback_commands(tmp_path):
@@ -168,9 +233,14 @@ def test_release_list_and_rollback_commands(tmp_path):
     )
     assert rolled.exit_code == 0, rolled.output
     assert read_release(store, "main").created == "20260101T000000Z"
-    bad = runner.invoke(app, ["release", "rollback", "-c", "main", "--to", "nope", "--project", str(project)])
+    unknown = ["release", "rollback", "-c", "main", "--to", "20250101T000000Z", "--project", str(project)]
+    bad = runner.invoke(app, unknown)
     assert bad.exit_code == 1
     assert "error [NO_SUCH_RELEASE]" in bad.output
+    outside = ["release", "rollback", "-c", "main", "--to", "../../../../tmp/x", "--project", str(project)]
+    bad = runner.invoke(app, outside)
+    assert bad.exit_code == 1 and "error [BAD_RELEASE_ID]" in bad.output
+    assert read_release(store, "main").created == "20260101T000000Z"
 
 
 def test_a_corrupt_release_file_is_an_error_naming_its_key(tmp_path):
@@ -229,15 +299,27 @@ def tiny_project(tmp_path: Path) -> Path:
     return project
 
 
-def test_print_changed_templates_prints_the_json_list_ci_reads(tmp_path, capsys):
+def test_ci_plan_prints_the_json_list_and_writes_the_github_output(tmp_path):
+    """`fuseline ci plan`, as the workflows run it: the list on stdout, `templates=<list>` appended to
+    $GITHUB_OUTPUT (the build matrix) and a line to $GITHUB_STEP_SUMMARY."""
     project = tiny_project(tmp_path)
     (project / "ok").write_text("")
     assert run_dvc(project, "repro").returncode == 0
-    print_changed_templates(project)
-    assert json.loads(capsys.readouterr().out) == []
+    output, summary = tmp_path / "github-output", tmp_path / "summary.md"
+    env = {**os.environ, "GITHUB_OUTPUT": str(output), "GITHUB_STEP_SUMMARY": str(summary)}
+
+    def plan() -> list[str]:
+        proc = subprocess.run(
+            [str(VENV_BIN / "fuseline"), "ci", "plan"], cwd=project, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    assert plan() == []
     (project / "dvc.yaml").write_text(TINY_PIPELINE.replace("echo w >", "echo w2 >"))
-    print_changed_templates(project)
-    assert json.loads(capsys.readouterr().out) == ["alpha"]
+    assert plan() == ["alpha"]
+    assert output.read_text().splitlines() == ["templates=[]", 'templates=["alpha"]']
+    assert '`["alpha"]`' in summary.read_text()
 
 
 def test_publish_refuses_a_template_whose_verify_failed(tmp_path):
@@ -285,7 +367,7 @@ def test_wrong_credentials_give_one_line_without_the_secret(s3_server, s3_bucket
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGKEY")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     store = S3Store(s3_remote(s3_bucket, s3_server.endpoint_url))
-    with pytest.raises(PublishError) as exc:
+    with pytest.raises(RemoteError) as exc:
         store.check()
     message = str(exc.value)
     assert exc.value.code == "BAD_CREDENTIALS"
@@ -299,7 +381,7 @@ def test_missing_bucket_names_it_and_the_fix(s3_server, clean_aws_env, monkeypat
         if name.startswith("AWS_ACCESS") or name.startswith("AWS_SECRET"):
             monkeypatch.setenv(name, value)
     store = S3Store(s3_remote("no-such-bucket-here", s3_server.endpoint_url))
-    with pytest.raises(PublishError) as exc:
+    with pytest.raises(RemoteError) as exc:
         store.check()
     assert exc.value.code == "NO_BUCKET"
     assert "'no-such-bucket-here' does not exist" in str(exc.value)
@@ -312,7 +394,7 @@ def test_unreachable_endpoint_names_it_and_the_fix(clean_aws_env, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-used-secret")
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     store = S3Store(s3_remote("models", endpoint))
-    with pytest.raises(PublishError) as exc:
+    with pytest.raises(RemoteError) as exc:
         store.check()
     assert exc.value.code == "UNREACHABLE"
     assert endpoint in str(exc.value) and "endpointurl" in str(exc.value) and "\n" not in str(exc.value)
@@ -333,6 +415,76 @@ def test_s3_store_round_trip_under_a_prefix(s3_server, s3_bucket, clean_aws_env,
     store.delete([object_key(hashlib.md5(b"a").hexdigest())])
     assert missing_objects(store, [folder]) == [object_key(hashlib.md5(b"a").hexdigest())]
     assert store.read(release_key("nope")) is None
+
+
+@pytest.mark.s3
+def test_two_publishes_in_the_same_second_from_two_clones_keep_both_releases(
+    s3_server, s3_bucket, clean_aws_env, monkeypatch, tmp_path
+):
+    # Issue 16 defect 4 as it was found: two clones publishing at once both took the id that looked free
+    # and one history copy overwrote the other. Here the remote answers release requests slowly, so both
+    # publishes are at that step at once, as on a busy bucket; each then holds its own id.
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    first = tiny_project(tmp_path / "a")
+    (first / "ok").write_text("")
+    # The model folder carries a manifest, as a real merge writes it (publish reads its summary).
+    ModelManifest(
+        template="alpha",
+        checkpoint=CheckpointRef(id="tiny", source="file:tiny.safetensors", sha256="a" * 64),
+        loras=[],
+        vae=VaeRef(source="checkpoint"),
+        prediction_type="epsilon",
+        spec_hash="0" * 64,
+        fuseline_version="test",
+    ).write(first)
+    pipeline = TINY_PIPELINE.replace("/w\n", "/w && cp fuseline.json artifacts/models/${item}/\n", 1)
+    (first / "dvc.yaml").write_text(pipeline)
+    url = f"s3://{s3_bucket}/fuseline"
+    config = (first / ".dvc/config").read_text()
+    (first / ".dvc/config").write_text(
+        config + f"['remote \"s3\"']\n    url = {url}\n    endpointurl = {s3_server.endpoint_url}\n"
+    )
+    assert run_dvc(first, "repro").returncode == 0
+    assert run_dvc(first, "push", "-r", "s3").returncode == 0
+    proxy = RecordingProxy(s3_server)
+    proxy.request_delays = {"/releases/": 2.0}
+    (first / ".dvc/config").write_text(
+        config + f"['remote \"s3\"']\n    url = {url}\n    endpointurl = {proxy.url}\n"
+    )
+    second = tmp_path / "b" / "project"
+    shutil.copytree(first, second)
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    barrier = threading.Barrier(2)
+    results: dict[Path, Release] = {}
+    errors: list[BaseException] = []
+
+    def publish_from(project: Path) -> None:
+        try:
+            barrier.wait()
+            results[project] = publish(project, remote_name="s3", do_push=False, now=now).release
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish_from, args=(p,)) for p in (first, second)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        proxy.stop()
+    assert not errors, errors
+    ids = sorted(r.created for r in results.values())
+    assert ids == ["20260101T120000Z", "20260101T120001Z"]
+    store = S3Store(RemoteConfig(name="s3", url=url, options={"endpointurl": s3_server.endpoint_url}))
+    assert sorted(r.created for r in release_history(store, "main")) == ids
+    # The second one learnt that its first id was taken from the store itself: a refused conditional put.
+    assert [s.status for s in proxy.seen if s.method == "PUT" and "/releases/main/" in s.path] == [
+        200,
+        412,
+        200,
+    ]
 
 
 class PartialDeleteHandler(http.server.BaseHTTPRequestHandler):
@@ -366,7 +518,7 @@ def test_s3_delete_reports_the_keys_the_remote_refused(clean_aws_env, monkeypatc
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         store = S3Store(s3_remote("models", f"http://127.0.0.1:{server.server_port}"))
-        with pytest.raises(PublishError, match=r"could not delete 2 objects: fuseline/files/") as exc:
+        with pytest.raises(RemoteError, match=r"could not delete 2 objects: fuseline/files/") as exc:
             store.delete(["files/md5/aa/b", "files/md5/cc/d"])
     finally:
         server.shutdown()
@@ -444,7 +596,7 @@ def test_workflows_pass_actionlint_and_make_lint_runs_it(tmp_path):
     broken = tmp_path / ".github" / "workflows"
     broken.mkdir(parents=True)
     text = (WORKFLOWS / "main.yml").read_text()
-    text = text.replace('"verify@${{ matrix.template }}"', "verify@$TEMPLATE").replace(
+    text = text.replace('"${{ matrix.template }}" --remote s3', "$TEMPLATE --remote s3").replace(
         "needs: [plan, build]", "needs: [plan, bulid]"
     )
     (broken / "main.yml").write_text(text)
@@ -458,13 +610,10 @@ def test_main_workflow_builds_each_template_then_restores_and_publishes():
     jobs = flow["jobs"]
     build_steps = " ".join(s.get("run", "") for s in jobs["build"]["steps"])
     assert "fromJSON(needs.plan.outputs.templates)" in str(jobs["build"]["strategy"]["matrix"]["template"])
-    assert "dvc repro --pull" in build_steps and "dvc push --run-cache" in build_steps
+    assert "fuseline ci plan" in " ".join(s.get("run", "") for s in jobs["plan"]["steps"])
+    assert 'fuseline ci build "${{ matrix.template }}" --remote s3' in build_steps
     publish_steps = [s.get("run", "") for s in jobs["publish"]["steps"]]
-    order = [
-        next(i for i, s in enumerate(publish_steps) if needle in s)
-        for needle in ("make setup", "dvc repro --pull", "git commit", "fuseline publish")
-    ]
-    assert order == sorted(order)
+    assert publish_steps[-2:] == ["make setup", ".venv/bin/fuseline ci publish --remote s3 --channel main"]
     for job in jobs.values():
         assert any(s.get("run") == "make setup" for s in job["steps"])
     # Credentials come from repository secrets only.
@@ -474,6 +623,20 @@ def test_main_workflow_builds_each_template_then_restores_and_publishes():
     settings = (REPO / "docs" / "publishing.md").read_text().split("## CI", 1)[1].split("\n## ", 1)[0]
     for name in re.findall(r"\$\{\{\s*(?:secrets|vars)\.(\w+)", text):
         assert f"`{name}`" in settings, name
+
+
+def test_publishing_workflows_run_only_make_targets_and_fuseline_commands():
+    """Every step the build/publish workflows run on GitHub is a make target or a `fuseline` command, each of
+    which the tests here run too (`fuseline ci plan` above, `fuseline ci build|publish` in
+    tests/publish/test_publish_build.py)."""
+    for name in ("main.yml", "pr.yml"):
+        flow = yaml.safe_load((WORKFLOWS / name).read_text())
+        for job in flow["jobs"].values():
+            for step in job["steps"]:
+                if "run" in step:
+                    command = step["run"].strip()
+                    assert "\n" not in command, f"{name}: one command per step: {command!r}"
+                    assert re.match(r"^(make [a-z-]+|\.venv/bin/fuseline [a-z]+\b)", command), (name, command)
 
 
 def test_committed_dvc_config_has_the_remotes_and_no_secrets(tmp_path):
@@ -491,7 +654,7 @@ def test_committed_dvc_config_has_the_remotes_and_no_secrets(tmp_path):
     assert "/.dvc-remote/" in (REPO / ".gitignore").read_text().splitlines()
     s3 = read_remote_config(project, "s3")
     assert s3.is_s3 and s3.url.startswith("s3://")
-    with pytest.raises(PublishError, match=r"no remote named 'r2' \(known: local, s3;") as exc:
+    with pytest.raises(RemoteError, match=r"no remote named 'r2' \(known: local, s3;") as exc:
         read_remote_config(project, "r2")
     assert exc.value.code == "UNKNOWN_REMOTE" and "\n" not in str(exc.value)
 

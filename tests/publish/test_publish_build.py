@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import typer
+import yaml
 from configobj import ConfigObj
 from typer.testing import CliRunner
 
@@ -28,8 +29,8 @@ from fuseline.cli.publish import register
 from fuseline.core.release import Release, object_key, release_key
 from fuseline.publish.project import project_changed_templates
 from fuseline.publish.releases import dir_listing, missing_objects, release_history
-from fuseline.publish.stores import LocalStore, S3Store, read_remote_config
-from tests.fixtures.project import REPO, DvcProject, dvc_env, make_dvc_project
+from fuseline.remote.stores import LocalStore, S3Store, read_remote_config
+from tests.fixtures.project import REPO, RUNNING_STAGE, DvcProject, dvc_env, make_dvc_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
@@ -71,6 +72,20 @@ def point_s3_remote(project: DvcProject, bucket: str) -> None:
     # Only the bucket changes, in the clone's local (uncommitted) config. The endpoint and credentials
     # come from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), which dvc-s3 honours.
     project.dvc("remote", "modify", "--local", "s3", "url", f"s3://{bucket}/fuseline")
+
+
+def fuseline_ci(project: DvcProject, *args: str) -> str:
+    """Run `fuseline ci ...` in the project as a CI job does; its output (DVC's included)."""
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "fuseline"), "ci", *args],
+        cwd=project.root,
+        env=project.env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
 
 
 def clone(src: Path, dst: Path, env: dict[str, str]) -> DvcProject:
@@ -115,15 +130,15 @@ def build(kit, s3_server, tmp_path_factory) -> Build:
     )
     use_repo_remotes(base)
     point_s3_remote(base, bucket)
-    base.dvc("remote", "default", "--local", "s3")  # what CI does: `dvc repro --pull` uses the default
     result = Build(root, bucket, env, {n: clone(base.root, root / n, env) for n in "ABC"})
     a, b, c = (result.clones[n] for n in "ABC")
-    # CI's matrix: one job per template, each `dvc repro --pull verify@<id>` then `dvc push --run-cache`.
-    result.ran["A"] = a.repro("--pull", "verify@alpha", "verify@beta")
-    a.dvc("push", "--run-cache", "-r", "s3")
-    result.ran["B"] = b.repro("--pull", "verify@gamma")
-    b.dvc("push", "--run-cache", "-r", "s3")
-    # CI's final job: restore everything from the run-cache.
+    # CI's matrix: one job per template, each `fuseline ci build <id> --remote s3` as main.yml runs it
+    # (`dvc repro --pull verify@<id>` then `dvc push --run-cache`).
+    result.ran["A"] = RUNNING_STAGE.findall(fuseline_ci(a, "build", "alpha", "beta", "--remote", "s3"))
+    result.ran["B"] = RUNNING_STAGE.findall(fuseline_ci(b, "build", "gamma", "--remote", "s3"))
+    # CI's final job restores everything from the run-cache (`fuseline ci publish` is run by
+    # test_ci_publish_restores_commits_the_lock_and_publishes).
+    c.dvc("remote", "default", "--local", "s3")
     result.ran["C"] = c.repro("--pull")
     return result
 
@@ -383,3 +398,41 @@ def test_changed_templates_in_a_fresh_clone_is_only_the_edited_one(build):
     assert project_changed_templates(project.root) == []
     project.edit_catalog(lambda c: c["templates"]["beta"]["loras"][0].update(scale=0.25))
     assert project_changed_templates(project.root) == ["beta"]
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+def test_ci_publish_restores_commits_the_lock_and_publishes(build, s3_server, tmp_path):
+    """main.yml's publish job, `fuseline ci publish`, in a checkout of the commit the build jobs built (a git
+    clone with a remote to push to, no dvc.lock, no outputs): it restores every stage from the run-cache the
+    `fuseline ci build` jobs pushed (recomputing nothing), commits dvc.lock and pushes that commit, and
+    writes a release with all three templates."""
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    work = clone(build.root / "commit", tmp_path / "checkout", build.env)
+    _git(work.root, "init", "-q", "-b", "main")
+    _git(work.root, "add", "-A")
+    _git(
+        work.root, "-c", "user.name=dev", "-c", "user.email=dev@example.invalid", "commit", "-qm", "templates"
+    )
+    _git(work.root, "remote", "add", "origin", str(origin))
+    _git(work.root, "push", "-q", "-u", "origin", "main")
+    point_s3_remote(work, build.bucket)
+
+    output = fuseline_ci(work, "publish", "--remote", "s3", "--channel", "ci")
+    assert RUNNING_STAGE.findall(output) == [], "the publish job recomputed a stage"
+    log = _git(origin, "log", "--format=%an %s", "main")
+    assert log.splitlines()[0].startswith("fuseline-ci dvc.lock: build ") and "[skip ci]" in log
+    pushed_lock = yaml.safe_load(_git(origin, "show", "main:dvc.lock"))
+    assert {f"merge@{t}" for t in TEMPLATES} <= set(pushed_lock["stages"])
+    s3 = reader_client(s3_server)
+    current = Release.from_json(
+        s3.get_object(Bucket=build.bucket, Key="fuseline/" + release_key("ci"))["Body"].read()
+    )
+    assert sorted(current.templates) == list(TEMPLATES)
+    assert current.git_commit == _git(work.root, "rev-parse", "HEAD").strip()
+    # Run again: nothing to commit, a second release of the same models.
+    fuseline_ci(work, "publish", "--remote", "s3", "--channel", "ci", "--no-push-lock")
+    assert len(_git(origin, "log", "--format=%H", "main").splitlines()) == 2

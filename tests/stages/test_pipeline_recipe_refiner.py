@@ -41,7 +41,8 @@ def chromium() -> str:
     if found is None:
         pytest.fail(
             "Chromium is not installed: the preview page is checked in a headless browser. Install Debian's "
-            "package (`apt-get install -y chromium`; .ci/run does) and run the test again"
+            "package (`sudo make test-deps`, i.e. `apt-get install -y chromium`; .ci/run does) and run the "
+            "test again"
         )
     return found
 

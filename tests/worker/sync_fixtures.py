@@ -216,6 +216,9 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             owner.end()
 
     def _relay(self, owner: RecordingProxy) -> None:
+        for part, seconds in owner.request_delays.items():
+            if part in self.path:
+                time.sleep(seconds)
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         upstream = http.client.HTTPConnection("127.0.0.1", owner.upstream_port, timeout=60)
@@ -259,6 +262,9 @@ class RecordingProxy:
         self.s3 = s3
         self.upstream_port = s3.ports["s3"]
         self.delay_per_64k = 0.0
+        # {path substring: seconds}: requests whose path contains the substring wait that long before they
+        # are forwarded (a slow remote, to make concurrent clients overlap).
+        self.request_delays: dict[str, float] = {}
         self._seen: list[Seen] = []
         self._lock = threading.Lock()
         # Requests being relayed: a request is recorded after its body is sent, so the client can see its
@@ -353,6 +359,12 @@ def assert_complete(volume: Path, version: Version) -> None:
     assert folder_state(folder) == version.files
     marker = json.loads((folder / ".fuseline-sync.json").read_text())
     assert marker["dir_md5"] == version.dir_md5
+
+
+def sync_statuses(stderr: str) -> dict[str, str]:
+    """{template: status} from the `sync.template` events `python -m worker.sync` logs (JSON lines, piped)."""
+    records = [json.loads(line) for line in stderr.splitlines()]
+    return {r["template"]: r["status"] for r in records if r["event"] == "sync.template"}
 
 
 def sync_cmd(release: str, volume: Path, *templates: str) -> list[str]:

@@ -116,12 +116,22 @@ def test_repo_test_input_json_is_a_valid_job() -> None:
     assert request.prompt
 
 
-def test_a_bad_setting_stops_the_start_with_config_invalid(volume: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("FUSELINE_SYNC_WORKERS", "eight", "FUSELINE_SYNC_WORKERS='eight' is not an integer"),
+        # Issue 16: a device torch does not know was a raw traceback and exit status 1.
+        ("FUSELINE_DEVICE", "tpu", "FUSELINE_DEVICE='tpu' is not a device this worker runs on"),
+    ],
+)
+def test_a_bad_setting_stops_the_start_with_config_invalid(
+    volume: Path, tmp_path: Path, variable: str, value: str, expected: str
+) -> None:
     # Issue 15: FUSELINE_SYNC_WORKERS=eight reached the start-up sync and crashed it with a traceback; every
     # FUSELINE_* value is parsed once, before anything runs, and a bad one is CONFIG_INVALID naming it.
     env = worker_env(volume) | {
         "FUSELINE_RELEASE": str(tmp_path / "remote/releases/main.json"),
-        "FUSELINE_SYNC_WORKERS": "eight",
+        variable: value,
         "FUSELINE_LOG_FORMAT": "json",
     }
     proc = subprocess.run(
@@ -137,4 +147,4 @@ def test_a_bad_setting_stops_the_start_with_config_invalid(volume: Path, tmp_pat
     records = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
     (invalid,) = [r for r in records if r["event"] == "worker.config_invalid"]
     assert invalid["message"].startswith("[CONFIG_INVALID] ")
-    assert "FUSELINE_SYNC_WORKERS='eight' is not an integer" in invalid["message"]
+    assert expected in invalid["message"]

@@ -151,11 +151,28 @@ def test_requested_scheduler_is_used() -> None:
         ({"input": {"prompt": "a", "template": "wrong-name"}}, "[MODEL_INVALID] "),
         ({"input": {"prompt": "a", "template": "no-manifest"}}, "[MODEL_INVALID] template 'no-manifest'"),
         ({"input": {"prompt": "a", "width": 2048, "height": 2048}}, "exceeds the budget"),
+        # JSON may carry a lone surrogate ("\\ud800"), which the tokenizer meets with a TypeError: the input
+        # refuses it first (the prompt fuzz tests rely on that).
+        (
+            {"input": {"prompt": "a \ud800 lighthouse"}},
+            "[INVALID_INPUT] 1 problem(s): prompt: Input should be",
+        ),
+        ({"input": {"prompt": "a", "negative_prompt": "\udfff"}}, "negative_prompt: Input should be a valid"),
         ("not a job", "[INVALID_INPUT] job must be an object"),
     ],
 )
 def test_malformed_jobs_give_a_string_error_with_its_code(job, expected: str) -> None:
     assert expected in error_of(job)
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+@pytest.mark.parametrize("text", ["(lighthouse:1" + "0" * 40 + ")", "(" * 930 + "lighthouse"])
+def test_weights_beyond_float32_are_capped_not_an_internal_error(field: str, text: str) -> None:
+    # Found by an adversarial pass: the weight went into a float32 tensor before it was capped.
+    fields = {"prompt": "a lighthouse", field: text}
+    result = handler({"id": "test", "input": {**SMALL, **fields, "steps": 1}})
+    assert "error" not in result, result["error"]
+    assert result["images"]
 
 
 def test_fp16_vae_overflow_is_retried_in_fp32(tiny_worker) -> None:

@@ -39,8 +39,12 @@ def problems(raw, settings: WorkerSettings = SETTINGS) -> str:
         ({"template": "t", "prompt": 5}, "prompt: Input should be a valid string (got 5)"),
         (
             {**OK, "width": 1000},
-            "width: must be a multiple of 64 (got 1000; nearest: 960",
+            "width: must be a multiple of 64 between 256 and 2048 (got 1000; nearest: 960 or 1024)",
         ),
+        # Issue 16: the hints named sizes the worker refuses ("got 3; nearest: 0 or 64").
+        ({**OK, "width": 3}, "width: must be a multiple of 64 between 256 and 2048 (got 3; nearest: 256)"),
+        ({**OK, "height": -1}, "height: must be a multiple of 64 between 256 and 2048 (got -1; nearest: 256"),
+        ({**OK, "width": 2050}, "between 256 and 2048 (got 2050; nearest: 2048)"),
         ({**OK, "height": 128}, "height: must be between 256 and 2048 (got 128)"),
         ({**OK, "width": 4096}, "width: must be between 256 and 2048"),
         (

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from worker.prompt_syntax import BREAK, Fragment, parse_prompt_weights
+from worker.prompt_syntax import BREAK, MAX_WEIGHT, Fragment, parse_prompt_weights
 
 
 def pairs(prompt: str) -> list[tuple[str, float]]:
@@ -66,3 +68,23 @@ def test_break_inside_weights_and_lowercase_break() -> None:
 
 def test_fragments_are_typed() -> None:
     assert parse_prompt_weights("(x:2)") == [Fragment("x", 2.0)]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "weight"),
+    [
+        ("(lighthouse:1" + "0" * 40 + ")", MAX_WEIGHT),  # 1e40: beyond float32
+        ("(lighthouse:-1" + "0" * 40 + ")", -MAX_WEIGHT),
+        ("(lighthouse:" + "9" * 400 + ")", MAX_WEIGHT),  # inf as a Python float
+        ("(" * 930 + "lighthouse", MAX_WEIGHT),  # 1.1 ** 930 is about 3e38, float32's limit
+        ("[" * 930 + "lighthouse", (1 / 1.1) ** 930),  # tiny, not capped: float32 takes it as 0
+        # Capped at every step: 0 times a capped weight is 0, never inf * 0 = NaN.
+        ("((lighthouse:0):" + "9" * 400 + ")", 0.0),
+        ("((lighthouse:" + "9" * 400 + "):0.5)", MAX_WEIGHT / 2),
+    ],
+)
+def test_weights_are_capped_at_max_weight(prompt: str, weight: float) -> None:
+    (fragment,) = parse_prompt_weights(prompt)
+    assert fragment.text == "lighthouse"
+    assert fragment.weight == pytest.approx(weight)
+    assert math.isfinite(fragment.weight)

@@ -123,8 +123,20 @@ def test_hard_limit_is_reported_not_silent(kit_pipeline) -> None:
     ours = encode_prompts(kit_pipeline, words(count), "")
     assert ours.prompt_embeds.shape[1] == MAX_CHUNKS * 77
     assert ours.warnings == [
-        f"prompt has {count} tokens; only the first {MAX_CHUNKS * 75} ({MAX_CHUNKS} chunks of 75) were used, "
-        "10 were dropped"
+        f"prompt has {count} tokens in {MAX_CHUNKS + 1} chunks (75 tokens each at most; BREAK starts a new "
+        f"one); only the first {MAX_CHUNKS} chunks ({MAX_CHUNKS * 75} tokens) were used, "
+        "10 tokens were dropped"
+    ]
+
+
+def test_the_limit_warning_counts_break_chunks(kit_pipeline) -> None:
+    # 20 one-token chunks: the old warning claimed "16 chunks of 75" were used for 16 tokens.
+    count = MAX_CHUNKS + 4
+    ours = encode_prompts(kit_pipeline, " BREAK ".join(words(count).split()), "")
+    assert ours.prompt_embeds.shape[1] == MAX_CHUNKS * 77
+    assert ours.warnings == [
+        f"prompt has {count} tokens in {count} chunks (75 tokens each at most; BREAK starts a new one); "
+        f"only the first {MAX_CHUNKS} chunks ({MAX_CHUNKS} tokens) were used, 4 tokens were dropped"
     ]
 
 

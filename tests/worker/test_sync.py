@@ -32,6 +32,7 @@ from tests.worker.sync_fixtures import (  # noqa: E402
     folder_state,
     put_release,
     sync_cmd,
+    sync_statuses,
     write_release,
 )
 from worker.settings import load_settings  # noqa: E402
@@ -78,7 +79,7 @@ def test_cli_reads_environment(dvc_remote: DvcRemote, tmp_path: Path) -> None:
     env = _env({"FUSELINE_RELEASE": release, "FUSELINE_VOLUME": str(tmp_path)})
     done = subprocess.run([PYTHON, "-m", "worker.sync"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert "tpl-b: synced" in done.stdout
+    assert sync_statuses(done.stderr) == {"tpl-b": "synced"}
     assert_complete(tmp_path, dvc_remote.b1)
     assert main(["--release", release, "--volume", str(tmp_path), "--template", "nope"]) == 2
 
@@ -152,7 +153,7 @@ def test_eight_processes_fetch_each_object_once(dvc_remote: DvcRemote, proxy, tm
     ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * 8, [o[1].decode() for o in outs]
-    statuses = sorted(o[0].decode().split("tpl-a: ")[1].split()[0] for o in outs)
+    statuses = sorted(sync_statuses(o[1].decode())["tpl-a"] for o in outs)
     assert statuses == ["present"] * 7 + ["synced"]
     assert_complete(tmp_path, dvc_remote.a1)
     # Counted at the proxy: every (object, range) fetched exactly once, and all bytes exactly once.

@@ -4,26 +4,33 @@ start when FUSELINE_RELEASE is set).
     python -m worker.sync --release s3://bucket/prefix/releases/main.json --volume /runpod-volume
     python -m worker.sync                      # FUSELINE_RELEASE, FUSELINE_VOLUME (default /runpod-volume)
 
+The report goes to stderr as log events (fuseline.core.logs: JSON lines off a terminal, text on one, every
+string redacted): `sync.template` per template, then `sync.done`, as the worker logs its start-up sync.
 Exit status 0 when every requested template is at the release's version, 2 otherwise (a bad FUSELINE_*
-setting included: CONFIG_INVALID naming the variable).
+setting included: `sync.config_invalid`, CONFIG_INVALID naming the variable).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
+import traceback
 from collections.abc import Sequence
 
 from fuseline.core.errors import ConfigInvalid
+from fuseline.core.logs import log_event, setup_logging
 from worker.sync.settings import DEFAULT_WORKERS, SyncCommandSettings
 from worker.sync.templates import sync_templates
 
+log = logging.getLogger("fuseline.worker.sync")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
     try:
         settings = SyncCommandSettings.from_env()
     except ConfigInvalid as err:
-        print(f"error: {err}", file=sys.stderr)
+        log_event(log, "sync.config_invalid", str(err), level=logging.ERROR)
         return 2
     parser = argparse.ArgumentParser(prog="python -m worker.sync", description=__doc__.splitlines()[0])
     parser.add_argument("--release", default=settings.release, help="s3://… or a path (FUSELINE_RELEASE)")
@@ -37,13 +44,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"parallel GETs (default FUSELINE_SYNC_WORKERS or {DEFAULT_WORKERS})",
     )
     args = parser.parse_args(argv)
-    report = sync_templates(
-        args.release or "",
-        args.volume,
-        args.templates,
-        settings=settings,
-        verify=args.verify,
-        workers=args.workers,
-    )
-    print("\n".join(report.lines()), file=sys.stdout if report.ok else sys.stderr)
+    try:
+        report = sync_templates(
+            args.release or "",
+            args.volume,
+            args.templates,
+            settings=settings,
+            verify=args.verify,
+            workers=args.workers,
+        )
+    except Exception as exc:  # a bug (sync_templates reports known failures): logged, not a raw traceback
+        log_event(
+            log,
+            "sync.internal_error",
+            f"[INTERNAL_ERROR] {type(exc).__name__}: {exc}",
+            level=logging.ERROR,
+            traceback=traceback.format_exc(),
+        )
+        return 2
+    report.log(log)
     return 0 if report.ok else 2

@@ -10,6 +10,12 @@ Staleness is judged by watching the file, never by comparing its mtime with our 
 may disagree, but "this file has not changed while I watched it for N seconds" needs no agreement.
 The heartbeat rewrites the file's content (a counter), so a change is visible even where mtime is coarse.
 
+One exception needs no waiting: a holder that ran where the waiter runs (the owner record names the same
+kernel boot and the same pid namespace: the same machine and container, whatever the host names say)
+whose process is gone (no such pid, a zombie, or a pid now used by a process started at another time) is
+taken over at once: a second sync right after a killed one does not wait `stale_after`. A holder elsewhere
+is only ever judged by its silence.
+
 What is guaranteed: at most one live holder at a time as long as the holder's heartbeat keeps running
 (it is a daemon thread, so a stalled process, e.g. SIGSTOP, can lose its lock). The holder checks
 `lock.check()` before committing; a holder that lost its lock must not commit. Sync is safe even then:
@@ -35,10 +41,75 @@ from worker.sync.settings import DEFAULT_STALE_AFTER
 DEFAULT_HEARTBEAT = 2.0
 
 
+def _read_proc(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
+def _boot_id() -> str | None:
+    """This kernel's boot (Linux); None where /proc does not tell."""
+    return _read_proc("/proc/sys/kernel/random/boot_id") or None
+
+
+def _pid_namespace() -> str | None:
+    """This process's pid namespace, e.g. `pid:[4026531836]`: containers on one kernel each have their own,
+    and a pid means something only inside its namespace."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) of `pid` from /proc/<pid>/stat; None when there is no
+    such process."""
+    stat = _read_proc(f"/proc/{pid}/stat")
+    if not stat or ")" not in stat:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")".
+    fields = stat.rsplit(")", 1)[1].split()
+    try:
+        return fields[0], int(fields[19])  # fields 3 and 22 of proc(5)
+    except (IndexError, ValueError):
+        return None
+
+
+_BOOT_ID = _boot_id()
+_PID_NAMESPACE = _pid_namespace()
+
+
 def _owner_text(token: str, beat: int) -> str:
+    started = _process_start(os.getpid())
     return json.dumps(
-        {"token": token, "host": socket.gethostname(), "pid": os.getpid(), "beat": beat, "time": time.time()}
+        {
+            "token": token,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "beat": beat,
+            "time": time.time(),
+            "boot_id": _BOOT_ID,
+            "pid_ns": _PID_NAMESPACE,
+            "start": started[1] if started else None,
+        }
     )
+
+
+def holder_is_gone(text: str | None) -> bool:
+    """Whether the owner record `text` names a process of this machine and pid namespace that no longer
+    runs. False whenever that cannot be known (another machine or container, an older record, no /proc)."""
+    try:
+        owner = json.loads(text or "")
+        pid, start = owner["pid"], owner["start"]
+        same_place = owner["boot_id"] == _BOOT_ID and owner["pid_ns"] == _PID_NAMESPACE
+    except (ValueError, TypeError, KeyError):
+        return False
+    if not (same_place and _BOOT_ID and _PID_NAMESPACE and isinstance(pid, int) and isinstance(start, int)):
+        return False
+    running = _process_start(pid)
+    return running is None or running[0] == "Z" or running[1] != start
 
 
 def _read(path: Path) -> str | None:
@@ -128,6 +199,10 @@ class VolumeLock:
         while not self._try_create():
             now = time.monotonic()
             current = _read(self.path)
+            if current is not None and holder_is_gone(current):
+                self._take_over(current)  # the holder died here: no need to watch it stay silent
+                seen = None
+                continue
             if current != seen:
                 seen, seen_since = current, now
             elif current is not None and now - seen_since >= self.stale_after:

@@ -69,6 +69,14 @@ class LocalRemote:
             )
         return path
 
+    def _unreadable(self, key: str, err: OSError) -> RemoteUnavailable:
+        # A folder where a file should be, a file this user may not read (another user's 0600 file on a
+        # shared remote), an I/O error: the remote's fault, reported with its path, never a traceback.
+        return RemoteUnavailable(
+            f"{self.describe(key)}: cannot read it ({err.strerror or type(err).__name__}); check that it is "
+            "a file this user can read (publish writes remote files readable by all)"
+        )
+
     def read_bytes(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
@@ -77,15 +85,25 @@ class LocalRemote:
                 f"{self.describe(key)}: object not on the remote; publish again (dvc push) so the release "
                 "names only pushed objects"
             ) from None
+        except OSError as err:
+            raise self._unreadable(key, err) from None
 
     def size(self, key: str) -> int:
         try:
             return self._path(key).stat().st_size
         except FileNotFoundError:
             raise RemoteMissing(f"{self.describe(key)}: object not on the remote; run `dvc push`") from None
+        except OSError as err:
+            raise self._unreadable(key, err) from None
 
     def read_range_into(self, key: str, start: int, end: int, fd: int) -> int:
-        with self._path(key).open("rb") as src:
+        try:
+            src = self._path(key).open("rb")
+        except FileNotFoundError:
+            raise RemoteMissing(f"{self.describe(key)}: object not on the remote; run `dvc push`") from None
+        except OSError as err:
+            raise self._unreadable(key, err) from None
+        with src:
             src.seek(start)
             return _pwrite_stream(src.read, fd, start, end - start)
 
@@ -188,6 +206,11 @@ def open_release(location: str) -> tuple[Remote, str]:
         raise ReleaseInvalid(
             f"release location {location!r} must be <remote folder>/releases/<channel>.json "
             "(objects are read from the remote folder under files/md5/)"
+        )
+    if path.is_dir():
+        raise ReleaseInvalid(
+            f"release location {location!r} is a folder, not a release file; FUSELINE_RELEASE (or "
+            "--release) must name the file <remote folder>/releases/<channel>.json"
         )
     return LocalRemote(path.parent.parent), f"releases/{path.name}"
 

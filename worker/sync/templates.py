@@ -90,19 +90,63 @@ class SyncReport:
             "error": self.error,
         }
 
+    @property
+    def unsynced(self) -> list[str]:
+        """Templates served as the volume holds them, not brought to the release (status "kept")."""
+        return [t.template for t in self.templates if t.status == "kept"]
+
     def lines(self) -> list[str]:
         out = [f"release {self.release} -> volume {self.volume} ({self.seconds:.2f} s)"]
         if self.error:
             out.append(f"  error: {self.error}")
         for t in [*self.templates, *self.refiners]:
-            detail = (
-                f"{t.objects_fetched} objects / {t.bytes_fetched:,} bytes fetched, {t.objects_reused} reused"
-                if t.status in ("synced", "repaired")
-                else ""
-            )
-            line = f"  {t.template}: {t.status} {t.dir_md5 or ''} {detail}".rstrip()
-            out.append(line + (f"\n    {t.error}" if t.error else ""))
+            out.append("  " + _template_line(t))
         return out
+
+    def log(self, logger: logging.Logger) -> None:
+        """The report as log events: `sync.template` for each template, then `sync.done` with summary()'s
+        fields (docs/operations.md, "Worker logs"). The worker's start and `python -m worker.sync` both log
+        it so: JSON lines off a terminal, every string redacted (fuseline.core.logs)."""
+        for t in self.templates:
+            log_event(
+                logger,
+                "sync.template",
+                _template_line(t),
+                level=logging.INFO if t.ok else logging.WARNING,
+                template=t.template,
+                status=t.status,
+                dir_md5=t.dir_md5,
+                objects=t.objects_fetched,
+                bytes=t.bytes_fetched,
+                reused=t.objects_reused,
+                error=t.error,
+            )
+        for r in self.refiners:
+            log_event(
+                logger,
+                "sync.refiner",
+                _template_line(r),
+                level=logging.INFO if r.ok else logging.WARNING,
+                refiner=r.template,
+                status=r.status,
+                dir_md5=r.dir_md5,
+                objects=r.objects_fetched,
+                bytes=r.bytes_fetched,
+                reused=r.objects_reused,
+                error=r.error,
+            )
+        level = logging.INFO if self.ok else logging.WARNING
+        log_event(logger, "sync.done", "\n".join(self.lines()), level=level, **self.summary())
+
+
+def _template_line(t: TemplateResult) -> str:
+    detail = (
+        f"{t.objects_fetched} objects / {t.bytes_fetched:,} bytes fetched, {t.objects_reused} reused"
+        if t.status in ("synced", "repaired")
+        else ""
+    )
+    line = f"{t.template}: {t.status} {t.dir_md5 or ''} {detail}".rstrip()
+    return line + (f"\n    {t.error}" if t.error else "")
 
 
 @dataclass
@@ -300,18 +344,22 @@ def sync_templates(
         settings = settings or SyncSettings.from_env()
         if not location:
             raise ReleaseInvalid("no release given: pass --release or set FUSELINE_RELEASE")
-        vol.ensure()
+        try:
+            vol.ensure()
+        except OSError as err:
+            raise VolumeError(
+                f"volume {vol.root}: {err.strerror or err}; check that it is mounted and writable"
+            ) from None
         remote, key = open_release(location)
         release = read_release(remote, key)
     except (SyncError, ConfigInvalid) as err:
         report.error = str(err)
         names = wanted
         if names is None:
-            names = (
-                sorted(p.name for p in vol.models.iterdir() if not p.name.startswith("."))
-                if vol.models.is_dir()
-                else []
-            )
+            try:
+                names = sorted(p.name for p in vol.models.iterdir() if not p.name.startswith("."))
+            except OSError:  # no models folder (a fresh volume), or one this user cannot list
+                names = []
         for name in names:
             present = vol.current_release_hash(name)
             status = "kept" if present or vol.current_version(name) else "failed"

@@ -44,6 +44,12 @@ from worker.sync.errors import ListingUnsafe, VolumeFull
 from worker.sync.settings import OBJECT_GRACE
 
 MARKER_NAME = ".fuseline-sync.json"
+# Bounds on a listing entry's path: far beyond any model folder (diffusers nests 2-3 deep, short names),
+# well inside what a filesystem takes (NAME_MAX 255 bytes per name, PATH_MAX 4096 for the whole path with
+# the volume's own prefix), and shallow enough that making the folders cannot recurse past Python's limit.
+MAX_LISTING_DEPTH = 32
+MAX_NAME_BYTES = 255
+MAX_RELPATH_BYTES = 1024
 STATE_DIR = ".fuseline"
 # A lease not refreshed for this long belongs to a dead reader.
 DEFAULT_LEASE_TIMEOUT = 600.0
@@ -68,7 +74,7 @@ def parse_listing(raw: bytes, where: str) -> list[Entry]:
     folder, and entries that are not plain files (DVC lists only files; anything else is not ours)."""
     try:
         data = json.loads(raw)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: JSON nested thousands deep
         raise ListingUnsafe(f"{where}: not a DVC folder listing (JSON error: {err})") from None
     if not isinstance(data, list) or not data:
         raise ListingUnsafe(f"{where}: a DVC folder listing must be a non-empty JSON list")
@@ -82,12 +88,18 @@ def parse_listing(raw: bytes, where: str) -> list[Entry]:
             raise ListingUnsafe(f"{where}: entry {relpath!r} has md5 {md5!r}, not 32 hex digits")
         if not isinstance(relpath, str) or not relpath or "\\" in relpath or "\0" in relpath:
             raise ListingUnsafe(f"{where}: entry path {relpath!r} is empty or has a backslash or NUL")
+        try:
+            relpath.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800") names no file
+            raise ListingUnsafe(f"{where}: entry path {relpath!r} is not valid Unicode") from None
         path = PurePosixPath(relpath)
-        if path.is_absolute() or any(part in ("..", ".", "") for part in relpath.split("/")):
+        parts = relpath.split("/")
+        if path.is_absolute() or any(part in ("..", ".", "") for part in parts):
             raise ListingUnsafe(
                 f"{where}: entry path {relpath!r} is absolute or has '..'/'.' components; refusing a "
                 "listing that could write outside the model folder (republish from a clean build)"
             )
+        _check_bounds(relpath, parts, where)
         if relpath == MARKER_NAME or relpath in seen:
             raise ListingUnsafe(f"{where}: entry path {relpath!r} is duplicated or reserved")
         seen.add(relpath)
@@ -97,6 +109,23 @@ def parse_listing(raw: bytes, where: str) -> list[Entry]:
             if str(parent) in seen:
                 raise ListingUnsafe(f"{where}: {parent} is both a file and a folder")
     return entries
+
+
+def _check_bounds(relpath: str, parts: list[str], where: str) -> None:
+    shown = relpath if len(relpath) <= 80 else f"{relpath[:60]}... ({len(relpath)} characters)"
+    fix = "no model folder needs it: republish from a clean build"
+    if len(parts) > MAX_LISTING_DEPTH:
+        raise ListingUnsafe(
+            f"{where}: entry path {shown!r} is {len(parts)} levels deep, more than {MAX_LISTING_DEPTH}; {fix}"
+        )
+    if len(relpath.encode("utf-8")) > MAX_RELPATH_BYTES:
+        raise ListingUnsafe(f"{where}: entry path {shown!r} is longer than {MAX_RELPATH_BYTES} bytes; {fix}")
+    long = next((part for part in parts if len(part.encode("utf-8")) > MAX_NAME_BYTES), None)
+    if long is not None:
+        raise ListingUnsafe(
+            f"{where}: entry path {shown!r} has a name of {len(long.encode('utf-8'))} bytes, "
+            f"more than a filesystem takes ({MAX_NAME_BYTES}); {fix}"
+        )
 
 
 def place(source: Path, dest: Path) -> None:

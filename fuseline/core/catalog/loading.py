@@ -391,9 +391,45 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
     return out
 
 
+# A catalog nests 6 levels deep (templates.<id>.loras[<n>].block_weights[<i>]); the walks over the document
+# below recurse per level, so anything far deeper is refused before them (and json.loads itself raises
+# RecursionError near Python's limit of 1000).
+MAX_DEPTH = 32
+
+
+def _depth(data: Any) -> int:
+    """How deep JSON `data` nests (a scalar: 0), counted without recursion."""
+    deepest, stack = 0, [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, depth + 1)
+            if depth + 1 <= MAX_DEPTH:
+                stack.extend(
+                    (child, depth + 1) for child in (node.values() if isinstance(node, dict) else node)
+                )
+    return deepest
+
+
+def _too_deep(file: str) -> CatalogError:
+    return CatalogError(
+        [
+            Problem(
+                file,
+                "",
+                f"JSON nested more than {MAX_DEPTH} levels deep; a catalog nests 6 at most",
+                "fix the brackets (see docs/templates.md for the catalog's shape)",
+                code="NESTED_TOO_DEEP",
+            )
+        ]
+    )
+
+
 def _parse(text: str, file: str, path: Path | None) -> Catalog:
     try:
         data = json.loads(text, object_pairs_hook=_object_pairs)
+    except RecursionError:
+        raise _too_deep(file) from None
     except json.JSONDecodeError as exc:
         raise CatalogError(
             [
@@ -406,6 +442,8 @@ def _parse(text: str, file: str, path: Path | None) -> Catalog:
                 )
             ]
         ) from None
+    if _depth(data) > MAX_DEPTH:
+        raise _too_deep(file)
     problems = list(_duplicate_problems(data, (), file))
     catalog: Catalog | None = None
     try:

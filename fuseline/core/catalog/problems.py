@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic_core import PydanticCustomError
 
 from fuseline.core.errors import FuselineError
+from fuseline.core.redact import redact
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,10 @@ class Problem:
     def __post_init__(self) -> None:
         # pydantic names its error kinds in lower case; ours are upper case like every other code.
         object.__setattr__(self, "code", self.code.upper())
+        # A problem quotes what the catalog says, and a catalog may hold a credential by mistake (a
+        # user:password@ source): every problem is printed, so none carries one.
+        object.__setattr__(self, "message", redact(self.message))
+        object.__setattr__(self, "hint", redact(self.hint))
 
     def __str__(self) -> str:
         where = f"{self.file}: {self.path}: " if self.path else f"{self.file}: "

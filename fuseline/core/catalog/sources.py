@@ -8,7 +8,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from fuseline.core.errors import FuselineError
-from fuseline.core.redact import SECRET_QUERY_PARAMS
+from fuseline.core.redact import SECRET_QUERY_PARAMS, redact
 from fuseline.core.safetensors_io import PICKLE_SUFFIXES
 
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
@@ -24,10 +24,13 @@ def _any_case(word: str) -> str:
 # An https URL with credentials in it would be copied into dvc.lock, fuseline.json and the release manifest.
 _SECRET_QUERY = r"\?(?:[^#\s]*[&;])?(?:" + "|".join(_any_case(p) for p in SECRET_QUERY_PARAMS) + ")="
 SOURCE_PATTERN = (
-    r"^(civitai:[0-9]+"
+    # No control character anywhere (parse_source refuses what str.isprintable does; C0/C1 controls are
+    # what a Python `re` pattern can name of those).
+    r"^(?![^\x00-\x1f\x7f-\x9f]*[\x00-\x1f\x7f-\x9f])"
+    r"(civitai:[0-9]+"
     r"|hf:[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(?:/(?!\.\.?[/@])[^/@\s]+)*@[0-9a-f]{40}"
     r"|https://(?![^\s?#]*" + _SECRET_QUERY + r")[^/\s?#@]+(?:[/?#][^\s]*)?"
-    r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\s]+"
+    r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(?![^\s?]*" + _SECRET_QUERY + r")[^\s]+"
     r"|file:(?!//)\S(?:[^\x00-\x1f]*\S)?)$"
 )
 
@@ -79,17 +82,39 @@ class ParsedSource:
 
 
 class SourceStringError(FuselineError, ValueError):
-    """A source string that cannot be used: `problem` says what is wrong, `hint` how to write it."""
+    """A source string that cannot be used: `problem` says what is wrong, `hint` how to write it. Both are
+    redacted here: a refused source may be refused precisely for the secret in it, and is still shown."""
 
     code = "SOURCE_INVALID"
 
     def __init__(self, problem: str, hint: str):
-        self.problem = problem
-        self.hint = hint
-        super().__init__(f"{problem}; {hint}")
+        self.problem = redact(problem)
+        self.hint = redact(hint)
+        super().__init__(f"{self.problem}; {self.hint}")
 
     def __str__(self) -> str:
         return self.message
+
+
+_NO_SECRETS = (
+    "the source is copied into dvc.lock, fuseline.json and the release manifest, so it must hold no "
+    "credentials: use civitai:<modelVersionId> (the key comes from CIVITAI_API_KEY) or copy the file "
+    "to a bucket and use s3://<bucket>/<key> (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+)
+_S3_NO_SECRETS = (
+    "the source is copied into dvc.lock, fuseline.json and the release manifest, so it must hold no "
+    "credentials: write s3://<bucket>/<key> and give the keys as AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), never in the source"
+)
+
+
+def _secret_parameters(query: str) -> list[str]:
+    """The query parameters of `query` whose names carry credentials (SECRET_QUERY_PARAMS)."""
+    return [
+        name
+        for name, sep, _ in (p.partition("=") for p in re.split(r"[&;]", query))
+        if sep and name.lower() in SECRET_QUERY_PARAMS
+    ]
 
 
 _HF_PIN_HINT = (
@@ -152,30 +177,34 @@ def parse_source(text: str) -> ParsedSource:
             raise SourceStringError(
                 f"https source {text!r} is not a valid URL", "write https://<host>/<path>"
             )
-        no_secrets = (
-            "the source is copied into dvc.lock, fuseline.json and the release manifest, so it must hold no "
-            "credentials: use civitai:<modelVersionId> (the key comes from CIVITAI_API_KEY) or copy the file "
-            "to a bucket and use s3://<bucket>/<key> (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
-        )
         if "@" in parts.netloc:
             # Named without the password: this message is printed and logged.
             raise SourceStringError(
-                f"https source for host {parts.hostname!r} has a user:password@ part", no_secrets
+                f"https source for host {parts.hostname!r} has a user:password@ part", _NO_SECRETS
             )
-        secret = [
-            name
-            for name, sep, _ in (p.partition("=") for p in re.split(r"[&;]", parts.query))
-            if sep and name.lower() in SECRET_QUERY_PARAMS
-        ]
+        secret = _secret_parameters(parts.query)
         if secret:
             raise SourceStringError(
                 f"https source {parts.scheme}://{parts.netloc}{parts.path} has a secret-looking query "
                 f"parameter {secret[0]!r}",
-                no_secrets,
+                _NO_SECRETS,
             )
         return ParsedSource("https", text, url=text)
     if text.startswith("s3://"):
         bucket, _, key = text[len("s3://") :].partition("/")
+        if "@" in bucket:
+            # Named without what comes before the "@": this message is printed and logged.
+            raise SourceStringError(
+                f"s3 source for bucket {bucket.rsplit('@', 1)[1]!r} has a user:password@ part",
+                _S3_NO_SECRETS,
+            )
+        secret = _secret_parameters(key.partition("?")[2])
+        if secret:
+            raise SourceStringError(
+                f"s3 source s3://{bucket}/{key.partition('?')[0]} has a secret-looking query parameter "
+                f"{secret[0]!r} (a presigned URL is not an s3 source)",
+                _S3_NO_SECRETS,
+            )
         if not _S3_BUCKET.match(bucket) or not key or any(c.isspace() for c in key):
             raise SourceStringError(
                 f"s3 source {text!r} does not name a bucket and an object key",

@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fuseline.core.errors import ConfigInvalid
-from fuseline.core.files import atomic_write
+from fuseline.core.files import atomic_copy, atomic_create, atomic_write
 from fuseline.core.s3 import S3Config, make_client
-from fuseline.publish.errors import PublishError
+from fuseline.remote.errors import RemoteError
 
 _CREDENTIAL_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden")
+# A local remote's files are read by every user of the shared folder (the workers syncing from it among
+# them) and never edited in place, only replaced by rename: read-only for all, as DVC writes its objects.
+LOCAL_FILE_MODE = 0o444
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ def read_remote_config(root: Path, name: str | None = None) -> RemoteConfig:
         config = repo.config
         remote_name = name or config["core"].get("remote")
         if not remote_name:
-            raise PublishError(
+            raise RemoteError(
                 "NO_REMOTE",
                 f"{root / '.dvc/config'}: no default remote and no --remote given "
                 "(fix: `dvc remote default local` or pass --remote NAME)",
@@ -49,7 +52,7 @@ def read_remote_config(root: Path, name: str | None = None) -> RemoteConfig:
         remotes = config.get("remote", {})
         if remote_name not in remotes:
             known = ", ".join(sorted(remotes)) or "none"
-            raise PublishError(
+            raise RemoteError(
                 "UNKNOWN_REMOTE",
                 f"{root / '.dvc/config'}: no remote named {remote_name!r} (known: {known}; "
                 f"fix: `dvc remote add {remote_name} URL` or pick a known one)",
@@ -60,7 +63,8 @@ def read_remote_config(root: Path, name: str | None = None) -> RemoteConfig:
 
 
 class ObjectStore(Protocol):
-    """The few operations publishing needs on a remote, keyed by paths relative to the remote's root."""
+    """The few operations publishing and the source archive need on a remote, keyed by paths relative to
+    the remote's root."""
 
     description: str
 
@@ -68,6 +72,19 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def read(self, key: str) -> bytes | None: ...
     def write(self, key: str, data: bytes) -> None: ...
+    def create(self, key: str, data: bytes) -> bool:
+        """Write `data` at `key` only if nothing is there: True when written, False when `key` exists
+        (it is never overwritten, also when many writers race for it)."""
+        ...
+
+    def upload(self, key: str, path: Path) -> None:
+        """Store the file at `path` as `key`, streaming (files of many GB), replacing what is there."""
+        ...
+
+    def download(self, key: str, path: Path) -> bool:
+        """Write `key` to the file `path`, streaming; False (and no file) when `key` is not there."""
+        ...
+
     def keys(self, prefix: str) -> Iterator[str]: ...
     def delete(self, keys: Iterable[str]) -> None: ...
 
@@ -83,7 +100,7 @@ class LocalStore:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise PublishError(
+            raise RemoteError(
                 "REMOTE_UNWRITABLE",
                 f"cannot create the local remote folder {self.root}: {exc.strerror} "
                 "(fix: `dvc remote modify local url PATH` to a writable folder)",
@@ -99,7 +116,19 @@ class LocalStore:
             return None
 
     def write(self, key: str, data: bytes) -> None:
-        atomic_write(self.root / key, data)
+        atomic_write(self.root / key, data, mode=LOCAL_FILE_MODE)
+
+    def create(self, key: str, data: bytes) -> bool:
+        return atomic_create(self.root / key, data, mode=LOCAL_FILE_MODE)
+
+    def upload(self, key: str, path: Path) -> None:
+        atomic_copy(path, self.root / key, mode=LOCAL_FILE_MODE)
+
+    def download(self, key: str, path: Path) -> bool:
+        if not (self.root / key).is_file():
+            return False
+        atomic_copy(self.root / key, path)
+        return True
 
     def keys(self, prefix: str) -> Iterator[str]:
         base = self.root / prefix
@@ -130,7 +159,7 @@ class S3Store:
             self.config = S3Config.from_dvc_remote(remote.options)
             self.client = make_client(self.config)
         except ConfigInvalid as err:
-            raise PublishError(
+            raise RemoteError(
                 "REMOTE_CONFIG", f"remote {remote.name!r} ({remote.url}): {err.message}"
             ) from None
         self.endpoint = self.config.endpoint()
@@ -146,12 +175,12 @@ class S3Store:
     def _errors(self, action: str) -> Iterator[None]:
         try:
             yield
-        except PublishError:
+        except RemoteError:
             raise
         except Exception as exc:
             raise self.explain(exc, action) from None
 
-    def explain(self, exc: Exception, action: str) -> PublishError:
+    def explain(self, exc: Exception, action: str) -> RemoteError:
         """One line: what went wrong talking to S3 and how to fix it (never the secret key)."""
         from botocore.exceptions import (
             ClientError,
@@ -167,9 +196,9 @@ class S3Store:
             f"`dvc remote modify --local {self.remote_name} access_key_id ...` and secret_access_key"
         )
         if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-            return PublishError("NO_CREDENTIALS", f"{where}: no S3 credentials found (fix: {fix_creds})")
+            return RemoteError("NO_CREDENTIALS", f"{where}: no S3 credentials found (fix: {fix_creds})")
         if isinstance(exc, EndpointConnectionError | BotoConnectionError):
-            return PublishError(
+            return RemoteError(
                 "UNREACHABLE",
                 f"{where}: cannot reach the S3 endpoint while trying to {action} (fix: check the network and "
                 f"`dvc remote modify {self.remote_name} endpointurl URL`, or AWS_ENDPOINT_URL)",
@@ -178,22 +207,22 @@ class S3Store:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in ("NoSuchBucket", "404", "NotFound") and action == "check the bucket":
-                return PublishError(
+                return RemoteError(
                     "NO_BUCKET",
                     f"{where}: bucket {self.bucket!r} does not exist (fix: create it, or point the remote at "
                     f"an existing one with `dvc remote modify {self.remote_name} url s3://BUCKET/PREFIX`)",
                 )
             if code == "NoSuchBucket":
-                return PublishError("NO_BUCKET", f"{where}: bucket {self.bucket!r} does not exist")
+                return RemoteError("NO_BUCKET", f"{where}: bucket {self.bucket!r} does not exist")
             if code in _CREDENTIAL_CODES or status == 403:
                 key_hint = f"access key {self.access_key[:4]}…" if self.access_key else "the credentials"
-                return PublishError(
+                return RemoteError(
                     "BAD_CREDENTIALS",
                     f"{where}: S3 refused {key_hint} ({code or status}) while trying to {action} "
                     f"(fix: {fix_creds})",
                 )
-            return PublishError("S3_ERROR", f"{where}: S3 error {code or status} while trying to {action}")
-        return PublishError("S3_ERROR", f"{where}: {type(exc).__name__} while trying to {action}: {exc}")
+            return RemoteError("S3_ERROR", f"{where}: S3 error {code or status} while trying to {action}")
+        return RemoteError("S3_ERROR", f"{where}: {type(exc).__name__} while trying to {action}: {exc}")
 
     def check(self) -> None:
         with self._errors("check the bucket"):
@@ -236,6 +265,53 @@ class S3Store:
                 **self.config.write_args,
             )
 
+    def create(self, key: str, data: bytes) -> bool:
+        """A conditional put (`If-None-Match: *`): the store refuses it with 412 when the key exists, and
+        decides between concurrent ones itself (AWS S3 since 2024, SeaweedFS (tested), MinIO, R2). 409 is
+        AWS's answer to a conditional put racing another one: the key is as good as taken."""
+        from botocore.exceptions import ClientError
+
+        with self._errors(f"create {key}"):
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=self._key(key),
+                    Body=data,
+                    ContentType="application/json",
+                    IfNoneMatch="*",
+                    **self.config.write_args,
+                )
+            except ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise
+        return True
+
+    def upload(self, key: str, path: Path) -> None:
+        # s3transfer: multipart and parallel for large files, one put for small ones.
+        with self._errors(f"upload {key}"):
+            self.client.upload_file(
+                str(path), self.bucket, self._key(key), ExtraArgs=dict(self.config.write_args) or None
+            )
+
+    def download(self, key: str, path: Path) -> bool:
+        from botocore.exceptions import ClientError
+
+        with self._errors(f"download {key}"):
+            try:
+                # s3transfer writes to a temporary name beside `path` and renames it when complete.
+                self.client.download_file(
+                    self.bucket, self._key(key), str(path), ExtraArgs=dict(self.config.read_args) or None
+                )
+            except ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status == 404 or exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return False
+                raise
+        return True
+
     def keys(self, prefix: str) -> Iterator[str]:
         with self._errors(f"list {prefix}"):
             pages = self.client.get_paginator("list_objects_v2").paginate(
@@ -256,7 +332,7 @@ class S3Store:
                 # Quiet mode answers 200 with only the failures listed: the call raising is not enough.
                 failed += [f"{e.get('Key')} ({e.get('Code')})" for e in answer.get("Errors", [])]
             if failed:
-                raise PublishError(
+                raise RemoteError(
                     "DELETE_FAILED",
                     f"remote {self.remote_name!r} ({self.description}): could not delete {len(failed)} "
                     f"objects: {', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''} "
@@ -269,7 +345,7 @@ def open_store(remote: RemoteConfig) -> ObjectStore:
         return S3Store(remote)
     if "://" in remote.url:
         scheme = remote.url.split("://", 1)[0]
-        raise PublishError(
+        raise RemoteError(
             "UNSUPPORTED_REMOTE",
             f"remote {remote.name!r}: {scheme}:// remotes are not supported by fuseline publish "
             "(fix: use a local folder or an s3:// remote)",
