@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -637,6 +638,7 @@ def test_a_templates_refiner_is_synced_beside_it(dvc_remote: DvcRemote, tmp_path
     share is one inode); templates not synced do not bring theirs; a second run fetches nothing."""
     import time
 
+    from fuseline.core.logs import event_fields
     from fuseline.core.release import Release, ReleasedRefiner, release_key
 
     refiner_entry = ReleasedRefiner(**dvc_remote.b1.released.model_dump(exclude={"loras", "refiner"}))
@@ -656,6 +658,16 @@ def test_a_templates_refiner_is_synced_beside_it(dvc_remote: DvcRemote, tmp_path
     assert report.ok, report.lines()
     assert [(r.template, r.status) for r in report.refiners] == [("ref", "synced")]
     assert report.summary()["refiners"] == {"ref": "synced"}
+    assert any(line.startswith("  ref: synced") for line in report.lines()), report.lines()
+    events = []
+    handler = logging.Handler()
+    handler.emit = events.append  # type: ignore[method-assign]
+    logger = logging.getLogger("test.sync.refiner")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    report.log(logger)
+    refined = [event_fields(e)[1] for e in events if event_fields(e)[0] == "sync.refiner"]
+    assert [(f["refiner"], f["status"]) for f in refined] == [("ref", "synced")]
     refiner = tmp_path / "refiners" / "ref"
     assert refiner.is_symlink() and not (tmp_path / "refiners" / "other").exists()
     for relpath, (size, _md5) in dvc_remote.b1.files.items():
