@@ -93,12 +93,14 @@ def _lock_object_refs(root: Path) -> tuple[set[str], set[str]]:
 
 
 def referenced_objects(root: Path, store: ObjectStore) -> set[str]:
-    """Keys under files/md5/ that some release in the history, some channel's current release, or some
-    output in dvc.lock needs."""
+    """Keys under files/md5/ that some release in the history, some channel's current release (its
+    templates' and refiners' folders), or some output in dvc.lock needs."""
     local_cache = root / ".dvc" / "cache"
     dirs: set[str] = set()
     for release in [*release_history(store), *current_releases(store).values()]:
         dirs.update(t.dir_md5 for t in release.templates.values())
+        # A released refiner is synced from these objects too (rollback included), like a template's folder.
+        dirs.update(r.dir_md5 for r in release.refiners.values())
     files, lock_dirs = _lock_object_refs(root)
     dirs |= lock_dirs
     keys = {object_key(m) for m in files}

@@ -269,7 +269,8 @@ def rollback(store: ObjectStore, channel: str, to: str) -> Release:
             "fix: pick one from `fuseline release list`)",
         )
     release = load_release(store, history_key(channel, to), data)
-    missing = missing_objects(store, (t.dir_md5 for t in release.templates.values()))
+    folders = [*release.templates.values(), *release.refiners.values()]
+    missing = missing_objects(store, (f.dir_md5 for f in folders))
     if missing:
         raise PublishError(
             "INCOMPLETE_RELEASE",
