@@ -71,6 +71,8 @@ def publish_command(
     )
     for template, entry in sorted(release.templates.items()):
         typer.echo(f"  {template}  {entry.dir_md5}  {entry.nfiles} files  {entry.size} bytes")
+    for refiner, entry in sorted(release.refiners.items()):
+        typer.echo(f"  refiner {refiner}  {entry.dir_md5}  {entry.nfiles} files  {entry.size} bytes")
     if result.sources is not None:
         sources = result.sources
         typer.echo(

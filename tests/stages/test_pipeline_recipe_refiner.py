@@ -149,6 +149,34 @@ def test_release_entry_of_a_refiner_template(project: DvcProject) -> None:
         Release(channel="main", created="20260101T000000Z", templates=templates)
 
 
+def test_publish_then_sync_brings_the_refiner_beside_its_template(
+    project: DvcProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fuseline publish` puts the refiner's folder in the release; the worker's sync brings it to
+    `refiners/<id>` beside the template that names it, and only for that template."""
+    from fuseline.publish.releases import publish
+    from worker.sync.templates import sync_templates
+
+    for name, value in project.env.items():
+        if name.startswith("AWS_") or name in ("PATH", "DVC_NO_ANALYTICS"):
+            monkeypatch.setenv(name, value)
+    remote = tmp_path / "remote"
+    project.dvc("remote", "add", "-f", "publish-test", str(remote))
+    result = publish(project.root, remote_name="publish-test", channel="main")
+    release = result.release
+    assert release.templates["mixed"].refiner == "ref" and set(release.refiners) == {"ref"}
+    assert release.refiners["ref"].path == "artifacts/base/ref"
+
+    volume = tmp_path / "volume"
+    report = sync_templates(str(remote / "releases" / "main.json"), volume, ["mixed"])
+    assert report.ok, report.lines()
+    assert [(r.template, r.status) for r in report.refiners] == [("ref", "synced")]
+    assert RefinerManifest.read(volume / "refiners" / "ref").refiner == "ref"
+    assert ModelManifest.read(volume / "models" / "mixed").refiner == "ref"
+    alone = sync_templates(str(remote / "releases" / "main.json"), tmp_path / "plain-only", ["plain"])
+    assert alone.ok and alone.refiners == [] and not (tmp_path / "plain-only" / "refiners" / "ref").exists()
+
+
 def test_plots_diff_shows_every_preview_before_and_after_in_one_page(project: DvcProject) -> None:
     before = {t: (project.root / "artifacts" / "verify" / t / "preview.png").read_bytes() for t in TEMPLATES}
     project.edit_catalog(lambda c: c["templates"]["plain"]["loras"][0].update(scale=-1.5))
