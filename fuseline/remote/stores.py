@@ -38,9 +38,20 @@ class RemoteConfig:
 def read_remote_config(root: Path, name: str | None = None) -> RemoteConfig:
     """The remote `name` (DVC's default remote when None) as DVC itself resolves it: relative local paths
     are made absolute against the config file they came from, `--local` settings override committed ones."""
+    from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    try:
+        repo = Repo(str(root))
+    except NotDvcRepoError:
+        # DVC's own exception is no coded error: a stage whose upstream failed would end in a traceback
+        # instead of its source's error (stages/sources/archived.py turns RemoteError into that).
+        raise RemoteError(
+            "NOT_A_PROJECT",
+            f"{root}: not a DVC project, so it has no remote "
+            "(fix: run from the project's root, or `dvc init`)",
+        ) from None
+    with repo:
         config = repo.config
         remote_name = name or config["core"].get("remote")
         if not remote_name:
