@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 TORCH_VERSION := $(shell sed -n 's/^torch==\([^ ]*\).*/\1/p' requirements/worker.lock)
 TORCH_CPU_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/torch/)
 
-.PHONY: setup test lint demo lock clean image image-smoke image-push image-deps
+.PHONY: setup test lint demo lock clean image image-smoke image-push image-deps test-deps
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,13 @@ lint: setup
 
 demo: setup
 	$(PY) -m testkit.demo
+
+# The Debian packages the tests need beyond the virtualenv (as root): chromium takes the headless screenshot
+# of the `dvc plots diff` preview page (tests/stages/test_pipeline_recipe_refiner.py). Installs only what is
+# missing.
+test-deps:
+	@command -v chromium >/dev/null || { echo "installing chromium"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 # The Debian packages the image targets need (as root): buildah builds and runs the image, debootstrap
 # makes the stand-in base where the public one cannot be pulled, docker-registry is what `make image-push`

@@ -4,8 +4,8 @@ shapes, before converting.
 A safetensors header (fuseline.core.safetensors_io) names every tensor with its dtype and shape, so the kind
 of model is known without reading a single weight. The signatures below are data: the first one whose
 patterns all match names the file. An SDXL file is then told apart by its UNet's input channels (the shape
-of its first convolution): 4 for an ordinary checkpoint, 9 for an inpainting one. Only `sdxl` and
-`sdxl-inpaint` convert.
+of its first convolution): 4 for an ordinary checkpoint, 9 for an inpainting one. Only `sdxl`,
+`sdxl-inpaint` and `sdxl-refiner` convert.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ SIGNATURES: tuple[Signature, ...] = (
     Signature(
         kind="sdxl-refiner",
         name="an SDXL refiner (only the OpenCLIP bigG text encoder)",
-        advice="the refiner is not a text-to-image base model; use an SDXL base-architecture checkpoint",
+        advice="a refiner is named by a template's `refiner`, not as its `checkpoint`",
         all_of=(_UNET, r"^conditioner\.embedders\.0\.model\.transformer\."),
     ),
     Signature(

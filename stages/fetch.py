@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fuseline.core.catalog.model import Catalog, Source
+from fuseline.core.catalog.model import Catalog, RecipeCheckpoint, Source
 from fuseline.core.errors import ConfigInvalid, FuselineError
 from fuseline.core.files import sha256_file
 from fuseline.core.logs import setup_logging
@@ -113,7 +113,13 @@ def group_sources(catalog: Catalog, group: str) -> list[tuple[str, Source, bool]
             known = ", ".join(sorted(catalog.checkpoints)) or "(none)"
             raise StageError("CHECKPOINT_UNKNOWN", f"no checkpoint {key!r} in the catalog; known: {known}")
         checkpoint = catalog.checkpoints[key]
-        found = [(group, checkpoint, False)]
+        if isinstance(checkpoint, RecipeCheckpoint):
+            # A recipe's inputs: the convert stage converts each and merges them.
+            found = [
+                (f"{group}.recipe.{role}", model, False) for role, model in checkpoint.recipe.inputs().items()
+            ]
+        else:
+            found = [(group, checkpoint, False)]
         if checkpoint.config is not None:
             found.append((f"{group}.config", Source(source=checkpoint.config), True))
         return found

@@ -25,7 +25,7 @@ import torch
 
 from fuseline import __version__
 from fuseline.core import block_weights
-from fuseline.core.catalog.model import Defaults
+from fuseline.core.catalog.model import Defaults, RecipeCheckpoint
 from fuseline.core.files import atomic_dir
 from fuseline.core.manifest import EMBEDDINGS_DIR, CheckpointRef, EmbeddingRef, LoraRef, ModelManifest, VaeRef
 from fuseline.core.serving import CHECKPOINT_KIND_BY_IN_CHANNELS, INPAINT_UNET_IN_CHANNELS, UNET_IN_CHANNELS
@@ -68,6 +68,7 @@ class TemplateIdentity:
     vae: VaeRef
     spec_hash: str
     defaults: Defaults | None = None
+    refiner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,12 @@ def _check_base(base_dir: Path, vae_dir: Path) -> None:
         raise StageError(
             "BASE_MISSING",
             f"{base_dir} is not a converted checkpoint (no model_index.json); run the convert stage",
+        )
+    if json.loads((base_dir / "model_index.json").read_text()).get("requires_aesthetics_score"):
+        raise StageError(
+            "BASE_IS_REFINER",
+            f"{base_dir} is an SDXL refiner, not a base checkpoint; name it in the template's `refiner` and "
+            "an SDXL base checkpoint in its `checkpoint`",
         )
     for component in COMPONENTS:
         if not (base_dir / component).is_dir():
@@ -338,6 +345,7 @@ def _manifest(
         spec_hash=identity.spec_hash,
         defaults=identity.defaults,
         embeddings=list(embeddings) or None,
+        refiner=identity.refiner,
         fuseline_version=__version__,
     )
 
@@ -466,12 +474,21 @@ def main(template_id: str, *, base: Path, vae: Path, out: Path, receipt: Path | 
         ) from exc
     template = catalog.templates[template_id]
     checkpoint = catalog.checkpoints[template.checkpoint]
+    if isinstance(checkpoint, RecipeCheckpoint):
+        reference = CheckpointRef(
+            id=template.checkpoint,
+            source=checkpoint.recipe.identity,
+            recipe=checkpoint.recipe.model_dump(mode="json"),
+        )
+    else:
+        reference = CheckpointRef(id=template.checkpoint, source=checkpoint.source, sha256=checkpoint.sha256)
     identity = TemplateIdentity(
         template=template_id,
-        checkpoint=CheckpointRef(id=template.checkpoint, source=checkpoint.source, sha256=checkpoint.sha256),
+        checkpoint=reference,
         vae=VaeRef(source=catalog.vae.source, sha256=catalog.vae.sha256),
         spec_hash=catalog.spec_hash(template_id),
         defaults=template.defaults,
+        refiner=template.refiner,
     )
     loras = _lora_inputs(catalog, template_id, receipt, settings)
     result = merge_template(

@@ -19,6 +19,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "conditioner.embedders.0.transformer."
 TEXT_ENCODER_2_PREFIX = "conditioner.embedders.1.model."
+# An SDXL refiner has only the OpenCLIP encoder, as its embedder 0.
+REFINER_TEXT_ENCODER_PREFIX = "conditioner.embedders.0.model."
 
 # ---- tables: diffusers name -> SGM name ------------------------------------------------------------
 
@@ -224,8 +226,12 @@ def clip_to_sgm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
 _OPEN_CLIP_LAYER = re.compile(r"^text_model\.encoder\.layers\.(?P<i>\d+)\.(?P<rest>.+)$")
 
 
-def open_clip_to_sgm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Text encoder 2 (CLIPTextModelWithProjection) -> OpenCLIP layout (`conditioner.embedders.1.model.`)."""
+def open_clip_to_sgm(
+    state_dict: Mapping[str, torch.Tensor], prefix: str = TEXT_ENCODER_2_PREFIX
+) -> dict[str, torch.Tensor]:
+    """Text encoder 2 (CLIPTextModelWithProjection) -> OpenCLIP layout (under `prefix`:
+    `conditioner.embedders.1.model.` in a base checkpoint, `...0.model.` in a refiner)."""
+    TEXT_ENCODER_2_PREFIX = prefix
     out: dict[str, torch.Tensor] = {}
     fused: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
@@ -275,11 +281,19 @@ def pipeline_to_sgm(pipe) -> dict[str, torch.Tensor]:
     return state
 
 
+def refiner_to_sgm(pipe) -> dict[str, torch.Tensor]:
+    """Every weight of an SDXL refiner pipeline (no text_encoder) under its SGM single-file name."""
+    state = unet_to_sgm(pipe.unet.state_dict(), pipe.unet.config)
+    state.update(vae_to_sgm(pipe.vae.state_dict(), pipe.vae.config))
+    state.update(open_clip_to_sgm(pipe.text_encoder_2.state_dict(), REFINER_TEXT_ENCODER_PREFIX))
+    return state
+
+
 def write_single_file(pipe, path: Path) -> None:
     """Write `pipe`'s weights as one SGM-layout safetensors file (dtype unchanged), in sorted key order."""
     from safetensors.torch import save_file
 
-    state = pipeline_to_sgm(pipe)
+    state = refiner_to_sgm(pipe) if getattr(pipe, "text_encoder", None) is None else pipeline_to_sgm(pipe)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(
         {k: state[k].detach().contiguous() for k in sorted(state)}, str(path), metadata={"format": "pt"}

@@ -94,11 +94,13 @@ def _fallback_folder(
         fuseline_version="runtime-lora",
         defaults=recipe.defaults,
     )
+    # The fallback serves the base checkpoint alone: without the template's refiner (docs/templates.md).
+    defaults = (recipe.defaults or Defaults()).model_copy(update={"refiner": None})
     return TemplateFolder(
         template_id,
         checkpoint_dir(settings.volume, recipe.checkpoint),
         manifest,
-        recipe.defaults or Defaults(),
+        defaults,
         degraded_reason=reason,
     )
 

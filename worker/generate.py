@@ -1,5 +1,6 @@
 """One generation: scheduler, weighted prompt embeddings, seeded denoising in the job's mode (txt2img,
-img2img, inpaint), the optional hires pass, checked decode with fp32 retry, inpainting's paste-back."""
+img2img, inpaint), the template's refiner for the last part of a txt2img denoising, the optional hires pass,
+checked decode with fp32 retry, inpainting's paste-back."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch
 
-from worker.errors import ImageInvalid
+from worker.errors import ImageInvalid, ModelInvalid
 from worker.image_job import ImageJob
 from worker.images import decode_latents, invalid_reason, latents_are_finite, to_pil
 from worker.inputs import MAX_SEED, GenerationParameters
@@ -145,7 +146,7 @@ def _hires_pass(
     hires = params.hires
     assert hires is not None
     pipe = mode_pipeline(loaded, "img2img")
-    pipe.scheduler = build_scheduler(params.scheduler, loaded.scheduler_config)
+    pipe.scheduler = build_scheduler(params.scheduler, loaded.scheduler_config, params.scheduler_options)
     if hires.upscaler == "latent":
         image: Any = torch.nn.functional.interpolate(
             latents,
@@ -176,7 +177,7 @@ def generate(
     pipe = mode_pipeline(loaded, params.mode)
     mode_inputs = _mode_inputs(params, image_job)
     started = time.perf_counter()
-    pipe.scheduler = build_scheduler(params.scheduler, loaded.scheduler_config)
+    pipe.scheduler = build_scheduler(params.scheduler, loaded.scheduler_config, params.scheduler_options)
     embeddings = encode_prompts(pipe, params.prompt, params.negative_prompt, params.clip_skip)
     warnings = list(embeddings.warnings)
     seeds = image_seeds(params.seed, params.num_images)
@@ -200,7 +201,16 @@ def generate(
         if progress is not None:
             progress(done_before[0] + step, done_before[0] + total)
 
+    # The ensemble of experts (txt2img only: worker.inputs): the base stops at switch_at and hands its
+    # latents to the refiner.
+    split = params.refiner.switch_at if params.refiner is not None else None
+    if split is not None and loaded.refiner is None:
+        raise ModelInvalid(f"template {params.template!r}: a refiner was asked for, but none is loaded")
+    if split is not None:
+        mode_inputs["denoising_end"] = split
     latents = _denoise(pipe, params, embeddings, generators, params.steps, first_pass_step, **mode_inputs)
+    if split is not None:
+        latents = _refine(loaded, params, latents, generators, split, first_pass_step, warnings)
     _check_latents(latents, params)
     inference_ms = (time.perf_counter() - started) * 1000
 
@@ -236,4 +246,27 @@ def generate(
         effective_steps=steps,
         hires=hires_report,
         hires_ms=hires_ms,
+    )
+
+
+def _refine(
+    loaded: LoadedTemplate,
+    params: GenerationParameters,
+    latents: torch.Tensor,
+    generators: list[torch.Generator],
+    split: float,
+    on_step: Callable[[int, int], None] | None,
+    warnings: list[str],
+) -> torch.Tensor:
+    """The refiner's part: the same scheduler, steps, guidance and generators, from `split` to the end,
+    conditioned through its own text encoder (aesthetic scores: diffusers' defaults, 6 and 2.5)."""
+    refiner = loaded.refiner
+    assert refiner is not None and loaded.refiner_scheduler_config is not None
+    refiner.scheduler = build_scheduler(
+        params.scheduler, loaded.refiner_scheduler_config, params.scheduler_options
+    )
+    embeddings = encode_prompts(refiner, params.prompt, params.negative_prompt, params.clip_skip)
+    warnings.extend(w for w in embeddings.warnings if w not in warnings)
+    return _denoise(
+        refiner, params, embeddings, generators, params.steps, on_step, image=latents, denoising_start=split
     )

@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from fuseline.core.catalog.model import ID_PATTERN, Defaults
+from fuseline.core.catalog.model import ID_PATTERN, Defaults, RefinerOptions
 from fuseline.core.serving import (
     CLIP_SKIP_MAX,
     CLIP_SKIP_MIN,
@@ -28,6 +28,7 @@ from fuseline.core.serving import (
     SCHEDULER_NAMES,
     SDXL_CLIP_SKIP,
     SIZE_MULTIPLE,
+    canonical_scheduler,
     nearest_sizes,
     size_problem,
 )
@@ -116,6 +117,8 @@ class GenerationInput(BaseModel):
     hires: HiresOptions | None = None
     loras: list[LoraRequest] | None = Field(default=None, max_length=MAX_JOB_LORAS)
     clip_skip: int | None = Field(default=None, ge=CLIP_SKIP_MIN, le=CLIP_SKIP_MAX)
+    # The template's refiner takes over at `switch_at` ({"switch_at": 1} turns a default refiner off).
+    refiner: RefinerOptions | None = None
 
     @property
     def mode(self) -> Mode:
@@ -158,6 +161,7 @@ class GenerationInput(BaseModel):
     @field_validator("scheduler")
     @classmethod
     def _scheduler(cls, value: str | None) -> str | None:
+        value = canonical_scheduler(value) if value is not None else None  # "DPM++ 2M Karras" too
         if value is not None and value not in SCHEDULER_NAMES:
             raise ValueError(f"unknown scheduler {value!r}; valid: {', '.join(SCHEDULER_NAMES)}")
         return value
@@ -194,6 +198,14 @@ class GenerationParameters(BaseModel):
     clip_skip: int = SDXL_CLIP_SKIP
     # Add-on LoRAs applied, each {"name", "scale"} with its scale resolved (worker/addons.py).
     loras: list[dict[str, Any]] = Field(default_factory=list)
+    # The template's scheduler options and refiner split; left out of `parameters` when unused.
+    timestep_spacing: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    karras_sigmas: bool | None = Field(default=None, exclude_if=lambda value: value is None)
+    refiner: RefinerOptions | None = Field(default=None, exclude_if=lambda value: value is None)
+
+    @property
+    def scheduler_options(self) -> dict[str, Any]:
+        return {"timestep_spacing": self.timestep_spacing, "karras_sigmas": self.karras_sigmas}
 
     def public(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True)
@@ -232,6 +244,7 @@ _MODELS_AT: dict[tuple[str, ...], type[BaseModel]] = {
     ("output", "s3"): OutputPlace,
     ("hires",): HiresOptions,
     ("loras",): LoraRequest,
+    ("refiner",): RefinerOptions,
 }
 
 
@@ -270,12 +283,14 @@ def resolve_parameters(
     defaults: Defaults,
     settings: WorkerSettings,
     image_size: tuple[int, int] | None = None,
+    *,
+    refiner: str | None = None,
 ) -> GenerationParameters:
     """Request values first, then the template's defaults (which carry the global ones), then a seed.
 
     `image_size`: the generation size the input image was brought to (img2img, inpaint: worker.image_job,
     which applies the job's width/height and the image input size rule); the template's default size
-    does not apply to an image mode."""
+    does not apply to an image mode. `refiner`: the refiner the template's folder names (None: none)."""
     if image_size is not None:
         request = request.model_copy(update={"width": image_size[0], "height": image_size[1]})
     width = request.width if request.width is not None else defaults.width
@@ -321,6 +336,23 @@ def resolve_parameters(
         raise InvalidInput(f"1 problem(s): {problem}")
     inpainting = mode == "inpaint"
     output = request.output or OutputOptions()
+    if request.refiner is not None and refiner is None:
+        raise InvalidInput(
+            f"1 problem(s): refiner: template {template_id!r} has no refiner; leave refiner out, or use a "
+            "template whose catalog entry names one"
+        )
+    if request.refiner is not None and mode != "txt2img":
+        raise InvalidInput(
+            f"1 problem(s): refiner: the refiner hands over the last part of a text-to-image denoising; a "
+            f"{mode} job cannot use it (leave refiner out)"
+        )
+    if defaults.refiner is not None and refiner is None:
+        raise ModelInvalid(
+            f"template {template_id!r}: fuseline.json defaults.refiner is set but the manifest names no "
+            "refiner; fix the template in templates.json and rebuild it"
+        )
+    # An image mode runs without the template's default refiner (it refines a text-to-image denoising).
+    split = (request.refiner or defaults.refiner) if mode == "txt2img" else None
     return GenerationParameters(
         template=template_id,
         prompt=request.prompt,
@@ -355,4 +387,8 @@ def resolve_parameters(
         if request.hires is not None
         else None,
         clip_skip=request.clip_skip or defaults.clip_skip or SDXL_CLIP_SKIP,
+        timestep_spacing=defaults.timestep_spacing,
+        karras_sigmas=defaults.karras_sigmas,
+        # switch_at 1: the base does all of it, the refiner nothing (how a request turns a default off).
+        refiner=split if split is not None and split.switch_at < 1 else None,
     )

@@ -6,6 +6,8 @@ CPU (several fp16 ops are slow or missing on CPU). torch and diffusers are impor
 
 from __future__ import annotations
 
+import filecmp
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fuseline.core.manifest import MANIFEST_NAME, ManifestError, RefinerManifest
 from fuseline.core.serving import CHECKPOINT_KIND_BY_IN_CHANNELS
 from worker.device import default_device, unrecoverable_device_error
 from worker.embeddings import EmbeddingFile, load_embeddings
@@ -20,7 +23,7 @@ from worker.errors import ModelInvalid
 from worker.folders import WEIGHTED_COMPONENTS, TemplateFolder, check_template_folder
 from worker.settings import WorkerSettings
 from worker.speed import apply_speed_options
-from worker.sync.volume import Lease, Volume
+from worker.sync.volume import REFINERS, Lease, Volume
 from worker.telemetry import COUNTERS, count_in_job
 
 
@@ -44,6 +47,11 @@ class LoadedTemplate:
     base_adapters: tuple[tuple[str, float], ...] = ()
     # Add-on adapters loaded into this pipeline, least recently used first: adapter name -> add-on name.
     addon_adapters: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    # The template's SDXL refiner (StableDiffusionXLImg2ImgPipeline sharing `pipe`'s VAE, and its
+    # text_encoder_2 when the files are the same), its scheduler config and its version folder's lease.
+    refiner: Any | None = None
+    refiner_scheduler_config: dict[str, Any] | None = None
+    refiner_lease: Lease | None = None
 
     @property
     def template_id(self) -> str:
@@ -54,9 +62,10 @@ class LoadedTemplate:
         return self.folder.degraded_reason is not None
 
     def release(self) -> None:
-        if self.lease is not None:
-            self.lease.release()
-            self.lease = None
+        for lease in (self.lease, self.refiner_lease):
+            if lease is not None:
+                lease.release()
+        self.lease = self.refiner_lease = None
 
 
 def load_template(settings: WorkerSettings, template_id: str, device: str | None = None) -> LoadedTemplate:
@@ -75,12 +84,89 @@ def load_template(settings: WorkerSettings, template_id: str, device: str | None
         path = None  # a plain folder (placed by hand): sync never deletes it
     try:
         loaded = _load(settings, template_id, check_template_folder(settings, template_id, path), device)
+        loaded.lease = lease
+        if loaded.folder.manifest.refiner is not None:
+            _load_refiner(settings, loaded, loaded.folder.manifest.refiner)
     except BaseException:
         if lease is not None:
             lease.release()
         raise
-    loaded.lease = lease
     return loaded
+
+
+def same_files(first: Path, second: Path) -> bool:
+    """Whether two component folders hold the same weight files, byte for byte (on a synced volume the
+    same inode: the store hard-links each object into every folder that has it)."""
+    names = sorted(p.name for p in first.glob("*.safetensors"))
+    if not names or names != sorted(p.name for p in second.glob("*.safetensors")):
+        return False
+    for name in names:
+        a, b = first / name, second / name
+        if os.path.samefile(a, b):
+            continue
+        if a.stat().st_size != b.stat().st_size or not filecmp.cmp(a, b, shallow=False):
+            return False
+    return True
+
+
+def _load_refiner(settings: WorkerSettings, loaded: LoadedTemplate, refiner_id: str) -> None:
+    """Load the template's refiner from `<volume>/refiners/<id>` (leased when synced) beside its pipeline,
+    sharing the template's VAE always and its text_encoder_2 when the files are identical."""
+    import torch
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    template_id = loaded.template_id
+    link = settings.volume / REFINERS / refiner_id
+    lease = None
+    if link.is_symlink() and link.is_dir():
+        lease = Lease(Volume(settings.volume, REFINERS), refiner_id)
+        try:
+            path = lease.acquire()
+        except (OSError, RuntimeError) as exc:
+            raise ModelInvalid(f"template {template_id!r}: cannot lease refiner {link}: {exc}") from None
+    elif link.is_dir():
+        path = link
+    else:
+        raise ModelInvalid(
+            f"template {template_id!r} names refiner {refiner_id!r}, but {link} is not on the volume; sync "
+            "the release again (it syncs each template's refiner), or remove the refiner from the template"
+        )
+    try:
+        try:
+            manifest = RefinerManifest.read(path)
+        except ManifestError as exc:
+            raise ModelInvalid(f"template {template_id!r}: refiner {refiner_id!r}: {exc}") from None
+        if manifest.refiner != refiner_id:
+            raise ModelInvalid(
+                f"{path / MANIFEST_NAME}: names refiner {manifest.refiner!r}, not {refiner_id!r}; re-sync it"
+            )
+        pipe = loaded.pipe
+        shared: dict[str, Any] = {"vae": pipe.vae}
+        if same_files(path / "text_encoder_2", loaded.folder.path / "text_encoder_2"):
+            shared.update(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
+        try:
+            refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+                path, variant="fp16", dtype=pipe.unet.dtype, local_files_only=True, **shared
+            )
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            if unrecoverable_device_error(exc) is not None:
+                raise
+            raise ModelInvalid(
+                f"template {template_id!r}: diffusers could not load refiner {path} as an fp16 SDXL refiner: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+        refiner.to(pipe.device)
+        refiner.set_progress_bar_config(disable=True)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    loaded.refiner = refiner
+    loaded.refiner_scheduler_config = dict(refiner.scheduler.config)
+    loaded.refiner_lease = lease
+    loaded.nbytes = pipeline_weight_bytes(pipe, refiner)
 
 
 def _load(
@@ -139,14 +225,16 @@ def folder_embeddings(folder: TemplateFolder) -> list[EmbeddingFile]:
     return [EmbeddingFile(e.token, folder.path / e.file, e.source) for e in folder.manifest.embeddings or ()]
 
 
-def pipeline_weight_bytes(pipe: Any) -> int:
-    """Bytes of the loaded weights that count toward the cache budget."""
-    return sum(
-        p.numel() * p.element_size()
-        for name in WEIGHTED_COMPONENTS
-        if getattr(pipe, name, None) is not None
-        for p in getattr(pipe, name).parameters()
-    )
+def pipeline_weight_bytes(*pipes: Any) -> int:
+    """Bytes of the loaded weights that count toward the cache budget (a module two pipelines share,
+    such as a refiner's VAE, once)."""
+    seen: dict[int, int] = {}
+    for pipe in pipes:
+        for name in WEIGHTED_COMPONENTS:
+            module = getattr(pipe, name, None)
+            for p in module.parameters() if module is not None else ():
+                seen[id(p)] = p.numel() * p.element_size()
+    return sum(seen.values())
 
 
 class PipelineCache:

@@ -170,8 +170,12 @@ def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int | Non
     is set (SDXL's default), exactly as the stock pipeline does when no negative prompt is given.
     `clip_skip` in the A1111 numbering (core.serving): None, 1 and 2 take SDXL's penultimate layer.
     """
-    tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
-    encoders = [pipe.text_encoder, pipe.text_encoder_2]
+    # An SDXL refiner has text_encoder_2 alone: it is encoded with that one (pooled: the last encoder's).
+    pairs = [
+        (t, e) for t, e in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2))
+    ]
+    tokenizers = [t for t, e in pairs if e is not None]
+    encoders = [e for _, e in pairs if e is not None]
     positive_fragments = parse_prompt_weights(prompt)
     zero_negative = not negative_prompt.strip() and bool(
         pipe.config.get("force_zeros_for_empty_prompt", False)
@@ -185,8 +189,8 @@ def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int | Non
     negative = [_pad_rows(c, rows, t) for c, t in zip(negative, tokenizers, strict=True)]
 
     warnings = []
-    per_chunk = tokenizers[1].model_max_length - 2
-    for side, chunks in (("prompt", positive[1]), ("negative_prompt", negative[1])):
+    per_chunk = tokenizers[-1].model_max_length - 2
+    for side, chunks in (("prompt", positive[-1]), ("negative_prompt", negative[-1])):
         message = _limit_warning(side, chunks, per_chunk)
         if message:
             warnings.append(message)
@@ -195,7 +199,7 @@ def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int | Non
         *(_encode(e, c, clip_skip) for e, c in zip(encoders, positive, strict=True)), strict=True
     )
     prompt_embeds = torch.cat(pos_hidden, dim=-1)
-    pooled = pos_pooled[1]
+    pooled = pos_pooled[-1]
     if zero_negative:
         negative_embeds = torch.zeros_like(prompt_embeds)
         negative_pooled = torch.zeros_like(pooled)
@@ -204,5 +208,5 @@ def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int | Non
             *(_encode(e, c, clip_skip) for e, c in zip(encoders, negative, strict=True)), strict=True
         )
         negative_embeds = torch.cat(neg_hidden, dim=-1)
-        negative_pooled = neg_pooled[1]
+        negative_pooled = neg_pooled[-1]
     return PromptEmbeddings(prompt_embeds, negative_embeds, pooled, negative_pooled, warnings)

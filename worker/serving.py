@@ -111,6 +111,7 @@ class Worker:
             folder.defaults,
             self.settings,
             image_size=image_job.size if image_job is not None else None,
+            refiner=folder.manifest.refiner,
         )
         if image_job is not None:
             image_job = image_job.planned(params)

@@ -73,6 +73,8 @@ def publish_command(
         typer.echo(f"  {template}  {entry.dir_md5}  {entry.nfiles} files  {entry.size} bytes")
     for name, addon in sorted((release.addons or {}).items()):
         typer.echo(f"  add-on {name}  {addon.dir_md5}  {addon.nfiles} files  {addon.size} bytes")
+    for refiner, entry in sorted(release.refiners.items()):
+        typer.echo(f"  refiner {refiner}  {entry.dir_md5}  {entry.nfiles} files  {entry.size} bytes")
     if result.sources is not None:
         sources = result.sources
         typer.echo(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -37,7 +37,7 @@ class _Frozen(BaseModel):
 
 class CheckpointRef(_Frozen):
     id: str
-    source: str
+    source: str = Field(description="Catalog source, or `recipe:<sha256>` (Recipe.identity) for a recipe.")
     sha256: str | None = None
     kind: Literal["inpaint"] | None = Field(
         default=None,
@@ -45,6 +45,11 @@ class CheckpointRef(_Frozen):
         exclude_if=lambda value: value is None,
         description="`inpaint`: an inpainting checkpoint (9-channel UNet, detected by the convert stage); "
         "the worker serves it inpaint jobs only. Absent: an ordinary SDXL checkpoint.",
+    )
+    recipe: dict[str, Any] | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="The recipe (method, inputs, alpha) of a checkpoint merged from others.",
     )
 
 
@@ -109,6 +114,13 @@ class ModelManifest(_Frozen):
         exclude_if=lambda value: value is None,
         description="Textual-inversion embeddings copied into the folder; the worker loads them into both "
         "text encoders when it loads the pipeline.",
+    )
+    refiner: str | None = Field(
+        default=None,
+        # Absent from the file when unused, so manifests of templates without a refiner stay byte-identical.
+        exclude_if=lambda value: value is None,
+        description="Checkpoint id of the template's SDXL refiner: the worker loads `refiners/<id>/` beside "
+        "the model (its own RefinerManifest says what it is).",
     )
 
     def to_json(self) -> str:
@@ -178,3 +190,42 @@ class AddonManifest(_Frozen):
             raise ManifestError(f"{path}: no add-on manifest; re-run the add-on stage and sync") from None
         except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
             raise ManifestError(f"{path}: invalid add-on manifest: {' '.join(str(exc).split())}") from None
+
+
+class RefinerManifest(_Frozen):
+    """`fuseline.json` of a refiner folder: an SDXL refiner exported fp16, served beside the templates
+    naming it (ModelManifest.refiner). Its keys differ from a ModelManifest's, so neither reads as the
+    other: a refiner folder is never taken for a template's model."""
+
+    format: Literal[1] = MANIFEST_FORMAT
+    kind: Literal["refiner"] = "refiner"
+    refiner: str = Field(description="The refiner's checkpoint id in the catalog.")
+    checkpoint: CheckpointRef
+    prediction_type: Literal["epsilon", "v_prediction"]
+    dtype: Literal["float16"] = "float16"
+    variant: Literal["fp16"] = "fp16"
+    spec_hash: str = Field(description="Catalog.checkpoint_spec_hash(refiner): the entry it was built from.")
+    fuseline_version: str
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+    def write(self, folder: str | os.PathLike[str]) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike[str]) -> RefinerManifest:
+        path = Path(folder) / MANIFEST_NAME
+        try:
+            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ManifestError(
+                f"{path}: no manifest; the folder is not a fuseline refiner export (re-run convert)"
+            ) from None
+        except ValidationError as exc:
+            raise ManifestError(
+                f"{path}: not a refiner manifest ({exc.error_count()} problems; a template's model folder "
+                f"is not a refiner):\n{exc}"
+            ) from None

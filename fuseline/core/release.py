@@ -15,7 +15,7 @@ import json
 import re
 from pathlib import PurePosixPath
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fuseline.core.catalog.model import ID_PATTERN
 
@@ -69,21 +69,16 @@ class EmbeddingSummary(_Frozen):
     sha256: str
 
 
-class ReleasedTemplate(_Frozen):
+class ReleasedFolder(_Frozen):
+    """A published model folder: its DVC hash (the listing object) and where it came from."""
+
     dir_md5: str = Field(description="DVC hash of the model folder, `<32 hex>.dir` (its listing object).")
     path: str = Field(description="Where the folder lies in the build project, e.g. artifacts/models/<id>.")
     size: int = Field(ge=0, description="Bytes of all files in the folder.")
     nfiles: int = Field(ge=1)
-    spec_hash: str = Field(description="ModelManifest.spec_hash of the folder's fuseline.json.")
+    spec_hash: str = Field(description="The spec hash of the folder's fuseline.json.")
     checkpoint: str = Field(description="Checkpoint source the model was built from.")
-    loras: list[LoraSummary] = Field(default_factory=list)
     prediction_type: str = "epsilon"
-    embeddings: list[EmbeddingSummary] | None = Field(
-        default=None,
-        # Absent for templates without embeddings: releases written before the field keep their bytes.
-        exclude_if=lambda value: value is None,
-        description="The template's textual-inversion embeddings (also inside its folder).",
-    )
 
     _dir_md5 = field_validator("dir_md5")(lambda value: _check_dir_md5(value))
     _relative_path = field_validator("path")(lambda value: _check_relative_path(value))
@@ -107,6 +102,27 @@ class ReleasedAddon(_Frozen):
     _relative_path = field_validator("path")(lambda value: _check_relative_path(value))
 
 
+class ReleasedTemplate(ReleasedFolder):
+    loras: list[LoraSummary] = Field(default_factory=list)
+    embeddings: list[EmbeddingSummary] | None = Field(
+        default=None,
+        # Absent for templates without embeddings: releases written before the field keep their bytes.
+        exclude_if=lambda value: value is None,
+        description="The template's textual-inversion embeddings (also inside its folder).",
+    )
+    refiner: str | None = Field(
+        default=None,
+        # Absent when unused: releases of templates without a refiner read as before.
+        exclude_if=lambda value: value is None,
+        description="Id of the template's refiner under `refiners` (synced with the template).",
+    )
+
+
+class ReleasedRefiner(ReleasedFolder):
+    """An SDXL refiner folder (the convert stage's fp16 export, artifacts/base/<id>), served beside the
+    templates naming it; synced to `<volume>/refiners/<id>`."""
+
+
 class Release(_Frozen):
     format: int = RELEASE_FORMAT
     channel: str
@@ -118,6 +134,12 @@ class Release(_Frozen):
         # Absent when the catalog has no add-ons: such releases keep the bytes they had before the field.
         exclude_if=lambda value: value is None,
         description="Add-on LoRAs by name, synced beside the templates they are offered with.",
+    )
+    refiners: dict[str, ReleasedRefiner] = Field(
+        default_factory=dict,
+        # Absent when empty, so that releases without refiners keep their bytes.
+        exclude_if=lambda value: not value,
+        description="SDXL refiner folders by checkpoint id, named by templates' `refiner`.",
     )
 
     @field_validator("format")
@@ -141,10 +163,11 @@ class Release(_Frozen):
             )
         return value
 
-    @field_validator("templates", "addons")
+    @field_validator("templates", "addons", "refiners")
     @classmethod
     def _ids(cls, value: dict | None) -> dict | None:
-        # Sync joins these keys into volume paths (models/<id>, addons/<name>, locks/...): only catalog ids.
+        # Sync joins these keys into volume paths (models/<id>, addons/<name>, refiners/<id>, locks/...):
+        # only catalog ids.
         bad = [key for key in value or () if not re.match(ID_PATTERN, key)]
         if bad:
             raise ValueError(
@@ -153,12 +176,24 @@ class Release(_Frozen):
             )
         return value
 
+    @model_validator(mode="after")
+    def _refiners_are_released(self) -> Release:
+        for template_id, template in self.templates.items():
+            if template.refiner is not None and template.refiner not in self.refiners:
+                raise ValueError(
+                    f"template {template_id!r} names refiner {template.refiner!r}, which the release lacks; "
+                    "republish the release"
+                )
+        return self
+
     def folder_hashes(self) -> list[str]:
-        """The `.dir` hash of every folder the release names (templates, then add-ons): what must stay
+        """The `.dir` hash of every folder the release names (templates, add-ons, refiners): what must stay
         on the remote for it to be synced."""
-        return [t.dir_md5 for t in self.templates.values()] + [
-            a.dir_md5 for a in (self.addons or {}).values()
-        ]
+        return (
+            [t.dir_md5 for t in self.templates.values()]
+            + [a.dir_md5 for a in (self.addons or {}).values()]
+            + [r.dir_md5 for r in self.refiners.values()]
+        )
 
     def addons_for(self, template_ids: list[str] | None = None) -> list[str]:
         """Names of the add-ons offered with any of `template_ids` (None: every template), sorted."""

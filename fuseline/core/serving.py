@@ -14,6 +14,7 @@ from typing import Any
 DEFAULT_SCHEDULER = "default"
 
 # Names follow the A1111/ComfyUI sampler names users know: name -> (diffusers class, config overrides).
+# The class/override pairs are the ones diffusers' scheduler docs give for each A1111 sampler.
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
@@ -26,11 +27,75 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
     ),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "dpmpp_2m_sde_karras": (
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
     ),
+    "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
+    "dpmpp_3m_sde_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "use_karras_sigmas": True},
+    ),
     "dpmpp_sde": ("DPMSolverSinglestepScheduler", {}),
+    "dpmpp_sde_karras": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}),
+    # Few-step samplers for distilled models and their LoRAs (LCM, Hyper-SD, TCD).
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
+}
+
+# The sampler names Civitai pages and A1111 show ("DPM++ 2M SDE Karras"), matched without regard to case:
+# a setting copied from a model page is accepted as the name it stands for.
+SCHEDULER_ALIASES: dict[str, str] = {
+    "Euler": "euler",
+    "Euler a": "euler_a",
+    "Euler Karras": "euler_karras",
+    "Heun": "heun",
+    "DDIM": "ddim",
+    "UniPC": "unipc",
+    "DPM++ 2M": "dpmpp_2m",
+    "DPM++ 2M Karras": "dpmpp_2m_karras",
+    "DPM++ 2M SDE": "dpmpp_2m_sde",
+    "DPM++ 2M SDE Karras": "dpmpp_2m_sde_karras",
+    "DPM++ 3M SDE": "dpmpp_3m_sde",
+    "DPM++ 3M SDE Karras": "dpmpp_3m_sde_karras",
+    "DPM++ SDE": "dpmpp_sde",
+    "DPM++ SDE Karras": "dpmpp_sde_karras",
+    "LCM": "lcm",
+    "TCD": "tcd",
+}
+_ALIASES_FOLDED = {alias.casefold(): name for alias, name in SCHEDULER_ALIASES.items()}
+
+# Scheduler options a template's defaults may set (`timestep_spacing`, `karras_sigmas`), and the diffusers
+# classes whose timesteps follow each (their config key): Lightning/Hyper LoRAs want "trailing" spacing,
+# many Civitai pages Karras sigmas. LCM and TCD take `timestep_spacing` in their config but place their few
+# steps on their own schedule and never read it, so they are not listed. tests/worker/test_schedulers.py
+# checks this table against the classes' `set_timesteps` code.
+TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "linspace", "trailing")
+SCHEDULER_OPTIONS: dict[str, str] = {
+    "timestep_spacing": "timestep_spacing",
+    "karras_sigmas": "use_karras_sigmas",
+}
+OPTION_CLASSES: dict[str, frozenset[str]] = {
+    "timestep_spacing": frozenset(
+        {
+            "EulerDiscreteScheduler",
+            "EulerAncestralDiscreteScheduler",
+            "HeunDiscreteScheduler",
+            "DDIMScheduler",
+            "UniPCMultistepScheduler",
+            "DPMSolverMultistepScheduler",
+        }
+    ),
+    "karras_sigmas": frozenset(
+        {
+            "EulerDiscreteScheduler",
+            "HeunDiscreteScheduler",
+            "UniPCMultistepScheduler",
+            "DPMSolverMultistepScheduler",
+            "DPMSolverSinglestepScheduler",
+        }
+    ),
 }
 
 SCHEDULER_NAMES: tuple[str, ...] = (DEFAULT_SCHEDULER, *SCHEDULERS)
@@ -66,6 +131,14 @@ def size_problem(value: int, min_size: int = DEFAULT_MIN_SIZE) -> str | None:
     return None
 
 
+def canonical_scheduler(name: str) -> str:
+    """The table's name for `name`: itself when it is one, the name a Civitai/A1111 sampler name stands for
+    (any case), else `name` unchanged (for scheduler_problem to refuse)."""
+    if name in SCHEDULER_NAMES:
+        return name
+    return _ALIASES_FOLDED.get(name.strip().casefold(), name)
+
+
 def nearest_sizes(value: int, min_size: int = DEFAULT_MIN_SIZE) -> tuple[int, ...]:
     """The served sizes nearest to `value`, for a hint: the multiples of SIZE_MULTIPLE on either side of it,
     kept between `min_size` and MAX_SIZE (one value when both sides land on the same one)."""
@@ -95,3 +168,21 @@ CHECKPOINT_KIND_BY_IN_CHANNELS: dict[int, str | None] = {
     INPAINT_UNET_IN_CHANNELS: "inpaint",
 }
 MODES_BY_CHECKPOINT_KIND: dict[str | None, tuple[str, ...]] = {None: MODES, "inpaint": ("inpaint",)}
+
+
+def option_problem(scheduler: str | None, option: str, value: Any) -> str | None:
+    """Why a scheduler option (`timestep_spacing`, `karras_sigmas`) cannot go with the named scheduler, or
+    None when it can. The model folder's own scheduler ("default", absent) is not known here: the worker
+    applies an option to it when its class takes it."""
+    if value is None or scheduler is None or scheduler == DEFAULT_SCHEDULER or scheduler not in SCHEDULERS:
+        return None
+    class_name, overrides = SCHEDULERS[scheduler]
+    if class_name not in OPTION_CLASSES[option]:
+        takers = sorted(n for n, (c, _) in SCHEDULERS.items() if c in OPTION_CLASSES[option])
+        return (
+            f"scheduler {scheduler!r} ({class_name}) has no {option}; schedulers that do: {', '.join(takers)}"
+        )
+    key = SCHEDULER_OPTIONS[option]
+    if key in overrides and overrides[key] != value:
+        return f"scheduler {scheduler!r} sets {key} to {overrides[key]!r} itself"
+    return None

@@ -16,14 +16,21 @@ from typing import Any
 
 import yaml
 
-from fuseline.core.manifest import AddonManifest, ManifestError, ModelManifest
+from fuseline.core.manifest import AddonManifest, ManifestError, ModelManifest, RefinerManifest
 from fuseline.core.redact import redact
-from fuseline.core.release import EmbeddingSummary, LoraSummary, ReleasedAddon, ReleasedTemplate
+from fuseline.core.release import (
+    EmbeddingSummary,
+    LoraSummary,
+    ReleasedAddon,
+    ReleasedRefiner,
+    ReleasedTemplate,
+)
 from fuseline.publish.errors import PublishError
 from fuseline.remote.stores import RemoteConfig
 
 MODELS_DIR = "artifacts/models"
 ADDONS_DIR = "artifacts/addons"
+BASE_DIR = "artifacts/base"
 _MERGE_STAGE = re.compile(r"^merge@(?P<id>.+)$")
 _ADDON_STAGE = re.compile(r"^addon@(?P<id>.+)$")
 _VERIFY_STAGE = re.compile(r"^verify@(?P<id>.+)$")
@@ -130,6 +137,7 @@ def released_template(root: Path, built: BuiltTemplate) -> ReleasedTemplate:
         embeddings=None
         if manifest.embeddings is None
         else [EmbeddingSummary(token=x.token, source=x.source, sha256=x.sha256) for x in manifest.embeddings],
+        refiner=manifest.refiner,
     )
 
 
@@ -157,6 +165,54 @@ def released_addon(root: Path, built: BuiltTemplate) -> ReleasedAddon:
         min_scale=manifest.min_scale,
         max_scale=manifest.max_scale,
         templates=manifest.templates,
+    )
+
+
+def built_refiners(root: Path, refiner_ids: Iterable[str]) -> dict[str, BuiltTemplate]:
+    """Each refiner's folder from dvc.lock (the `convert@<id>` stage's out: a refiner is exported there)."""
+    stages = read_lock(root).get("stages", {})
+    found: dict[str, BuiltTemplate] = {}
+    for refiner in sorted(set(refiner_ids)):
+        wanted = f"{BASE_DIR}/{refiner}"
+        outs = stages.get(f"convert@{refiner}", {}).get("outs", [])
+        out = next((o for o in outs if o.get("path") == wanted), None)
+        if out is None or not str(out.get("md5", "")).endswith(".dir"):
+            raise PublishError(
+                "NOT_BUILT",
+                f"{root / 'dvc.lock'}: no entry for {wanted} (stage convert@{refiner}) "
+                f"(fix: `dvc repro convert@{refiner}`, or `dvc repro --pull` to restore it)",
+            )
+        found[refiner] = BuiltTemplate(
+            id=refiner,
+            path=wanted,
+            dir_md5=out["md5"],
+            size=int(out.get("size", 0)),
+            nfiles=int(out.get("nfiles", 1)),
+        )
+    return found
+
+
+def released_refiner(root: Path, built: BuiltTemplate) -> ReleasedRefiner:
+    """The release entry of a built refiner, from its refiner manifest."""
+    try:
+        manifest = RefinerManifest.read(root / built.path)
+    except ManifestError as exc:
+        fix = f"(fix: the checkpoint must be an SDXL refiner file; `dvc repro convert@{built.id}`)"
+        raise PublishError("BAD_MANIFEST", f"{exc} {fix}") from None
+    if manifest.refiner != built.id:
+        raise PublishError(
+            "BAD_MANIFEST",
+            f"{root / built.path}/fuseline.json: names refiner {manifest.refiner!r}, expected {built.id!r} "
+            f"(fix: `dvc repro convert@{built.id}`)",
+        )
+    return ReleasedRefiner(
+        dir_md5=built.dir_md5,
+        path=built.path,
+        size=built.size,
+        nfiles=built.nfiles,
+        spec_hash=manifest.spec_hash,
+        checkpoint=manifest.checkpoint.source,
+        prediction_type=manifest.prediction_type,
     )
 
 
@@ -207,6 +263,18 @@ def stale_addons(root: Path, names: Iterable[str]) -> list[str]:
         raise PublishError("DVC_FAILED", f"`dvc status` failed in {root}: {_last_line(proc.stderr)}")
     changed = json.loads(proc.stdout or "{}")
     return sorted(m["id"] for name in changed if (m := _ADDON_STAGE.match(name)))
+
+
+def stale_refiners(root: Path, refiner_ids: Iterable[str]) -> list[str]:
+    """Refiners whose convert stage `dvc status` reports changed."""
+    targets = [f"convert@{r}" for r in refiner_ids]
+    if not targets:
+        return []
+    proc = run_dvc(root, "status", "--json", *targets)
+    if proc.returncode != 0:
+        raise PublishError("DVC_FAILED", f"`dvc status` failed in {root}: {_last_line(proc.stderr)}")
+    changed = json.loads(proc.stdout or "{}")
+    return sorted(name.partition("@")[2] for name in changed if name.startswith("convert@"))
 
 
 def unverified_templates(root: Path, template_ids: Iterable[str]) -> list[str]:
@@ -266,7 +334,10 @@ def changed_templates(status: dict[str, Any], catalog: dict[str, Any], produced:
         if kind in ("merge", "verify") and key in templates:
             changed.add(key)
         elif kind == "convert":
-            changed.update(t for t, spec in templates.items() if spec.get("checkpoint") == key)
+            # A template's base, or its refiner (published with it).
+            changed.update(
+                t for t, spec in templates.items() if key in (spec.get("checkpoint"), spec.get("refiner"))
+            )
         elif stage == "vae":
             changed.update(templates)
     return sorted(changed)

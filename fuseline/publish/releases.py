@@ -25,12 +25,15 @@ from fuseline.core.release import (
 from fuseline.publish.errors import PublishError
 from fuseline.publish.project import (
     built_addons,
+    built_refiners,
     built_templates,
     git_commit,
     push,
     released_addon,
+    released_refiner,
     released_template,
     stale_addons,
+    stale_refiners,
     stale_templates,
     unverified_templates,
 )
@@ -159,7 +162,16 @@ def publish(
         )
     templates = {t: released_template(root, b) for t, b in built.items()}
     released_addons = {name: released_addon(root, b) for name, b in addons.items()}
-    dir_md5s = sorted({b.dir_md5 for b in [*built.values(), *addons.values()]})
+    refiners_built = built_refiners(root, [t.refiner for t in templates.values() if t.refiner is not None])
+    stale = stale_refiners(root, refiners_built)
+    if stale:
+        raise PublishError(
+            "STALE",
+            f"{root / 'dvc.lock'}: out of date for refiner(s) {', '.join(stale)} "
+            f"(fix: `dvc repro {' '.join(f'convert@{r}' for r in stale)}` and commit dvc.lock, then publish)",
+        )
+    refiners = {r: released_refiner(root, b) for r, b in refiners_built.items()}
+    dir_md5s = sorted({b.dir_md5 for b in [*built.values(), *addons.values(), *refiners_built.values()]})
     if do_push:
         push(root, remote)
     missing = missing_objects(store, dir_md5s)
@@ -190,6 +202,7 @@ def publish(
         templates=templates,
         # None (absent from the JSON) without add-ons: such a release reads exactly as before the field.
         addons=released_addons or None,
+        refiners=refiners,
     )
     return PublishResult(release=write_release(store, release), remote=remote.name, sources=sources)
 

@@ -121,7 +121,12 @@ def _source_objects(root: _Node) -> Iterator[tuple[str, _Node]]:
     checkpoints = root.get("checkpoints")
     if checkpoints is not None and checkpoints.kind == "object":
         for key, _, node in checkpoints.members:
-            if node.kind == "object":
+            recipe = node.get("recipe") if node.kind == "object" else None
+            if recipe is not None and recipe.kind == "object":
+                for role, _, model in recipe.members:
+                    if role in ("a", "b", "c") and model.kind == "object":
+                        yield format_path(("checkpoints", key, "recipe", role)), model
+            elif node.kind == "object":
                 yield format_path(("checkpoints", key)), node
     templates = root.get("templates")
     if templates is not None and templates.kind == "object":

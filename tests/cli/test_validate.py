@@ -472,3 +472,50 @@ def test_terminal_output_uses_rich_and_keeps_the_text(monkeypatch, capsys):
     assert "warning" in out and "t.json: templates.a.loras[0].scale: " in out
     assert "scale [bad]" in out  # user text is escaped, not taken for rich markup
     assert "(fix: use 1.0)" in out
+
+
+def test_recipe_refiner_and_scheduler_option_problems_all_reported_with_paths(tmp_path: Path) -> None:
+    data = example()
+    data["checkpoints"]["mix"] = {
+        "recipe": {
+            "method": "add_difference",
+            "a": {"source": "file:a.safetensors"},
+            "b": {"source": "file:b.safetensors"},
+            "alpha": 0.5,
+        }
+    }
+    data["checkpoints"]["ref"] = {"source": "file:ref.safetensors"}
+    data["templates"]["cinematic"]["refiner"] = "reff"
+    data["templates"]["cinematic"]["defaults"].update(scheduler="TCD", karras_sigmas=True)
+    data["templates"]["other"] = {"checkpoint": "mix", "defaults": {"refiner": {"switch_at": 0.7}}}
+    code, output = validate(write(tmp_path, data))
+    assert code == 1
+    assert_no_pydantic_leak(output)
+    for path in (
+        "checkpoints.mix.recipe.c:",
+        "templates.cinematic.refiner:",
+        "templates.cinematic.defaults.karras_sigmas:",
+        "templates.other.defaults.refiner:",
+    ):
+        assert path in output, output
+
+
+def test_a_catalog_with_a_recipe_and_a_refiner_validates(tmp_path: Path) -> None:
+    data = example()
+    data["checkpoints"]["mix"] = {
+        "recipe": {
+            "method": "weighted_sum",
+            "a": {"source": "file:a.safetensors"},
+            "b": {"source": "file:b.safetensors"},
+            "alpha": 0.25,
+        }
+    }
+    data["checkpoints"]["ref"] = {"source": "file:ref.safetensors"}
+    data["templates"]["mixed"] = {
+        "checkpoint": "mix",
+        "refiner": "ref",
+        "defaults": {"refiner": {"switch_at": 0.8}, "scheduler": "Euler a", "timestep_spacing": "trailing"},
+    }
+    code, output = validate(write(tmp_path, data))
+    assert code == 0, output
+    assert "3 checkpoints, 2 templates" in output

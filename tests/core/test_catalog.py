@@ -490,6 +490,10 @@ def test_schema_is_valid_and_accepts_the_example():
         lambda d: d.__setitem__("version", 2),
         lambda d: d.__setitem__("templates", {}),
         lambda d: d.pop("checkpoints"),
+        lambda d: d["checkpoints"].__setitem__("mix", {"recipe": {**RECIPE["recipe"], "method": "slerp"}}),
+        lambda d: d["checkpoints"].__setitem__("mix", {"recipe": RECIPE["recipe"], "source": "file:x"}),
+        lambda d: d["templates"]["cinematic"]["defaults"].__setitem__("timestep_spacing", "even"),
+        lambda d: d["templates"]["cinematic"]["defaults"].__setitem__("refiner", {"switch_at": 0}),
     ],
 )
 def test_schema_and_validator_both_reject(edit):
@@ -518,3 +522,204 @@ def test_docs_mention_every_schema_property():
     assert len(names) >= 19
     missing = sorted(name for name in names if f"`{name}`" not in docs)
     assert not missing, f"docs/templates.md does not document: {missing}"
+
+
+# --------------------------------------------------------------- recipes, refiners, scheduler options
+
+RECIPE = {
+    "recipe": {
+        "method": "add_difference",
+        "a": {"source": "file:a.safetensors"},
+        "b": {"source": f"hf:org/b/b.safetensors@{REV}"},
+        "c": {"source": "civitai:42", "sha256": SHA},
+        "alpha": 0.5,
+    }
+}
+
+
+def with_refiner() -> dict:
+    data = example()
+    data["checkpoints"]["refiner"] = {"source": "file:refiner.safetensors"}
+    data["templates"]["cinematic"]["refiner"] = "refiner"
+    data["templates"]["cinematic"]["defaults"]["refiner"] = {"switch_at": 0.75}
+    return data
+
+
+def problems_of(data: dict) -> list[tuple[str, str]]:
+    with pytest.raises(CatalogError) as caught:
+        parse_catalog(dumps(data))
+    return [(p.path, p.code) for p in caught.value.problems if p.severity == "error"]
+
+
+def test_new_fields_absent_keep_every_spec_hash():
+    """Templates written before recipes, refiners and scheduler options keep their hash (and manifests
+    their bytes): the fields are left out of the spec when absent."""
+    before = parse_catalog(dumps(example()))
+    spec = before.template_spec("cinematic")
+    assert "refiner" not in spec["template"] and "refiner" not in spec["template"]["defaults"]
+    assert not {"timestep_spacing", "karras_sigmas"} & set(spec["template"]["defaults"])
+    data = example()
+    data["templates"]["cinematic"]["defaults"].update(timestep_spacing=None, karras_sigmas=None, refiner=None)
+    data["templates"]["cinematic"]["refiner"] = None
+    assert parse_catalog(dumps(data)).spec_hash("cinematic") == before.spec_hash("cinematic")
+
+
+def test_recipe_checkpoint_loads_and_is_in_the_spec():
+    data = example()
+    data["checkpoints"]["mix"] = RECIPE
+    data["templates"]["mixed"] = {"checkpoint": "mix"}
+    catalog = parse_catalog(dumps(data))
+    recipe = catalog.checkpoints["mix"].recipe
+    assert recipe.method == "add_difference" and set(recipe.inputs()) == {"a", "b", "c"}
+    assert recipe.identity.startswith("recipe:") and len(recipe.identity) == len("recipe:") + 64
+    assert catalog.template_spec("mixed")["checkpoint"]["recipe"]["alpha"] == 0.5
+    paths = [path for path, _ in catalog.iter_sources()]
+    assert [p for p in paths if p.startswith("checkpoints.mix")] == [
+        "checkpoints.mix.recipe.a",
+        "checkpoints.mix.recipe.b",
+        "checkpoints.mix.recipe.c",
+    ]
+    edited = copy.deepcopy(data)
+    edited["checkpoints"]["mix"]["recipe"]["alpha"] = 0.6
+    assert parse_catalog(dumps(edited)).spec_hash("mixed") != catalog.spec_hash("mixed")
+
+
+@pytest.mark.parametrize(
+    ("edit", "path", "code"),
+    [
+        (lambda r: r.pop("c"), "checkpoints.mix.recipe.c", "RECIPE_INPUT_MISSING"),
+        (lambda r: r.update(method="weighted_sum"), "checkpoints.mix.recipe.c", "RECIPE_INPUT_UNUSED"),
+        (
+            lambda r: (r.pop("c"), r.update(method="weighted_sum", alpha=1.5)),
+            "checkpoints.mix.recipe.alpha",
+            "RECIPE_ALPHA_RANGE",
+        ),
+        (lambda r: r.update(alpha=5), "checkpoints.mix.recipe.alpha", "RECIPE_ALPHA_RANGE"),
+        (lambda r: r.update(method="slerp"), "checkpoints.mix.recipe.method", "LITERAL_ERROR"),
+        (lambda r: r.update(alpah=1), "checkpoints.mix.recipe.alpah", "UNKNOWN_KEY"),
+        (
+            lambda r: r["a"].update(source="file:a.ckpt"),
+            "checkpoints.mix.recipe.a.source",
+            "PICKLE_NOT_ALLOWED",
+        ),
+    ],
+)
+def test_recipe_problems_are_located(edit, path, code):
+    data = example()
+    data["checkpoints"]["mix"] = copy.deepcopy(RECIPE)
+    data["templates"]["mixed"] = {"checkpoint": "mix"}
+    edit(data["checkpoints"]["mix"]["recipe"])
+    assert (path, code) in problems_of(data)
+
+
+def test_a_recipe_entry_lists_the_recipe_keys_for_a_typo():
+    data = example()
+    data["checkpoints"]["mix"] = {**copy.deepcopy(RECIPE), "predicton": "epsilon"}
+    with pytest.raises(CatalogError) as caught:
+        parse_catalog(dumps(data))
+    (problem,) = [p for p in caught.value.problems if p.code == "UNKNOWN_KEY"]
+    assert problem.path == "checkpoints.mix.predicton" and "'prediction'" in problem.hint
+    assert "recipe" in problem.hint and "sha256" not in problem.hint
+
+
+def test_refiner_template_loads():
+    catalog = parse_catalog(dumps(with_refiner()))
+    assert catalog.templates["cinematic"].refiner == "refiner"
+    assert catalog.templates["cinematic"].defaults.refiner.switch_at == 0.75
+    assert catalog.refiners() == {"refiner": ["cinematic"]}
+    assert len(catalog.checkpoint_spec_hash("refiner")) == 64
+    assert not [w for w in catalog.warnings if w.code == "CHECKPOINT_UNUSED"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "path", "code"),
+    [
+        (
+            lambda d: d["templates"]["cinematic"].pop("refiner"),
+            "templates.cinematic.defaults.refiner",
+            "REFINER_MISSING",
+        ),
+        (
+            lambda d: d["templates"]["cinematic"].update(refiner="refinr"),
+            "templates.cinematic.refiner",
+            "REFINER_UNKNOWN",
+        ),
+        (
+            lambda d: d["templates"]["cinematic"].update(refiner="sdxl-base"),
+            "templates.cinematic.refiner",
+            "REFINER_INVALID",
+        ),
+        (
+            lambda d: (
+                d["checkpoints"].update(mix=RECIPE),
+                d["templates"]["cinematic"].update(refiner="mix"),
+            ),
+            "templates.cinematic.refiner",
+            "REFINER_INVALID",
+        ),
+        (
+            lambda d: d["templates"]["cinematic"]["defaults"]["refiner"].update(switch_at=0),
+            "templates.cinematic.defaults.refiner.switch_at",
+            "GREATER_THAN",
+        ),
+        (
+            lambda d: d["templates"]["cinematic"]["defaults"]["refiner"].update(switch_at=1.2),
+            "templates.cinematic.defaults.refiner.switch_at",
+            "LESS_THAN_EQUAL",
+        ),
+    ],
+)
+def test_refiner_problems_are_located(edit, path, code):
+    data = with_refiner()
+    edit(data)
+    assert (path, code) in problems_of(data)
+
+
+@pytest.mark.parametrize(
+    ("written", "stored"),
+    [("DPM++ 2M SDE Karras", "dpmpp_2m_sde_karras"), ("euler a", "euler_a"), ("lcm", "lcm"), ("TCD", "tcd")],
+)
+def test_civitai_sampler_names_are_stored_as_scheduler_names(written, stored):
+    data = example()
+    data["templates"]["cinematic"]["defaults"]["scheduler"] = written
+    assert parse_catalog(dumps(data)).templates["cinematic"].defaults.scheduler == stored
+
+
+@pytest.mark.parametrize(
+    ("defaults", "path", "code"),
+    [
+        ({"scheduler": "lcm", "karras_sigmas": True}, "karras_sigmas", "SCHEDULER_OPTION_UNSUPPORTED"),
+        (
+            {"scheduler": "tcd", "timestep_spacing": "trailing"},
+            "timestep_spacing",
+            "SCHEDULER_OPTION_UNSUPPORTED",
+        ),
+        (
+            {"scheduler": "dpmpp_2m_karras", "karras_sigmas": False},
+            "karras_sigmas",
+            "SCHEDULER_OPTION_UNSUPPORTED",
+        ),
+        ({"timestep_spacing": "trailng"}, "timestep_spacing", "LITERAL_ERROR"),
+        ({"scheduler": "DPM++ 2M SDE Exponential"}, "scheduler", "SCHEDULER_UNKNOWN"),
+    ],
+)
+def test_scheduler_option_problems_are_located(defaults, path, code):
+    data = example()
+    data["templates"]["cinematic"]["defaults"].update(defaults)
+    assert (f"templates.cinematic.defaults.{path}", code) in problems_of(data)
+
+
+def test_scheduler_options_that_fit_load():
+    data = example()
+    data["templates"]["cinematic"]["defaults"].update(
+        scheduler="Euler", timestep_spacing="trailing", karras_sigmas=True, steps=4
+    )
+    defaults = parse_catalog(dumps(data)).templates["cinematic"].defaults
+    assert (defaults.scheduler, defaults.timestep_spacing, defaults.karras_sigmas) == (
+        "euler",
+        "trailing",
+        True,
+    )
+    # The model folder's own scheduler is not known to the catalog: its options are the worker's business.
+    data["templates"]["cinematic"]["defaults"].update(scheduler=None, karras_sigmas=True)
+    assert parse_catalog(dumps(data)).templates["cinematic"].defaults.karras_sigmas is True

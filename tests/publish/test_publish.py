@@ -26,9 +26,16 @@ from typer.testing import CliRunner
 
 from fuseline.cli.publish import register
 from fuseline.core.manifest import CheckpointRef, ModelManifest, VaeRef
-from fuseline.core.release import Release, ReleasedTemplate, history_key, object_key, release_key
+from fuseline.core.release import (
+    Release,
+    ReleasedRefiner,
+    ReleasedTemplate,
+    history_key,
+    object_key,
+    release_key,
+)
 from fuseline.publish.errors import PublishError
-from fuseline.publish.gc import find_local_garbage
+from fuseline.publish.gc import find_local_garbage, find_remote_garbage
 from fuseline.publish.project import (
     changed_templates,
     git_commit,
@@ -689,6 +696,39 @@ def test_gc_refuses_without_a_pipeline_instead_of_emptying_the_lock(tmp_path):
         find_local_garbage(tmp_path)
     assert exc.value.code == "NO_PIPELINE"
     assert (tmp_path / "dvc.lock").read_text() == lock
+
+
+def test_gc_and_rollback_count_a_released_refiners_folder(tmp_path):
+    """A refiner's folder is in releases beside the templates: remote gc keeps its objects while a release
+    names it, and rollback refuses a release whose refiner lost an object."""
+    store = LocalStore(tmp_path / "remote")
+    template = put_folder(store, {"unet/w.safetensors": b"template weights"})
+    refiner = put_folder(store, {"unet/w.safetensors": b"refiner weights", "fuseline.json": b"{}"})
+    plain = release_of("main", "20260101T000000Z", alpha=template)
+    release = Release(
+        channel="main",
+        created="20260102T000000Z",
+        templates={"alpha": plain.templates["alpha"].model_copy(update={"refiner": "ref"})},
+        refiners={
+            "ref": ReleasedRefiner(
+                dir_md5=refiner,
+                path="artifacts/base/ref",
+                size=1,
+                nfiles=2,
+                spec_hash="x",
+                checkpoint="file:r",
+            )
+        },
+    )
+    write_release(store, plain)
+    write_release(store, release)
+    project = tmp_path / "project"
+    project.mkdir()
+    assert find_remote_garbage(project, store) == []
+    store.delete([object_key(hashlib.md5(b"refiner weights").hexdigest())])
+    with pytest.raises(PublishError, match="lacks 1 objects") as exc:
+        rollback(store, "main", release.created)
+    assert exc.value.code == "INCOMPLETE_RELEASE"
 
 
 def test_register_adds_the_commands():

@@ -140,7 +140,6 @@ def test_garbage_header_is_reported(tmp_path):
         ("sd2", "Stable Diffusion 2"),
         ("sd3", "Stable Diffusion 3"),
         ("flux", "Flux"),
-        ("sdxl-refiner", "refiner"),
         ("vae", "a VAE, not a checkpoint"),
     ],
 )
@@ -496,3 +495,108 @@ def test_inpainting_diffusers_folder_passes_through(kit, tmp_path):
     assert (summary["layout"], summary["kind"]) == ("diffusers", "inpaint")
     assert_same_tensors(kit.inpaint_dir, out)
     assert json.loads((out / "unet" / "config.json").read_text())["in_channels"] == 9
+
+
+# SDXL refiners: converted to their servable fp16 export
+
+
+@pytest.fixture(scope="module")
+def tiny_refiner(tmp_path_factory):
+    from testkit.refiner import build_refiner
+
+    return build_refiner(tmp_path_factory.mktemp("refiner"))
+
+
+def test_refiner_single_file_is_recognised(tiny_refiner):
+    from stages.checkpoint_kind import classify_file
+    from stages.convert import is_refiner_source
+
+    assert classify_file(tiny_refiner.single_file).kind == "sdxl-refiner"
+    assert is_refiner_source(tiny_refiner.single_file) and is_refiner_source(tiny_refiner.diffusers_dir)
+
+
+@pytest.mark.parametrize("layout", ["single-file", "diffusers"])
+def test_refiner_converts_to_its_fp16_export(kit, tiny_refiner, tmp_path, layout):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from safetensors.torch import load_file
+
+    source = tiny_refiner.single_file if layout == "single-file" else tiny_refiner.diffusers_dir
+    summary = convert_checkpoint(source, tmp_path / "out", config_dir=tiny_refiner.config_dir)
+    assert (summary["kind"], summary["layout"], summary["dtype"]) == ("refiner", layout, "float16")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model_index.json", "scheduler", "text_encoder_2", "tokenizer_2", "unet"
+    ]  # fmt: skip
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["requires_aesthetics_score"] is True and index["vae"] == [None, None]
+    # Every refiner weight is the source's, cast to fp16 once.
+    source_unet = load_file(tiny_refiner.diffusers_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    exported = load_file(out / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    assert set(exported) == set(source_unet)
+    assert all(torch.equal(exported[k], v.half()) for k, v in source_unet.items())
+    # The worker's load: fp16 variant, the template's VAE passed in.
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        out, variant="fp16", vae=None, local_files_only=True, dtype=torch.float32
+    )
+    assert pipe.unet.config.addition_time_embed_dim and pipe.text_encoder is None
+
+
+def test_refiner_text_encoder_is_byte_identical_to_the_templates(kit, tiny_refiner, tmp_path):
+    """Both go through the merge's deterministic fp16 export: an encoder the refiner shares with the
+    template's base is the same file (stored once by DVC and on the volume; the worker loads it once)."""
+    from stages.export import export_component
+
+    convert_checkpoint(tiny_refiner.single_file, tmp_path / "refiner", config_dir=tiny_refiner.config_dir)
+    export_component(kit.diffusers_dir / "text_encoder_2", tmp_path / "te2", 2000)
+    name = "model.fp16.safetensors"
+    assert (tmp_path / "refiner" / "text_encoder_2" / name).read_bytes() == (
+        tmp_path / "te2" / name
+    ).read_bytes()
+
+
+def test_stage_main_writes_a_refiner_manifest(kit, tiny_refiner, tmp_path, monkeypatch):
+    from fuseline.core.catalog.loading import load_catalog
+    from fuseline.core.manifest import ManifestError, ModelManifest, RefinerManifest
+    from stages import convert
+
+    monkeypatch.chdir(tmp_path)
+    catalog = _catalog(kit)
+    catalog["checkpoints"]["refiner"] = {
+        "source": f"file:{tiny_refiner.single_file}",
+        "config": f"file:{tiny_refiner.config_dir}",
+    }
+    catalog["templates"]["plain"]["refiner"] = "refiner"
+    (tmp_path / "templates.json").write_text(json.dumps(catalog))
+    (tmp_path / "params.yaml").write_text("merge:\n  shard_size_mb: 2000\n")
+    convert.main("refiner", out=Path("artifacts/base/refiner"))
+    manifest = RefinerManifest.read(tmp_path / "artifacts/base/refiner")
+    assert (manifest.refiner, manifest.kind, manifest.dtype) == ("refiner", "refiner", "float16")
+    assert manifest.spec_hash == load_catalog(tmp_path / "templates.json").checkpoint_spec_hash("refiner")
+    with pytest.raises(ManifestError):
+        ModelManifest.read(tmp_path / "artifacts/base/refiner")  # never taken for a template's model
+
+
+def test_merge_refuses_a_refiner_as_the_base(kit, tiny_refiner, tmp_path):
+    from stages.merge import _check_base
+
+    convert_checkpoint(tiny_refiner.diffusers_dir, tmp_path / "refiner")
+    with pytest.raises(StageError, match="refiner") as info:
+        _check_base(tmp_path / "refiner", kit.vae_dir)
+    assert info.value.code == "BASE_IS_REFINER"
+
+
+@pytest.mark.slow
+def test_sdxl_refiner_unet_config_builds_the_refiner_size():
+    """The kept refiner config (fuseline/configs/sdxl-refiner, written from Stability's sd_xl_refiner.yaml)
+    builds a 4-level UNet of 2,259,526,660 parameters, with aesthetic-score conditioning."""
+    from diffusers import UNet2DConditionModel
+
+    from stages.convert import DEFAULT_REFINER_CONFIG_DIR
+
+    config = UNet2DConditionModel.load_config(DEFAULT_REFINER_CONFIG_DIR / "unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    assert sum(p.numel() for p in unet.parameters()) == 2_259_526_660
+    assert unet.add_embedding.linear_1.in_features == 1280 + 5 * 256
+    index = json.loads((DEFAULT_REFINER_CONFIG_DIR / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLImg2ImgPipeline" and index["requires_aesthetics_score"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -630,3 +631,48 @@ def test_lock_heartbeat_survives_a_failed_read(tmp_path: Path, monkeypatch: pyte
         assert failures["left"] == 0
         lock.check()  # still ours: no LockLost
         assert not lock._lost
+
+
+def test_a_templates_refiner_is_synced_beside_it(dvc_remote: DvcRemote, tmp_path: Path) -> None:
+    """A template naming a refiner brings `refiners/<id>` along, from the same store (a file the two
+    share is one inode); templates not synced do not bring theirs; a second run fetches nothing."""
+    import time
+
+    from fuseline.core.logs import event_fields
+    from fuseline.core.release import Release, ReleasedRefiner, release_key
+
+    refiner_entry = ReleasedRefiner(**dvc_remote.b1.released.model_dump(exclude={"loras", "refiner"}))
+    release = Release(
+        channel="refined",
+        created=time.strftime("%Y%m%dT%H%M%SZ"),
+        templates={
+            "tpl-a": dvc_remote.a1.released.model_copy(update={"refiner": "ref"}),
+            "tpl-c": dvc_remote.a2.released.model_copy(update={"refiner": "other"}),
+        },
+        refiners={"ref": refiner_entry, "other": refiner_entry},
+    )
+    location = dvc_remote.local / release_key("refined")
+    location.parent.mkdir(parents=True, exist_ok=True)
+    location.write_text(release.to_json())
+    report = sync_templates(str(location), tmp_path, ["tpl-a"], part_size=PART)
+    assert report.ok, report.lines()
+    assert [(r.template, r.status) for r in report.refiners] == [("ref", "synced")]
+    assert report.summary()["refiners"] == {"ref": "synced"}
+    assert any(line.startswith("  ref: synced") for line in report.lines()), report.lines()
+    events = []
+    handler = logging.Handler()
+    handler.emit = events.append  # type: ignore[method-assign]
+    logger = logging.getLogger("test.sync.refiner")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    report.log(logger)
+    refined = [event_fields(e)[1] for e in events if event_fields(e)[0] == "sync.refiner"]
+    assert [(f["refiner"], f["status"]) for f in refined] == [("ref", "synced")]
+    refiner = tmp_path / "refiners" / "ref"
+    assert refiner.is_symlink() and not (tmp_path / "refiners" / "other").exists()
+    for relpath, (size, _md5) in dvc_remote.b1.files.items():
+        assert (refiner / relpath).stat().st_size == size
+    te = "text_encoder/model.fp16.safetensors"
+    assert (refiner / te).stat().st_ino == (tmp_path / "models" / "tpl-a" / te).stat().st_ino
+    again = sync_templates(str(location), tmp_path, ["tpl-a"])
+    assert [(r.template, r.status) for r in again.refiners] == [("ref", "present")]

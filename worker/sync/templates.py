@@ -25,14 +25,22 @@ from pathlib import Path
 from fuseline.core.errors import ConfigInvalid
 from fuseline.core.files import md5_file
 from fuseline.core.logs import log_event
-from fuseline.core.release import Release, ReleasedAddon, ReleasedTemplate, object_key
+from fuseline.core.release import Release, ReleasedAddon, ReleasedFolder, ReleasedTemplate, object_key
 from worker.sync.errors import ObjectCorrupt, ReleaseInvalid, SyncError, VolumeError
 from worker.sync.locks import VolumeLock
 from worker.sync.objects import Transfer, fetch_objects, resumed_bytes
 from worker.sync.recipes import recipe_from_release, write_recipe
 from worker.sync.remote import open_release, read_release
 from worker.sync.settings import SyncSettings
-from worker.sync.volume import ADDONS_FOLDER, Entry, Volume, check_free_space, parse_listing, place
+from worker.sync.volume import (
+    ADDONS_FOLDER,
+    REFINERS,
+    Entry,
+    Volume,
+    check_free_space,
+    parse_listing,
+    place,
+)
 
 log = logging.getLogger("fuseline.worker.sync")
 
@@ -65,10 +73,12 @@ class SyncReport:
     seconds: float = 0.0
     # Add-on LoRAs offered with the synced templates (`template` holds the add-on's name).
     addons: list[TemplateResult] = field(default_factory=list)
+    # The SDXL refiners the synced templates name (`refiners/<id>`), one result each.
+    refiners: list[TemplateResult] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.error is None and all(t.ok for t in [*self.templates, *self.addons])
+        return self.error is None and all(t.ok for t in [*self.templates, *self.addons, *self.refiners])
 
     @property
     def available(self) -> list[str]:
@@ -87,6 +97,7 @@ class SyncReport:
             "failures": sum(1 for t in folders if t.error) + (1 if self.error else 0),
             "templates": {t.template: t.status for t in self.templates},
             **({"addons": {a.template: a.status for a in self.addons}} if self.addons else {}),
+            **({"refiners": {r.template: r.status for r in self.refiners}} if self.refiners else {}),
             "error": self.error,
         }
 
@@ -99,7 +110,7 @@ class SyncReport:
         out = [f"release {self.release} -> volume {self.volume} ({self.seconds:.2f} s)"]
         if self.error:
             out.append(f"  error: {self.error}")
-        for t in self.templates:
+        for t in [*self.templates, *self.refiners]:
             out.append("  " + _template_line(t))
         for a in self.addons:
             out.append("  add-on " + _template_line(a))
@@ -138,6 +149,20 @@ class SyncReport:
                 reused=a.objects_reused,
                 error=a.error,
             )
+        for r in self.refiners:
+            log_event(
+                logger,
+                "sync.refiner",
+                _template_line(r),
+                level=logging.INFO if r.ok else logging.WARNING,
+                refiner=r.template,
+                status=r.status,
+                dir_md5=r.dir_md5,
+                objects=r.objects_fetched,
+                bytes=r.bytes_fetched,
+                reused=r.objects_reused,
+                error=r.error,
+            )
         level = logging.INFO if self.ok else logging.WARNING
         log_event(logger, "sync.done", "\n".join(self.lines()), level=level, **self.summary())
 
@@ -158,12 +183,13 @@ class _Ctx(Transfer):
     lock_stale_after: float
     lock_timeout: float | None
     object_grace: float
-    # What the folders of this context are, in messages: "template" (models/) or "add-on" (addons/).
+    # What the folders of this context are, in messages: "template" (models/), "add-on" (addons/) or
+    # "refiner" (refiners/).
     kind: str = "template"
 
 
-# A release entry of a folder: a template's model folder or an add-on's.
-Released = ReleasedTemplate | ReleasedAddon
+# A release entry of a folder: a template's model folder, a refiner's (both ReleasedFolder) or an add-on's.
+Released = ReleasedFolder | ReleasedAddon
 
 
 # ----------------------------------------------------------------------------------------- templates
@@ -189,9 +215,9 @@ def _listing(ctx: _Ctx, template: str, dir_md5: str) -> list[Entry]:
 
 def _marker(ctx: _Ctx, template: str, released: Released) -> dict:
     identity = (
-        {"spec_hash": released.spec_hash}
-        if isinstance(released, ReleasedTemplate)
-        else {"sha256": released.sha256, "kind": "addon"}
+        {"sha256": released.sha256, "kind": "addon"}
+        if isinstance(released, ReleasedAddon)
+        else {"spec_hash": released.spec_hash}
     )
     return {
         "template": template,
@@ -393,6 +419,7 @@ def sync_templates(
         lock_timeout=lock_timeout,
         object_grace=settings.object_grace,
     )
+    synced: list[str] = []
     for template in wanted if wanted is not None else sorted(release.templates):
         if template not in release.templates:
             report.templates.append(
@@ -404,15 +431,25 @@ def sync_templates(
                 )
             )
             continue
+        synced.append(template)
         report.templates.append(_sync_guarded(ctx, template, lambda t: _sync_template(ctx, t, verify)))
     # The add-ons a job on these templates may ask for, into addons/ (same store, versions and locks).
     addons = replace(ctx, volume=Volume(vol.root, ADDONS_FOLDER), kind="add-on")
-    synced = [t.template for t in report.templates if t.template in release.templates]
     for name in release.addons_for(synced) if synced else []:
         assert release.addons is not None
         entry = release.addons[name]
         report.addons.append(
             _sync_guarded(addons, name, lambda n, e=entry: _sync_folder(addons, n, e, verify))
+        )
+    # The refiners the synced templates name, each once, into refiners/<id> (same store, own locks).
+    refiners = replace(ctx, volume=Volume(vol.root, REFINERS), kind="refiner")
+    named = sorted({r for t in synced if (r := release.templates[t].refiner) is not None})
+    if named:
+        refiners.volume.ensure()
+    for refiner in named:
+        entry = release.refiners[refiner]
+        report.refiners.append(
+            _sync_guarded(refiners, refiner, lambda n, e=entry: _sync_folder(refiners, n, e, verify))
         )
     report.seconds = time.monotonic() - started
     return report

@@ -14,6 +14,8 @@ Layout under the volume root:
     models/.x.<...>, .r.<...>                 a folder being deleted (trash), a version being retired
     addons/...                                the same for add-on LoRA folders (Volume(root, "addons"))
     .fuseline/locks/addons.<name>.lock        an add-on's sync lock
+    refiners/<id> -> .v.<id>.<dir md5>        an SDXL refiner a template names: the layout of models/
+                                              (versions, leases, switch); its lock: locks/refiner.<id>.lock
 
 Bookkeeping names start with a one-letter tag and a dot: template ids (catalog ID_PATTERN, [a-z0-9-],
 validated in the release) hold no dot, so `.v.<id>.` can only be a version of that very template, never
@@ -148,13 +150,18 @@ def _remove_tree(path: Path) -> None:
 
 
 MODELS_FOLDER = "models"
-# Add-on LoRAs (addons/<name> -> .v.<name>.<dir md5>/ holding addon.json and lora.safetensors): the same
-# versions, switch and leases as model folders, sharing the object store.
+# Add-on LoRAs (addons/<name> -> .v.<name>.<dir md5>/ holding addon.json and lora.safetensors) and SDXL
+# refiners (refiners/<id>): the same versions, switch and leases as model folders, sharing the object store.
 ADDONS_FOLDER = "addons"
+REFINERS = "refiners"
+# Lock names per folder kind: ids and names hold no dot, so `addons.<name>` or `refiner.<id>` never names a
+# template's lock.
+_LOCK_PREFIXES = {MODELS_FOLDER: "", ADDONS_FOLDER: "addons.", REFINERS: "refiner."}
 
 
 class Volume:
-    """The volume's store plus one kind of served folder: `models/` (templates, the default) or `addons/`."""
+    """The volume's store plus one kind of served folder: template models (`models/`, the default), add-on
+    LoRAs (`addons/`) or SDXL refiners (`refiners/`), versioned and switched the same way over one store."""
 
     def __init__(self, root: Path | str, folder: str = MODELS_FOLDER) -> None:
         self.root = Path(root)
@@ -162,11 +169,9 @@ class Volume:
         self.objects = self.state / "objects"
         self.partial = self.state / "partial"
         self.locks = self.state / "locks"
-        # The served folders of this kind (named `models` for history: add-ons live in `addons/`).
+        # The served folders of this kind (named `models` for history: add-ons and refiners have their own).
         self.models = self.root / folder
-        # Lock files of add-ons carry their kind (`addons.<name>.lock`): names hold no dots, so a template
-        # and an add-on of the same name never share a lock.
-        self._lock_prefix = "" if folder == MODELS_FOLDER else f"{folder}."
+        self._lock_prefix = _LOCK_PREFIXES[folder]
 
     def ensure(self) -> None:
         for folder in (self.objects, self.partial, self.locks, self.models):

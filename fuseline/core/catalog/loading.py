@@ -15,16 +15,24 @@ from pydantic import BaseModel, ValidationError
 from fuseline.core import serving
 from fuseline.core.catalog.model import (
     CATALOG_VERSION,
+    RECIPE_CHECKPOINT_TAG,
+    SOURCE_CHECKPOINT_TAG,
     AddonSpec,
     Catalog,
     Checkpoint,
     Defaults,
     EmbeddingSpec,
     LoraSpec,
+    Recipe,
+    RecipeCheckpoint,
+    RecipeInput,
+    RefinerOptions,
     Template,
     VaeSpec,
     addon_pickle_error,
+    checkpoint_role_errors,
     pickle_error,
+    refiner_missing,
     serving_errors,
     unknown_addon_template,
     unknown_checkpoint,
@@ -99,6 +107,23 @@ _FIELD_RULES: dict[str, tuple[str, str]] = {
     ),
     "negative_prompt": ("a string", 'write "" for none'),
     "scheduler": ("a scheduler name (a string)", "remove it to use the export's scheduler"),
+    "timestep_spacing": ('"leading", "linspace" or "trailing"', 'use "trailing" for few-step models'),
+    "karras_sigmas": ("true or false", "write true or false, without quotes"),
+    "refiner": (
+        "a checkpoint id (a string) in a template, an object in defaults",
+        'name the refiner\'s checkpoint id in the template, and write "refiner": {"switch_at": 0.8} in '
+        "its defaults",
+    ),
+    "switch_at": ("a number above 0 and at most 1", "use a number such as 0.8"),
+    "recipe": (
+        "an object",
+        'write "recipe": {"method": "weighted_sum", "a": {...}, "b": {...}, "alpha": 0.5}',
+    ),
+    "method": ('"weighted_sum" or "add_difference"', 'use "weighted_sum" or "add_difference"'),
+    "a": ("a source object", 'write {"source": "...", "sha256": "..."}'),
+    "b": ("a source object", 'write {"source": "...", "sha256": "..."}'),
+    "c": ("a source object", 'write {"source": "...", "sha256": "..."}'),
+    "alpha": ("a finite number", "use a number such as 0.5"),
     "clip_skip": ("a whole number from 1 to 12", "use 2 (SDXL's own layer) or remove it"),
     "embeddings": (
         "a list of embedding objects",
@@ -118,15 +143,36 @@ _ADDON_FIELD_RULES: dict[str, tuple[str, str]] = {
     "templates": ("a list of template ids", 'write "templates": ["<template id>", ...] or remove it'),
 }
 
+_CHECKPOINT_TAGS = {SOURCE_CHECKPOINT_TAG: Checkpoint, RECIPE_CHECKPOINT_TAG: RecipeCheckpoint}
 
-def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
-    """The model class that validates the object at `loc` (to list its valid keys)."""
+
+def _untagged(loc: tuple[str | int, ...]) -> tuple[tuple[str | int, ...], type[BaseModel] | None]:
+    """(`loc` without the checkpoint union's tag, the checkpoint model the tag names): pydantic reports a
+    tagged union's errors under the tag, which is no key of the file."""
+    if len(loc) >= 3 and loc[0] == "checkpoints" and loc[2] in _CHECKPOINT_TAGS:
+        return (*loc[:2], *loc[3:]), _CHECKPOINT_TAGS[loc[2]]  # type: ignore[index]
+    return loc, None
+
+
+def _model_at(
+    loc: tuple[str | int, ...], checkpoint: type[BaseModel] | None = None
+) -> type[BaseModel] | None:
+    """The model class that validates the object at `loc` (to list its valid keys); `checkpoint`: which
+    kind of checkpoint entry the loc is in."""
     if loc == ():
         return Catalog
     if loc == ("vae",):
         return VaeSpec
     if len(loc) == 2 and loc[0] == "checkpoints":
-        return Checkpoint
+        return checkpoint or Checkpoint
+    if len(loc) == 3 and loc[0] == "checkpoints" and loc[2] == "recipe":
+        return Recipe
+    if len(loc) == 4 and loc[0] == "checkpoints" and loc[2] == "recipe":
+        return RecipeInput
+    if len(loc) == 3 and loc[0] == "templates" and loc[2] == "defaults":
+        return Defaults
+    if len(loc) == 4 and loc[0] == "templates" and loc[2:] == ("defaults", "refiner"):
+        return RefinerOptions
     if len(loc) == 2 and loc[0] == "templates":
         return Template
     if len(loc) == 4 and loc[0] == "templates" and loc[2] == "loras":
@@ -135,15 +181,13 @@ def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
         return EmbeddingSpec
     if len(loc) == 2 and loc[0] == "addons":
         return AddonSpec
-    if len(loc) == 3 and loc[0] == "templates" and loc[2] == "defaults":
-        return Defaults
     return None
 
 
 def _translate(error: dict[str, Any], file: str) -> Problem:
     """Turn one pydantic error into a Problem with a JSON path, a plain message and a fix."""
     kind = error["type"]
-    loc = tuple(error["loc"])
+    loc, checkpoint_model = _untagged(tuple(error["loc"]))
     ctx = error.get("ctx") or {}
     value = error.get("input")
     if "message" in ctx:  # one of ours
@@ -153,7 +197,7 @@ def _translate(error: dict[str, Any], file: str) -> Problem:
         return Problem(file, format_path(loc), ctx["message"], ctx.get("hint", ""), code=kind)
     if kind == "extra_forbidden":
         key = str(loc[-1])
-        model = _model_at(loc[:-1])
+        model = _model_at(loc[:-1], checkpoint_model)
         valid = list(model.model_fields) if model else []
         close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
         hint = f"did you mean {close[0]!r}? " if close else ""
@@ -214,7 +258,11 @@ def _raw_sources(data: dict[str, Any]) -> Iterator[tuple[tuple[str | int, ...], 
         yield ("vae",), data["vae"]
     if isinstance(data.get("checkpoints"), dict):
         for key, value in data["checkpoints"].items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) and isinstance(value.get("recipe"), dict):
+                for role in ("a", "b", "c"):
+                    if isinstance(value["recipe"].get(role), dict):
+                        yield ("checkpoints", key, "recipe", role), value["recipe"][role]
+            elif isinstance(value, dict):
                 yield ("checkpoints", key), value
     if isinstance(data.get("templates"), dict):
         for key, template in data["templates"].items():
@@ -257,6 +305,14 @@ def _cross_field_problems(data: dict[str, Any], file: str) -> Iterator[Problem]:
         for err in serving_errors(defaults) if isinstance(defaults, dict) else ():
             loc = ("templates", template_id, "defaults", *err.context["at"])
             yield Problem(file, format_path(loc), err.context["message"], err.context["hint"], code=err.type)
+        if (
+            isinstance(defaults, dict)
+            and defaults.get("refiner") is not None
+            and template.get("refiner") is None
+        ):
+            err = refiner_missing()
+            loc = ("templates", template_id, *err.context["at"])
+            yield Problem(file, format_path(loc), err.context["message"], err.context["hint"], code=err.type)
     addons = data.get("addons")
     for addon_id, addon in addons.items() if isinstance(addons, dict) and isinstance(templates, dict) else ():
         named = addon.get("templates") if isinstance(addon, dict) else None
@@ -270,6 +326,15 @@ def _cross_field_problems(data: dict[str, Any], file: str) -> Iterator[Problem]:
     checkpoints = data.get("checkpoints")
     if not isinstance(checkpoints, dict) or not isinstance(templates, dict):
         return
+    roles = {
+        template_id: (template.get("checkpoint"), template.get("refiner"))
+        for template_id, template in templates.items()
+        if isinstance(template, dict)
+    }
+    recipes = {key: isinstance(value, dict) and "recipe" in value for key, value in checkpoints.items()}
+    for err in checkpoint_role_errors(roles, recipes):
+        loc = err.context["at"]
+        yield Problem(file, format_path(loc), err.context["message"], err.context["hint"], code=err.type)
     for template_id, template in templates.items():
         if isinstance(template, dict) and isinstance(template.get("checkpoint"), str):
             name = template["checkpoint"]
@@ -285,7 +350,7 @@ def _cross_field_problems(data: dict[str, Any], file: str) -> Iterator[Problem]:
 
 
 def _warning_problems(catalog: Catalog, file: str, check_files: bool) -> Iterator[Problem]:
-    used = {template.checkpoint for template in catalog.templates.values()}
+    used = {template.checkpoint for template in catalog.templates.values()} | set(catalog.refiners())
     for checkpoint_id in catalog.checkpoints:
         if checkpoint_id not in used:
             yield Problem(

@@ -14,8 +14,10 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -142,7 +144,8 @@ class VaeSpec(Source):
 
 
 class Checkpoint(Source):
-    """A base SDXL checkpoint: a single-file .safetensors, or a diffusers-layout folder."""
+    """A base SDXL checkpoint (or an SDXL refiner, named by templates' `refiner`): a single-file
+    .safetensors, or a diffusers-layout folder."""
 
     prediction: Literal["epsilon", "v_prediction"] = Field(
         default="epsilon",
@@ -152,26 +155,154 @@ class Checkpoint(Source):
     config: str | None = Field(
         default=None,
         description="hf: or file: source of a diffusers-layout config folder (model_index.json, component "
-        "configs, both tokenizers) used to convert the checkpoint offline. Absent: SDXL base's.",
+        "configs, both tokenizers) used to convert the checkpoint offline. Absent: SDXL base's (SDXL "
+        "refiner's for a refiner).",
         json_schema_extra={"pattern": SOURCE_PATTERN},
     )
 
     @field_validator("config")
     @classmethod
     def _config_is_folder_source(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            parsed = parse_source(value)
-        except SourceStringError as exc:
-            raise fail("SOURCE_INVALID", exc.problem, exc.hint) from None
-        if parsed.scheme not in ("hf", "file"):
+        return _config_folder(value)
+
+
+def _config_folder(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        parsed = parse_source(value)
+    except SourceStringError as exc:
+        raise fail("SOURCE_INVALID", exc.problem, exc.hint) from None
+    if parsed.scheme not in ("hf", "file"):
+        raise fail(
+            "CONFIG_SCHEME",
+            f"config {value!r} must name a folder, as an hf: repository or a file: folder",
+            "use hf:<org>/<repo>@<revision> or file:<folder>",
+        )
+    return value
+
+
+# A weighted sum is an interpolation between two models; add difference's multiplier is commonly 0-1, and
+# larger values are still a meaningful (if strong) transfer.
+WEIGHTED_SUM_RANGE = (0.0, 1.0)
+ADD_DIFFERENCE_LIMIT = 4.0
+
+
+class RecipeInput(Source):
+    """One checkpoint a recipe merges: a single-file SDXL checkpoint (.safetensors, SGM key layout)."""
+
+
+class Recipe(BaseModel):
+    """How a checkpoint is computed from others, key by key in fp32 (the A1111 checkpoint merger's modes):
+    weighted_sum `(1 - alpha) * a + alpha * b`, add_difference `a + alpha * (b - c)`."""
+
+    model_config = _STRICT
+
+    method: Literal["weighted_sum", "add_difference"] = Field(
+        description="weighted_sum: (1 - alpha) * a + alpha * b. add_difference: a + alpha * (b - c) (e.g. "
+        "a = your model, b = an inpainting or style model, c = the base b was trained from)."
+    )
+    a: RecipeInput = Field(
+        description="The primary model; its tensors not in b (and c) are kept as they are."
+    )
+    b: RecipeInput = Field(description="The second model.")
+    c: RecipeInput | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="add_difference only: the model subtracted from b.",
+    )
+    alpha: float = Field(
+        allow_inf_nan=False,
+        description="weighted_sum: the share of b, 0-1. add_difference: the multiplier of (b - c), a finite "
+        f"number from {-ADD_DIFFERENCE_LIMIT:g} to {ADD_DIFFERENCE_LIMIT:g}.",
+    )
+
+    @model_validator(mode="after")
+    def _inputs_and_alpha_fit_method(self) -> Recipe:
+        if self.method == "add_difference" and self.c is None:
             raise fail(
-                "CONFIG_SCHEME",
-                f"config {value!r} must name a folder, as an hf: repository or a file: folder",
-                "use hf:<org>/<repo>@<revision> or file:<folder>",
+                "RECIPE_INPUT_MISSING",
+                "add_difference needs a third model c (the result is a + alpha * (b - c))",
+                'add "c": {"source": ...} (typically the base model b was trained from)',
+                at=("c",),
             )
-        return value
+        if self.method == "weighted_sum" and self.c is not None:
+            raise fail(
+                "RECIPE_INPUT_UNUSED",
+                "weighted_sum merges a and b only; c would be ignored",
+                'remove "c", or use "method": "add_difference"',
+                at=("c",),
+            )
+        low, high = (
+            WEIGHTED_SUM_RANGE
+            if self.method == "weighted_sum"
+            else (-ADD_DIFFERENCE_LIMIT, ADD_DIFFERENCE_LIMIT)
+        )
+        if not low <= self.alpha <= high:
+            raise fail(
+                "RECIPE_ALPHA_RANGE",
+                f"{self.method} alpha must be from {low:g} to {high:g}, got {self.alpha:g}",
+                "weighted_sum's alpha is the share of b (0.3 = 70% a, 30% b)"
+                if self.method == "weighted_sum"
+                else f"use a multiplier from {-ADD_DIFFERENCE_LIMIT:g} to {ADD_DIFFERENCE_LIMIT:g} "
+                "(1.0 = the full difference)",
+                at=("alpha",),
+            )
+        return self
+
+    def inputs(self) -> dict[str, RecipeInput]:
+        """The models merged, by role (a, b and, for add_difference, c)."""
+        found = {"a": self.a, "b": self.b}
+        if self.c is not None:
+            found["c"] = self.c
+        return found
+
+    @property
+    def identity(self) -> str:
+        """`recipe:<sha256>` of the recipe's canonical JSON: what stands for a source where one is named (the
+        model manifest's checkpoint source, the fallback's checkpoint folder)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return "recipe:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class RecipeCheckpoint(BaseModel):
+    """A checkpoint computed from other checkpoints by a recipe (the convert stage merges, then converts)."""
+
+    model_config = _STRICT
+
+    recipe: Recipe = Field(description="How to compute the checkpoint from others.")
+    prediction: Literal["epsilon", "v_prediction"] = Field(
+        default="epsilon", description="What the merged UNet predicts (that of its inputs)."
+    )
+    config: str | None = Field(
+        default=None,
+        description="hf: or file: source of a diffusers-layout config folder used to convert the merged "
+        "checkpoint offline. Absent: SDXL base's.",
+        json_schema_extra={"pattern": SOURCE_PATTERN},
+    )
+
+    @field_validator("config")
+    @classmethod
+    def _config_is_folder_source(cls, value: str | None) -> str | None:
+        return _config_folder(value)
+
+
+# pydantic reports a tagged union's errors under the tag; loading.py drops these from the JSON paths.
+SOURCE_CHECKPOINT_TAG = "source-checkpoint"
+RECIPE_CHECKPOINT_TAG = "recipe-checkpoint"
+
+
+def _checkpoint_tag(value: Any) -> str:
+    if isinstance(value, RecipeCheckpoint) or (isinstance(value, dict) and "recipe" in value):
+        return RECIPE_CHECKPOINT_TAG
+    return SOURCE_CHECKPOINT_TAG
+
+
+AnyCheckpoint = Annotated[
+    Annotated[Checkpoint, Tag(SOURCE_CHECKPOINT_TAG)]
+    | Annotated[RecipeCheckpoint, Tag(RECIPE_CHECKPOINT_TAG)],
+    Discriminator(_checkpoint_tag),
+]
 
 
 BLOCK_WEIGHT_LIMIT = 4.0
@@ -356,6 +487,22 @@ class AddonSpec(Source):
         return self
 
 
+class RefinerOptions(BaseModel):
+    """The ensemble-of-experts split: the base denoises the first `switch_at` of the schedule, the refiner
+    the rest (diffusers' `denoising_end` / `denoising_start`)."""
+
+    model_config = _STRICT
+
+    switch_at: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Share of the denoising done by the base before the refiner takes over, above 0 and at "
+        "most 1 (0.8: the refiner does the last 20%; 1: the refiner does nothing).",
+    )
+
+
 class Defaults(BaseModel):
     """Generation defaults the worker uses when a request leaves a parameter out."""
 
@@ -381,7 +528,10 @@ class Defaults(BaseModel):
     )
     negative_prompt: str = Field(default="", description="Negative prompt used when a request gives none.")
     scheduler: str | None = Field(
-        default=None, description="Scheduler name; absent: the one the export writes for the checkpoint."
+        default=None,
+        description='Scheduler name (a Civitai/A1111 sampler name such as "DPM++ 2M SDE Karras" is '
+        "accepted and stored as the name it stands for); absent: the one the export writes for the "
+        "checkpoint.",
     )
     clip_skip: int | None = Field(
         default=None,
@@ -392,6 +542,31 @@ class Defaults(BaseModel):
         description="Clip skip in the A1111/Civitai numbering, 1-12: both text encoders use the hidden state "
         "N layers from the end; 1 and 2 are SDXL's own penultimate layer (docs/templates.md). Absent: 2.",
     )
+    # The fields below are left out of the spec and the manifest when absent, so that adding them changed
+    # no template's spec hash and no manifest's bytes.
+    timestep_spacing: Literal["leading", "linspace", "trailing"] | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="How the scheduler spaces its timesteps (diffusers' timestep_spacing): trailing for "
+        "few-step models (SDXL Lightning, Hyper-SD); absent: the scheduler config's own.",
+    )
+    karras_sigmas: bool | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="Karras noise levels (diffusers' use_karras_sigmas), for schedulers that take them; "
+        "absent: what the scheduler name says.",
+    )
+    refiner: RefinerOptions | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="Hand the last part of the denoising to the template's refiner (the template must name "
+        "one); absent: no refiner unless a request asks for it.",
+    )
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_by_its_name(cls, value: Any) -> Any:
+        return serving.canonical_scheduler(value) if isinstance(value, str) else value
 
 
 class Template(BaseModel):
@@ -408,6 +583,13 @@ class Template(BaseModel):
         description="Textual-inversion embeddings (SDXL: clip_l and clip_g tensors) loaded into both text "
         "encoders with the template; their tokens are usable in prompts and negative prompts.",
     )
+    refiner: str | None = Field(
+        default=None,
+        # Left out of the spec when absent: templates written before the field keep their hash.
+        exclude_if=lambda value: value is None,
+        description="Id of an entry under checkpoints that is an SDXL refiner; the worker may hand it the "
+        "last part of the denoising (defaults.refiner, or a request's refiner).",
+    )
     defaults: Defaults = Field(
         default_factory=Defaults,
         description="Generation defaults for the worker.",
@@ -417,7 +599,12 @@ class Template(BaseModel):
             "properties": {
                 "width": {"multipleOf": serving.SIZE_MULTIPLE},
                 "height": {"multipleOf": serving.SIZE_MULTIPLE},
-                "scheduler": {"anyOf": [{"enum": list(serving.SCHEDULER_NAMES)}, {"type": "null"}]},
+                "scheduler": {
+                    "anyOf": [
+                        {"enum": [*serving.SCHEDULER_NAMES, *serving.SCHEDULER_ALIASES]},
+                        {"type": "null"},
+                    ]
+                },
             }
         },
     )
@@ -449,6 +636,22 @@ class Template(BaseModel):
             raise error
         return defaults
 
+    @model_validator(mode="after")
+    def _refiner_options_need_a_refiner(self) -> Template:
+        if self.defaults.refiner is not None and self.refiner is None:
+            raise refiner_missing()
+        return self
+
+
+def refiner_missing() -> PydanticCustomError:
+    return fail(
+        "REFINER_MISSING",
+        "defaults.refiner hands denoising to a refiner, but the template names none",
+        'add "refiner": "<id of an SDXL refiner under checkpoints>" to the template, or remove '
+        "defaults.refiner",
+        at=("defaults", "refiner"),
+    )
+
 
 def _valid_default(name: str, value: Any) -> bool:
     try:
@@ -476,12 +679,23 @@ def serving_errors(defaults: dict[str, Any]) -> Iterator[PydanticCustomError]:
                 at=(name,),
             )
     scheduler = defaults.get("scheduler")
-    if isinstance(scheduler, str) and serving.scheduler_problem(scheduler) is not None:
-        close = difflib.get_close_matches(scheduler, serving.SCHEDULER_NAMES, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        hint += f"use {serving.scheduler_problem(scheduler)}, or remove it for the export's own"
-        message = f"scheduler {scheduler!r} is not one the worker knows"
-        yield fail("SCHEDULER_UNKNOWN", message, hint, at=("scheduler",))
+    if isinstance(scheduler, str):
+        scheduler = serving.canonical_scheduler(scheduler)
+        if serving.scheduler_problem(scheduler) is not None:
+            close = difflib.get_close_matches(scheduler, serving.SCHEDULER_NAMES, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            hint += f"use {serving.scheduler_problem(scheduler)}, or remove it for the export's own"
+            message = f"scheduler {scheduler!r} is not one the worker knows"
+            yield fail("SCHEDULER_UNKNOWN", message, hint, at=("scheduler",))
+            return
+    for option in serving.SCHEDULER_OPTIONS:
+        value = defaults.get(option)
+        if not _valid_default(option, value):
+            continue  # refused by Defaults' own check
+        problem = serving.option_problem(scheduler if isinstance(scheduler, str) else None, option, value)
+        if problem is not None:
+            hint = f"remove {option}, or pick a scheduler that takes it"
+            yield fail("SCHEDULER_OPTION_UNSUPPORTED", problem, hint, at=(option,))
 
 
 class Catalog(BaseModel):
@@ -494,8 +708,9 @@ class Catalog(BaseModel):
         description="VAE for every export (for SDXL the fp16-fix VAE: exports are fp16 and SDXL's own "
         "VAE overflows in fp16). Required: the pipeline converts it once and every merge uses it."
     )
-    checkpoints: dict[Id, Checkpoint] = Field(
-        description="Base checkpoints by id (converted once, shared by templates).",
+    checkpoints: dict[Id, AnyCheckpoint] = Field(
+        description="Checkpoints by id (converted once, shared by templates): a source, or a recipe merging "
+        "other checkpoints.",
         json_schema_extra={"propertyNames": {"pattern": ID_PATTERN, "maxLength": ID_MAX_LENGTH}},
     )
     templates: dict[Id, Template] = Field(
@@ -532,6 +747,11 @@ class Catalog(BaseModel):
         for template_id, template in self.templates.items():
             if template.checkpoint not in self.checkpoints:
                 raise unknown_checkpoint(template_id, template.checkpoint, list(self.checkpoints))
+        for error in checkpoint_role_errors(
+            {t: (template.checkpoint, template.refiner) for t, template in self.templates.items()},
+            {c: isinstance(checkpoint, RecipeCheckpoint) for c, checkpoint in self.checkpoints.items()},
+        ):
+            raise error
         return self
 
     @model_validator(mode="after")
@@ -573,6 +793,21 @@ class Catalog(BaseModel):
             "vae": self.vae.model_dump(mode="json") if self.vae is not None else None,
         }
 
+    def checkpoint_spec_hash(self, checkpoint_id: str) -> str:
+        """SHA-256 (hex) of a checkpoint entry's canonical JSON: what a refiner folder's manifest records
+        (a refiner is published on its own, not inside a template's spec)."""
+        spec = {"id": checkpoint_id, **self.checkpoints[checkpoint_id].model_dump(mode="json")}
+        canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def refiners(self) -> dict[str, list[str]]:
+        """{refiner checkpoint id: the templates naming it}, in catalog order."""
+        found: dict[str, list[str]] = {}
+        for template_id, template in self.templates.items():
+            if template.refiner is not None:
+                found.setdefault(template.refiner, []).append(template_id)
+        return found
+
     def spec_hash(self, template_id: str) -> str:
         """SHA-256 (hex) of the canonical JSON of `template_spec` (sorted keys, no spaces)."""
         canonical = json.dumps(
@@ -594,7 +829,11 @@ class Catalog(BaseModel):
         if self.vae is not None:
             yield "vae", self.vae
         for checkpoint_id, checkpoint in self.checkpoints.items():
-            yield format_path(("checkpoints", checkpoint_id)), checkpoint
+            if isinstance(checkpoint, RecipeCheckpoint):
+                for role, model in checkpoint.recipe.inputs().items():
+                    yield format_path(("checkpoints", checkpoint_id, "recipe", role)), model
+            else:
+                yield format_path(("checkpoints", checkpoint_id)), checkpoint
         for template_id, template in self.templates.items():
             for index, lora in enumerate(template.loras):
                 yield format_path(("templates", template_id, "loras", index)), lora
@@ -631,6 +870,44 @@ def unknown_addon_template(addon_id: str, index: int, name: str, existing: list[
         hint,
         at=("addons", addon_id, "templates", index),
     )
+
+
+def checkpoint_role_errors(
+    templates: dict[str, tuple[Any, Any]], checkpoints: dict[str, bool]
+) -> Iterator[PydanticCustomError]:
+    """Each template whose refiner is not a usable refiner entry: unknown, a recipe (recipes merge base
+    checkpoints), or also some template's base checkpoint (a file is one or the other). `templates`:
+    {id: (checkpoint, refiner)} as written (raw JSON values too); `checkpoints`: {id: is a recipe}."""
+    bases = {checkpoint for checkpoint, _ in templates.values() if isinstance(checkpoint, str)}
+    for template_id, (_, refiner) in templates.items():
+        if not isinstance(refiner, str):
+            continue
+        at = ("templates", template_id, "refiner")
+        if refiner not in checkpoints:
+            close = difflib.get_close_matches(refiner, list(checkpoints), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            yield fail(
+                "REFINER_UNKNOWN",
+                f"template {template_id!r} names refiner {refiner!r}, which is not in checkpoints",
+                hint + f"add the SDXL refiner under checkpoints as {refiner!r}",
+                at=at,
+            )
+        elif checkpoints[refiner]:
+            yield fail(
+                "REFINER_INVALID",
+                f"refiner {refiner!r} is a recipe; recipes merge base checkpoints, not refiners",
+                "name a checkpoint whose source is an SDXL refiner file",
+                at=at,
+            )
+        elif refiner in bases:
+            users = sorted(t for t, (checkpoint, _) in templates.items() if checkpoint == refiner)
+            yield fail(
+                "REFINER_INVALID",
+                f"checkpoint {refiner!r} is the base checkpoint of {', '.join(users)} and the refiner of "
+                f"{template_id!r}; a file is either an SDXL base or an SDXL refiner",
+                "give the refiner a checkpoint entry of its own",
+                at=at,
+            )
 
 
 def catalog_json_schema() -> dict[str, Any]:
