@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from fuseline.core.catalog.loading import load_catalog, parse_catalog
@@ -94,6 +94,8 @@ def _plain(text: str) -> bool:
 
 
 @given(st.one_of(any_text, st.from_regex(SOURCE_PATTERN, fullmatch=True)))
+@example("https://:")  # an empty host the schema once matched and parse_source refuses
+@example("https://:80/model.safetensors")
 def test_source_strings_and_the_schema_agree(text: str) -> None:
     result = coded_or_value(lambda: parse_source(text))
     if isinstance(result, SourceStringError):

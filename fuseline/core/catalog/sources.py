@@ -29,7 +29,8 @@ SOURCE_PATTERN = (
     r"^(?![^\x00-\x1f\x7f-\x9f]*[\x00-\x1f\x7f-\x9f])"
     r"(civitai:[0-9]+"
     r"|hf:[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(?:/(?!\.\.?[/@])[^/@\s]+)*@[0-9a-f]{40}"
-    r"|https://(?![^\s?#]*" + _SECRET_QUERY + r")[^/\s?#@]+(?:[/?#][^\s]*)?"
+    # A host: not empty, so not starting with the port's colon (https://:80 names no host).
+    r"|https://(?![^\s?#]*" + _SECRET_QUERY + r")[^/\s?#@:][^/\s?#@]*(?:[/?#][^\s]*)?"
     r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(?![^\s?]*" + _SECRET_QUERY + r")[^\s]+"
     r"|file:(?!//)\S(?:[^\x00-\x1f]*\S)?)$"
 )
