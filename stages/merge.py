@@ -232,6 +232,14 @@ def merge_template(
     _check_base(base_dir, vae_dir)
     shapes, unet_config = read_base_layout(base_dir)
     checkpoint_kind = _checkpoint_kind(base_dir, unet_config)
+    if checkpoint_kind == "inpaint" and identity.refiner is not None:
+        # The refiner finishes text-to-image jobs only, and an inpainting checkpoint serves inpaint jobs only.
+        raise StageError(
+            "REFINER_INVALID",
+            f"template {identity.template!r} is on an inpainting checkpoint ({base_dir}), which serves "
+            f"inpaint jobs only, and names refiner {identity.refiner!r}, which only text-to-image jobs use; "
+            "remove `refiner` (and defaults.refiner) from the template",
+        )
     # Embeddings are checked before anything is written, as the LoRAs are below: a bad one fails in seconds.
     widths = text_encoder_widths(shapes) if embeddings else {}
     checked: list[LoadedEmbedding] = [read_embedding(embedding, widths) for embedding in embeddings]

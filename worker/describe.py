@@ -83,6 +83,8 @@ def _template(settings: WorkerSettings, folder: TemplateFolder, addons: list[str
         "prediction_type": manifest.prediction_type,
         "loras": [{"source": lora.source, "scale": lora.scale} for lora in manifest.loras],
         "embeddings": [embedding.token for embedding in manifest.embeddings or ()],
+        # The SDXL refiner a job may hand the end of a text-to-image denoising to (None: none).
+        "refiner": manifest.refiner,
         # What a job that leaves a field out gets (the template's defaults, else the global ones).
         "defaults": {
             "steps": defaults.steps,
@@ -92,6 +94,9 @@ def _template(settings: WorkerSettings, folder: TemplateFolder, addons: list[str
             "negative_prompt": defaults.negative_prompt,
             "scheduler": defaults.scheduler or DEFAULT_SCHEDULER,
             "clip_skip": defaults.clip_skip or SDXL_CLIP_SKIP,
+            "timestep_spacing": defaults.timestep_spacing,
+            "karras_sigmas": defaults.karras_sigmas,
+            "refiner": None if defaults.refiner is None else defaults.refiner.model_dump(),
         },
         "addons": addons,
     }

@@ -186,31 +186,41 @@ def generate(
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     steps = effective_steps(params.steps, params.strength) if params.strength is not None else params.steps
 
-    # Progress over both passes: the hires pass's steps are counted once the first pass has run.
-    hires_estimate = (
-        effective_steps(params.hires.steps, params.hires.strength) if params.hires is not None else 0
-    )
-    done_before = [0]
-
-    def first_pass_step(step: int, total: int) -> None:
-        if progress is not None:
-            progress(step, total + hires_estimate)
-        done_before[0] = total
-
-    def hires_step(step: int, total: int) -> None:
-        if progress is not None:
-            progress(done_before[0] + step, done_before[0] + total)
-
     # The ensemble of experts (txt2img only: worker.inputs): the base stops at switch_at and hands its
     # latents to the refiner.
     split = params.refiner.switch_at if params.refiner is not None else None
     if split is not None and loaded.refiner is None:
         raise ModelInvalid(f"template {params.template!r}: a refiner was asked for, but none is loaded")
+
+    # Progress over every pass (base, refiner, hires) in turn: a pass's own steps are counted once it runs,
+    # the later ones are estimated until then.
+    hires_estimate = (
+        effective_steps(params.hires.steps, params.hires.strength) if params.hires is not None else 0
+    )
+    refiner_estimate = params.steps - int(params.steps * split) if split is not None else 0
+    done_before, phase_total = [0], [0]
+
+    def on_step_of_pass(later: int) -> Callable[[int, int], None]:
+        def on_step(step: int, total: int) -> None:
+            phase_total[0] = total
+            if progress is not None:
+                progress(done_before[0] + step, done_before[0] + total + later)
+
+        return on_step
+
+    def end_pass() -> None:
+        done_before[0] += phase_total[0]
+        phase_total[0] = 0
+
     if split is not None:
         mode_inputs["denoising_end"] = split
-    latents = _denoise(pipe, params, embeddings, generators, params.steps, first_pass_step, **mode_inputs)
+    base_step = on_step_of_pass(refiner_estimate + hires_estimate)
+    latents = _denoise(pipe, params, embeddings, generators, params.steps, base_step, **mode_inputs)
+    end_pass()
     if split is not None:
-        latents = _refine(loaded, params, latents, generators, split, first_pass_step, warnings)
+        refiner_step = on_step_of_pass(hires_estimate)
+        latents = _refine(loaded, params, latents, generators, split, refiner_step, warnings)
+        end_pass()
     _check_latents(latents, params)
     inference_ms = (time.perf_counter() - started) * 1000
 
@@ -219,7 +229,7 @@ def generate(
         hires_started = time.perf_counter()
         first_size = [latents.shape[-1] * VAE_SCALE, latents.shape[-2] * VAE_SCALE]
         latents, hires_steps = _hires_pass(
-            loaded, params, latents, embeddings, generators, hires_step, warnings
+            loaded, params, latents, embeddings, generators, on_step_of_pass(0), warnings
         )
         _check_latents(latents, params)
         hires_ms = (time.perf_counter() - hires_started) * 1000

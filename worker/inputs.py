@@ -277,6 +277,23 @@ def parse_input(raw: Any, settings: WorkerSettings) -> GenerationInput:
     return parsed
 
 
+def check_refiner_request(request: GenerationInput, template_id: str, refiner: str | None) -> None:
+    """Refuse a job's `refiner` that the template cannot honour (it has none, or the job is not
+    text-to-image): called before any picture is fetched or pipeline loaded."""
+    if request.refiner is None:
+        return
+    if refiner is None:
+        raise InvalidInput(
+            f"1 problem(s): refiner: template {template_id!r} has no refiner; leave refiner out, or use a "
+            "template whose catalog entry names one"
+        )
+    if request.mode != "txt2img":
+        raise InvalidInput(
+            "1 problem(s): refiner: the refiner hands over the last part of a text-to-image denoising; a "
+            f"{request.mode} job cannot use it (leave refiner out)"
+        )
+
+
 def resolve_parameters(
     request: GenerationInput,
     template_id: str,
@@ -336,16 +353,7 @@ def resolve_parameters(
         raise InvalidInput(f"1 problem(s): {problem}")
     inpainting = mode == "inpaint"
     output = request.output or OutputOptions()
-    if request.refiner is not None and refiner is None:
-        raise InvalidInput(
-            f"1 problem(s): refiner: template {template_id!r} has no refiner; leave refiner out, or use a "
-            "template whose catalog entry names one"
-        )
-    if request.refiner is not None and mode != "txt2img":
-        raise InvalidInput(
-            f"1 problem(s): refiner: the refiner hands over the last part of a text-to-image denoising; a "
-            f"{mode} job cannot use it (leave refiner out)"
-        )
+    check_refiner_request(request, template_id, refiner)
     if defaults.refiner is not None and refiner is None:
         raise ModelInvalid(
             f"template {template_id!r}: fuseline.json defaults.refiner is set but the manifest names no "

@@ -26,7 +26,7 @@ from worker.fallback import (
     template_weight_bytes,
 )
 from worker.image_job import load_image_job
-from worker.inputs import GenerationInput, parse_input, resolve_parameters
+from worker.inputs import GenerationInput, check_refiner_request, parse_input, resolve_parameters
 from worker.modes import check_mode_served
 from worker.pipelines import LoadedTemplate, PipelineCache
 from worker.settings import WorkerSettings
@@ -100,6 +100,7 @@ class Worker:
         folder = resolve_template(self.settings, template_id)  # the merged folder, else the fallback's
         # A mode the checkpoint cannot serve is refused before any picture is fetched.
         check_mode_served(template_id, folder.manifest.checkpoint.kind, request.mode)
+        check_refiner_request(request, template_id, folder.manifest.refiner)
         # Add-on LoRAs the job asks for, checked against the template's before anything loads or is fetched.
         addons = resolve_addons(self.settings, template_id, request.loras)
         started = time.perf_counter()

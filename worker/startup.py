@@ -119,7 +119,13 @@ def warm_up(worker: StartingWorker, entry: LoadedTemplate) -> list[str]:
         request = parse_input(
             {"template": template_id, "prompt": SELF_CHECK_PROMPT, "steps": 1}, worker.settings
         )
-        params = resolve_parameters(request, template_id, entry.folder.defaults, worker.settings)
+        params = resolve_parameters(
+            request,
+            template_id,
+            entry.folder.defaults,
+            worker.settings,
+            refiner=entry.folder.manifest.refiner,
+        )
         params, image_job = _job_for_checkpoint(entry, params)
         generate(entry, params, image_job=image_job)
     except Exception as exc:

@@ -94,7 +94,7 @@ def _lock_object_refs(root: Path) -> tuple[set[str], set[str]]:
 
 def referenced_objects(root: Path, store: ObjectStore) -> set[str]:
     """Keys under files/md5/ that some release in the history, some channel's current release (its
-    templates' and refiners' folders), or some output in dvc.lock needs."""
+    templates', add-ons' and refiners' folders), or some output in dvc.lock needs."""
     local_cache = root / ".dvc" / "cache"
     dirs: set[str] = set()
     for release in [*release_history(store), *current_releases(store).values()]:

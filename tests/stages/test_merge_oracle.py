@@ -9,6 +9,7 @@ bit.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -366,3 +367,19 @@ def test_inpainting_base_is_recorded_as_such_and_ordinary_manifests_are_unchange
     ordinary = (exports("kohya_sgm") / "fuseline.json").read_text()
     assert '"kind"' not in ordinary
     assert ModelManifest.read(exports("kohya_sgm")).checkpoint.kind is None
+
+
+def test_an_inpainting_template_with_a_refiner_is_refused_before_writing(kit, tmp_path):
+    # An inpainting checkpoint serves inpaint jobs only; a refiner finishes text-to-image jobs only.
+    out = tmp_path / "inpaint-refined"
+    with pytest.raises(StageError, match=r"inpainting checkpoint.*names refiner 'ref'") as info:
+        merge_template(
+            kit.inpaint_dir,
+            kit.vae_dir,
+            [],
+            out,
+            identity=dataclasses.replace(IDENTITY, refiner="ref"),
+            prediction_type="epsilon",
+            shard_size_mb=SHARD_MB,
+        )
+    assert info.value.code == "REFINER_INVALID" and not out.exists()

@@ -34,7 +34,11 @@ def test_describe_lists_templates_defaults_and_limits_without_loading_anything(
         "negative_prompt": "",
         "scheduler": "default",
         "clip_skip": 2,
+        "timestep_spacing": None,
+        "karras_sigmas": None,
+        "refiner": None,
     }
+    assert tiny["refiner"] is None
     assert tiny["loras"] == [{"source": "file:loras/kohya_sgm.safetensors", "scale": 0.8}]
     assert tiny["addons"] == [] and tiny["embeddings"] == []
     # The template's own defaults, where its fuseline.json has them.

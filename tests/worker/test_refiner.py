@@ -153,3 +153,28 @@ def test_missing_refiner_folder_is_the_templates_error(refiner_volume: Path, tmp
     worker = Worker(load_settings({**TEST_ENV, "FUSELINE_VOLUME": str(tmp_path)}))
     with pytest.raises(ModelInvalid, match=r"names refiner 'tiny-refiner'.*not on the volume"):
         worker.run({**JOB, "template": "refined"})
+
+
+@pytest.mark.parametrize("template", ["refined", "plain"])
+def test_a_refiner_an_image_job_cannot_use_is_refused_before_its_picture_is_fetched(
+    refiner_worker, template: str
+) -> None:
+    # A URL the worker would refuse to fetch (loopback): the refiner's error comes first, so nothing was
+    # fetched for a job that could not run.
+    job = {
+        **JOB,
+        "template": template,
+        "image": "https://127.0.0.1:9/picture.png",
+        "refiner": {"switch_at": 0.8},
+    }
+    with pytest.raises(InvalidInput, match=r"refiner: (the refiner hands over|template 'plain' has no)"):
+        refiner_worker.run(job)
+
+
+def test_an_image_job_on_a_refiner_template_runs_without_the_default_refiner(refiner_worker) -> None:
+    from tests.worker.image_samples import b64, encoded
+
+    picture = Image.fromarray(numpy.full((64, 64, 3), 128, dtype=numpy.uint8))
+    job = {**JOB, "template": "refined", "image": b64(encoded(picture, "PNG")), "strength": 0.5}
+    result = refiner_worker.run(job)
+    assert result["mode"] == "img2img" and "refiner" not in result["parameters"]

@@ -88,7 +88,7 @@ class SyncReport:
     def summary(self) -> dict:
         """The report in numbers, for the worker's `sync.done`/`worker.start` events: failures count the
         templates whose sync failed (kept or not) plus one when the release itself could not be read."""
-        folders = [*self.templates, *self.addons]
+        folders = [*self.templates, *self.addons, *self.refiners]
         return {
             "release": self.release,
             "seconds": round(self.seconds, 2),
