@@ -103,11 +103,13 @@ EDITED_MODULES = (
 
 @pytest.mark.parametrize("module", EDITED_MODULES)
 def test_editing_a_module_marks_exactly_the_stages_importing_it_changed(project, module):
+    # Stages this catalog instantiates (dvc.yaml's `addon` stage has no instance without add-ons).
+    instantiated = {s.split("@")[0] for s in ALL_FIRST_RUN}
     importers = {
         name.split("@")[0]
         for name, stage in pipeline(project.root)["stages"].items()
         if module in import_closure(stage_command_module(stage))
-    }
+    } & instantiated
     path = project.root / module
     original = path.read_bytes()
     path.write_bytes(original + b"\n# an edit\n")
