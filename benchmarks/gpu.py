@@ -52,6 +52,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "fuseline" / "configs" / "sdxl-base"
@@ -683,7 +684,11 @@ def worker_section(state: dict) -> dict:
         return {"available": False, "why": f"{type(exc).__name__}: {exc}"}
     pipe = state["pipe"]
     scheduler_config = {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
-    loaded = LoadedTemplate(folder=None, pipe=pipe, scheduler_config=scheduler_config, nbytes=0, load_ms=0.0)
+    # No model folder behind the benchmark's pipeline: the worker's code asks it only for the template's id.
+    folder = SimpleNamespace(template_id="bench")
+    loaded = LoadedTemplate(
+        folder=folder, pipe=pipe, scheduler_config=scheduler_config, nbytes=0, load_ms=0.0
+    )
 
     def params(steps: int):
         return GenerationParameters.model_construct(

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fuseline.core.errors import ConfigInvalid
-from fuseline.core.logs import log_event, setup_logging
+from fuseline.core.logs import adopt_torch_logs, log_event, setup_logging
 from worker.device import unrecoverable_device_error
 from worker.errors import CudaError, InvalidInput, WorkerError
 from worker.serving import Worker
@@ -161,6 +161,7 @@ def main() -> None:
     for library in (diffusers_logging, transformers_logging):
         library.disable_default_handler()
         library.enable_propagation()
+    adopt_torch_logs()  # diffusers imported torch just now
     logging.captureWarnings(True)
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--output_json", type=Path, default=None)

@@ -184,6 +184,18 @@ def setup_logging(
     root.setLevel(level)
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.NOTSET if level <= logging.DEBUG else logging.WARNING)
+    adopt_torch_logs()
     for problem in problems:
         log_event(logging.getLogger("fuseline"), "log.config_invalid", problem, level=logging.WARNING)
     return handler
+
+
+def adopt_torch_logs() -> None:
+    """Send torch's own records through fuseline's handler like every other library's: at import, torch
+    (torch._logging) gives the `torch` logger a handler of its own, writing glog-style lines
+    (`W1202 08:58:15 ... _pytree.py:630] ...`), and stops their propagation, so they would break the JSON
+    lines. Call again after anything that imports torch for the first time; it imports nothing."""
+    torch_logger = logging.getLogger("torch")
+    for own in list(torch_logger.handlers):
+        torch_logger.removeHandler(own)
+    torch_logger.propagate = True

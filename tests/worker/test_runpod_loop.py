@@ -185,6 +185,9 @@ def expected_parameters(case: Case, volume: Path) -> dict[str, Any]:
         "num_images": request.get("num_images", 1),
         "scheduler": request.get("scheduler", defaults["scheduler"] or "default"),
         "output": {"format": "png", "quality": 90, "return": "base64", **request.get("output", {})},
+        # Clip skip (A1111 numbering; 2: SDXL's own layer) and the add-on LoRAs applied (none asked here).
+        "clip_skip": request.get("clip_skip", defaults.get("clip_skip") or 2),
+        "loras": [],
     }
 
 
