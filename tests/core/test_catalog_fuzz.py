@@ -96,6 +96,8 @@ def _plain(text: str) -> bool:
 @given(st.one_of(any_text, st.from_regex(SOURCE_PATTERN, fullmatch=True)))
 @example("https://:")  # an empty host the schema once matched and parse_source refuses
 @example("https://:80/model.safetensors")
+@example("https://[")  # urlsplit raised a bare ValueError ("Invalid IPv6 URL")
+@example("https://[::1]/model.safetensors")
 def test_source_strings_and_the_schema_agree(text: str) -> None:
     result = coded_or_value(lambda: parse_source(text))
     if isinstance(result, SourceStringError):

@@ -29,8 +29,9 @@ SOURCE_PATTERN = (
     r"^(?![^\x00-\x1f\x7f-\x9f]*[\x00-\x1f\x7f-\x9f])"
     r"(civitai:[0-9]+"
     r"|hf:[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(?:/(?!\.\.?[/@])[^/@\s]+)*@[0-9a-f]{40}"
-    # A host: not empty, so not starting with the port's colon (https://:80 names no host).
-    r"|https://(?![^\s?#]*" + _SECRET_QUERY + r")[^/\s?#@:][^/\s?#@]*(?:[/?#][^\s]*)?"
+    # A host: not empty, so not starting with the port's colon (https://:80 names no host), and no
+    # brackets (an IPv6 literal host is refused: parse_source).
+    r"|https://(?![^\s?#]*" + _SECRET_QUERY + r")[^/\s?#@:\[\]][^/\s?#@\[\]]*(?:[/?#][^\s]*)?"
     r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(?![^\s?]*" + _SECRET_QUERY + r")[^\s]+"
     r"|file:(?!//)\S(?:[^\x00-\x1f]*\S)?)$"
 )
@@ -173,7 +174,19 @@ def parse_source(text: str) -> ParsedSource:
             "hf", text, repo="/".join(parts[:2]), path="/".join(path_parts) or None, revision=revision
         )
     if text.startswith("https://"):
-        parts = urlsplit(text)
+        netloc = re.split(r"[/?#]", text[len("https://") :], maxsplit=1)[0]
+        if "[" in netloc or "]" in netloc:
+            # urlsplit would raise a bare ValueError on a malformed one; no model host needs the form.
+            raise SourceStringError(
+                f"https source {text!r} has a bracketed (IPv6 literal) host, which is not supported",
+                "write https://<host name>/<path>",
+            )
+        try:
+            parts = urlsplit(text)
+        except ValueError as exc:
+            raise SourceStringError(
+                f"https source {text!r} is not a valid URL ({exc})", "write https://<host>/<path>"
+            ) from None
         if not parts.hostname or any(c.isspace() for c in text):
             raise SourceStringError(
                 f"https source {text!r} is not a valid URL", "write https://<host>/<path>"
