@@ -318,6 +318,11 @@ class SeaweedS3:
             f"-filer.localSocket={self.workdir / 'filer.sock'}",
             f"-s3.localSocket={self.workdir / 's3.sock'}",
             "-volume.preStopSeconds=0",  # stop in well under a second
+            # Each bucket is a collection that takes volumes of its own (about 8 at once), and weed's default
+            # cap is free disk / 128 MB: on a disk with 19 GB free the 18th bucket's writes failed with
+            # InternalError, so a whole test run failed late. Volumes are sparse files: a high cap costs no
+            # disk.
+            "-volume.max=2000",
             *self.extra_args,
         ]
 

@@ -386,3 +386,13 @@ def test_s3_start_failure_shows_the_log_tail() -> None:
         server.start()
     assert "exited with code" in str(err.value)
     assert server.process is None and server.workdir is None
+
+
+def test_seaweed_takes_writes_in_many_buckets_whatever_the_free_disk() -> None:
+    # A test run makes a bucket per test: weed's default volume cap (free disk / 128 MB, about 8 volumes per
+    # bucket) refused writes from the 18th bucket on a disk with 19 GB free.
+    with SeaweedS3() as s3:
+        client = s3.client()
+        for index in range(30):
+            bucket = s3.make_bucket(f"many-{index}")
+            client.put_object(Bucket=bucket, Key="k", Body=b"x")
